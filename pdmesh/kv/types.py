@@ -1,0 +1,73 @@
+"""The KV layout two instances must share, and the handle that names a request's prefilled KV."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one KV block in an instance's pool.
+
+    The pool is one tensor ``[num_blocks, *block_shape]`` so that a block is one contiguous run of
+    bytes, which is what the transfer backends move.
+    """
+
+    model: str
+    kind: str  # "mha" or "mla"
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+    block_shape: tuple[int, ...]
+
+    @property
+    def block_nbytes(self) -> int:
+        import torch
+
+        return math.prod(self.block_shape) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    def mismatch(self, other: KVLayout) -> str | None:
+        """None when the layouts match, else a message naming the first field that differs."""
+        for name in ("model", "kind", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "block_shape"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"KV layout mismatch: {name} is {mine!r} here but {theirs!r} at the peer"
+        return None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "block_shape": list(self.block_shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KVLayout:
+        return cls(**{**data, "block_shape": tuple(data["block_shape"])})
+
+
+class HandleState(str, Enum):
+    READY = "READY"
+    CLAIMED = "CLAIMED"
+    RELEASED = "RELEASED"
+    EXPIRED = "EXPIRED"
+
+
+HANDLE_SCHEMA_VERSION = 1
+
+
+@dataclass
+class KVHandle:
+    """Where one request's prefilled KV lives (registered by the prefill worker in Redis)."""
+
+    handle_id: str
+    request_id: str
+    prefill_instance: str
+    transfer_endpoint: str  # e.g. "tcp://127.0.0.1:7001"
+    block_ids: list[int]
+    num_tokens: int
+    layout: KVLayout
+    expires_at: float  # unix seconds
+    state: HandleState = HandleState.READY
+    version: int = HANDLE_SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)

