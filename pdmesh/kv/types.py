@@ -70,4 +70,5 @@ class KVHandle:
     expires_at: float  # unix seconds
     state: HandleState = HandleState.READY
     version: int = HANDLE_SCHEMA_VERSION
+    prefill_address: str = ""  # the prefill worker's gRPC address, where Release goes
     extra: dict = field(default_factory=dict)

@@ -105,7 +105,7 @@ class KVLayout(_message.Message):
     def __init__(self, model: _Optional[str] = ..., kind: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., block_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("handle_id", "request_id", "prefill_instance", "transfer_endpoint", "block_ids", "num_tokens", "layout", "expires_at", "version")
+    __slots__ = ("handle_id", "request_id", "prefill_instance", "transfer_endpoint", "block_ids", "num_tokens", "layout", "expires_at", "version", "prefill_address")
     HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class KVHandle(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     handle_id: str
     request_id: str
     prefill_instance: str
@@ -124,7 +125,8 @@ class KVHandle(_message.Message):
     layout: KVLayout
     expires_at: float
     version: int
-    def __init__(self, handle_id: _Optional[str] = ..., request_id: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., expires_at: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
+    prefill_address: str
+    def __init__(self, handle_id: _Optional[str] = ..., request_id: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., expires_at: _Optional[float] = ..., version: _Optional[int] = ..., prefill_address: _Optional[str] = ...) -> None: ...
 
 class InstanceLoad(_message.Message):
     __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "queued_prefill_tokens")

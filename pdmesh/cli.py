@@ -1,0 +1,137 @@
+"""The `pdmesh` command: the local stack, the checkpoint writer and every service's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from pdmesh.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(".pdmesh/models/qwen3-small")
+SERVICES = {
+    "controller": "services.controller.main",
+    "coordinator": "services.coordinator.main",
+}
+WORKER_ROLES = {"prefill-worker": "prefill", "decode-worker": "decode", "mixed-worker": "mixed"}
+
+
+def _up_parser(sub) -> None:
+    p = sub.add_parser("up", help="start the whole local stack (Redis, controller, workers, coordinator)")
+    p.add_argument("--model", type=Path, default=None, help=f"checkpoint directory (default: writes {DEFAULT_MODEL_DIR})")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    p.add_argument("--mode", choices=["pd", "mixed"], default="pd", help="mixed: prefill+decode colocated workers")
+    p.add_argument("--host", default="127.0.0.1", help="address every service binds")
+    p.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP port (default 8000)")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    p.add_argument("--log-dir", type=Path, default=Path(".pdmesh/logs"), help="where each service logs")
+
+
+def _make_model_parser(sub) -> None:
+    p = sub.add_parser("make-model", help="write a small random checkpoint in Hugging Face layout")
+    p.add_argument("--arch", default="qwen3", help="model family")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--preset", default="small", help="size preset: tiny, small or bench")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _up_parser(sub)
+    _make_model_parser(sub)
+    for name in [*SERVICES, *WORKER_ROLES]:
+        sub.add_parser(name, help=f"run the {name} service (see `pdmesh {name} --help`)", add_help=False)
+    return parser
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from pdmesh.modelgen import write_model
+
+    try:
+        out = write_model(args.arch, args.out, preset=args.preset, dtype=args.dtype, seed=args.seed)
+    except (ValueError, OSError) as exc:
+        print(f"pdmesh make-model: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.arch} ({args.preset}) to {out}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pdmesh.launcher import LocalStack, StackSpec
+    from pdmesh.modelgen import write_model
+
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = DEFAULT_MODEL_DIR
+        if not (model_dir / "config.json").exists():
+            print(f"writing the demo model to {model_dir} ...", flush=True)
+            write_model("qwen3", model_dir, preset="small")
+    elif not (model_dir / "config.json").exists():
+        print(f"pdmesh up: {model_dir} has no config.json (not a Hugging Face checkpoint directory)", file=sys.stderr)
+        return 2
+    try:
+        spec = StackSpec(
+            model_dir=model_dir.resolve(),
+            prefill=args.prefill,
+            decode=args.decode,
+            mode=args.mode,
+            host=args.host,
+            http_port=args.http_port,
+            redis_url=args.redis_url,
+            log_dir=args.log_dir,
+        )
+    except ValueError as exc:
+        print(f"pdmesh up: {exc}", file=sys.stderr)
+        return 2
+    return _run_stack(LocalStack(spec))
+
+
+def _run_stack(stack) -> int:
+    stopping = {"flag": False}
+
+    def on_signal(signum, frame):
+        stopping["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        print(f"pdmesh ready: {stack.base_url}", flush=True)
+        print(f"logs in {stack.log_dir}; Ctrl-C stops everything", flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"pdmesh up: {exc}", file=sys.stderr)
+        stack.stop()
+        return 1
+    stack.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVICES:
+        import importlib
+
+        return importlib.import_module(SERVICES[argv[0]]).main(argv[1:])
+    if argv and argv[0] in WORKER_ROLES:
+        from pdmesh.worker.main import run_worker
+
+        return run_worker(argv[1:], role=WORKER_ROLES[argv[0]])
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.command == "make-model":
+        return cmd_make_model(args)
+    return cmd_up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

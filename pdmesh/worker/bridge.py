@@ -1,0 +1,60 @@
+"""Bridges the engine thread's callbacks into asyncio: one async stream of outputs per request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from pdmesh.engine.runner import EngineRunner
+from pdmesh.engine.types import EngineRequest, FinishReason, TokenOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineBridge:
+    """Submits requests to an ``EngineRunner`` and yields their outputs on the event loop."""
+
+    def __init__(self, runner: EngineRunner) -> None:
+        self.runner = runner
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
+        """Yields every output of ``request`` until the finished one.
+
+        Raises ValueError (synchronously at the first iteration) when the engine refuses the request.
+        Closing the iterator early aborts the request in the engine, which frees its blocks.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+
+        def on_output(output: TokenOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, output)
+
+        self.runner.submit(request, on_output)
+        finished = False
+        try:
+            while True:
+                output = await queue.get()
+                finished = output.finished
+                yield output
+                if finished:
+                    return
+        finally:
+            if not finished:
+                log.info("[%s] aborting in the engine: its caller went away", request.request_id)
+                self.runner.abort(request.request_id)
+
+    async def run_to_end(self, request: EngineRequest) -> TokenOutput:
+        """Runs ``request`` and merges its outputs into one (all tokens, the last output's fields)."""
+        tokens: list[int] = []
+        last: TokenOutput | None = None
+        async for output in self.stream(request):
+            tokens.extend(output.token_ids)
+            last = output
+        assert last is not None
+        last.token_ids = tokens
+        return last
+
+
+def is_failure(output: TokenOutput) -> bool:
+    return output.finish_reason == FinishReason.ERROR

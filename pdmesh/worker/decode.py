@@ -1,0 +1,126 @@
+"""The decode phase: claim the handle, allocate blocks, pull the KV, release the handle, decode.
+
+A pull that fails for any reason frees what was allocated and answers KV_UNAVAILABLE, so that the
+coordinator can prefill again elsewhere; no partial KV is ever decoded from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams, TokenOutput
+from pdmesh.kv.registry import KVError, KVRegistry
+from pdmesh.kv.transfer.base import KVTransferClient, TransferError
+from pdmesh.kv.types import KVHandle
+from pdmesh.worker.bridge import EngineBridge
+from pdmesh.worker.errors import ErrorKind, WorkerError
+
+log = logging.getLogger(__name__)
+
+PULL_TIMEOUT_S = 30.0
+ALLOCATE_WAIT_S = 10.0
+
+
+class DecodeHandler:
+    """Serves Decode: from a KV handle (PD) or by prefilling locally (mixed)."""
+
+    def __init__(
+        self,
+        bridge: EngineBridge,
+        registry: KVRegistry | None,
+        transfer_client: KVTransferClient | None,
+        instance_id: str,
+        lease_s: float,
+        release_remote,
+    ) -> None:
+        self.bridge = bridge
+        self.registry = registry
+        self.transfer_client = transfer_client
+        self.instance_id = instance_id
+        self.lease_s = lease_s
+        # async (address, handle_id) -> None: tells the prefill worker to free its blocks now
+        self.release_remote = release_remote
+
+    async def generate_local(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[TokenOutput]:
+        """The whole request in this engine (mixed serving); the first output holds the first token."""
+        request = EngineRequest(request_id, prompt_ids, sampling, mode=RequestMode.MIXED)
+        async for output in self.bridge.stream(request):
+            _raise_on_failure(output)
+            yield output
+
+    async def decode(
+        self, request_id: str, prompt_ids: list[int], first_token: int, sampling: SamplingParams, handle: KVHandle
+    ) -> AsyncIterator[TokenOutput]:
+        """Pulls the KV named by ``handle`` and streams the tokens after ``first_token``."""
+        block_ids = await self._fetch_kv(request_id, handle)
+        request = EngineRequest(
+            request_id, prompt_ids, sampling, mode=RequestMode.DECODE, first_token=first_token, kv_block_ids=block_ids
+        )
+        async for output in self.bridge.stream(request):
+            _raise_on_failure(output)
+            yield output
+
+    async def _fetch_kv(self, request_id: str, handle: KVHandle) -> list[int]:
+        if self.registry is None or self.transfer_client is None:
+            raise WorkerError(ErrorKind.INVALID_ARGUMENT, "this worker cannot pull KV (no registry or transfer)")
+        mismatch = self.bridge.runner.kv_layout.mismatch(handle.layout)
+        if mismatch:
+            raise WorkerError(ErrorKind.INVALID_ARGUMENT, mismatch)
+        try:
+            claimed = await self.registry.claim(handle.handle_id, self.instance_id, self.lease_s)
+        except KVError as exc:
+            raise WorkerError(ErrorKind.KV_UNAVAILABLE, f"cannot claim KV handle {handle.handle_id}: {exc}") from exc
+        block_ids = await self._allocate(handle.num_tokens)
+        try:
+            await self._pull(request_id, claimed, block_ids)
+        except BaseException:
+            self.bridge.runner.free_kv(block_ids)
+            raise
+        await self._release(handle)
+        return block_ids
+
+    async def _allocate(self, num_tokens: int) -> list[int]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ALLOCATE_WAIT_S
+        while True:
+            block_ids = self.bridge.runner.allocate_kv(num_tokens)
+            if block_ids is not None:
+                return block_ids
+            if loop.time() > deadline:
+                raise WorkerError(ErrorKind.OVERLOADED, f"no free KV blocks for {num_tokens} tokens")
+            await asyncio.sleep(0.05)
+
+    async def _pull(self, request_id: str, handle: KVHandle, block_ids: list[int]) -> None:
+        renewer = asyncio.ensure_future(self._renew_while_pulling(handle.handle_id))
+        try:
+            await asyncio.to_thread(self.transfer_client.pull, handle, block_ids, PULL_TIMEOUT_S)
+        except TransferError as exc:
+            raise WorkerError(ErrorKind.KV_UNAVAILABLE, f"KV pull from {handle.transfer_endpoint} failed: {exc}") from exc
+        finally:
+            renewer.cancel()
+        log.info("[%s] pulled %d blocks from %s", request_id, len(block_ids), handle.prefill_instance)
+
+    async def _renew_while_pulling(self, handle_id: str) -> None:
+        with contextlib.suppress(KVError):
+            while True:
+                await asyncio.sleep(self.lease_s / 3)
+                await self.registry.renew(handle_id, self.lease_s)
+
+    async def _release(self, handle: KVHandle) -> None:
+        """Marks the handle released and tells the prefill worker; its reaper is the fallback."""
+        try:
+            await self.registry.release(handle.handle_id)
+        except KVError as exc:
+            log.warning("[%s] could not mark handle released: %s", handle.request_id, exc)
+        if handle.prefill_address:
+            asyncio.ensure_future(self.release_remote(handle.prefill_address, handle.handle_id))
+
+
+def _raise_on_failure(output: TokenOutput) -> None:
+    if output.finish_reason == FinishReason.ERROR:
+        raise WorkerError(ErrorKind.INTERNAL, output.error or "the engine failed this request")

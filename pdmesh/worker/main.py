@@ -1,0 +1,160 @@
+"""A worker process: engine, KV registry, transfer, gRPC servicer and controller membership.
+
+``python -m services.prefill_worker`` / ``services.decode_worker`` and ``pdmesh mixed-worker`` all
+end up in ``run_worker``; ``create_worker`` is apart from it so that tests can bind port 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+from pdmesh.cluster import InstanceInfoData, LoadData, Role
+from pdmesh.config import WorkerConfig
+from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.engine import LLMEngine
+from pdmesh.engine.runner import EngineRunner
+from pdmesh.kv.registry import RedisKVRegistry
+from pdmesh.kv.transfer.base import make_transfer_client, make_transfer_server
+from pdmesh.logs import setup_logging
+from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
+from pdmesh.rpc.controller_client import InstanceAgent
+from pdmesh.rpc.server import RunningServer, serve_until_signal, start_server
+from pdmesh.settings_cli import add_config_flags, config_from_flags
+from pdmesh.v1 import worker_pb2, worker_pb2_grpc
+from pdmesh.worker.bridge import EngineBridge
+from pdmesh.worker.decode import DecodeHandler
+from pdmesh.worker.prefill import PrefillHandler
+from pdmesh.worker.servicer import WorkerServicer
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """A running worker; ``stop()`` takes it out of the cluster and frees everything it holds."""
+
+    def __init__(self, config: WorkerConfig, runner: EngineRunner) -> None:
+        self.config = config
+        self.runner = runner
+        self.bridge = EngineBridge(runner)
+        self.registry = RedisKVRegistry(config.redis_url)
+        self.transfer_server = None
+        self.prefill: PrefillHandler | None = None
+        self.server: RunningServer | None = None
+        self.agent: InstanceAgent | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.server.port}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        pool, layout = self.runner.kv_pool, self.runner.kv_layout
+        self.server = await start_server(self._register, ["pdmesh.v1.Worker"], cfg.host, cfg.port)
+        instance_id = cfg.instance_id or f"{cfg.role}-{cfg.host}-{self.server.port}"
+        if cfg.role in ("prefill", "mixed"):
+            self.transfer_server = make_transfer_server(cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port)
+            self.transfer_server.start()
+            self.prefill = PrefillHandler(
+                self.bridge, self.registry, self.transfer_server, instance_id, self.address, cfg.kv_lease_s
+            )
+            self._tasks.append(asyncio.ensure_future(self.prefill.reap_forever()))
+        client = make_transfer_client(cfg.transfer_backend, pool, layout)
+        decode = DecodeHandler(self.bridge, self.registry, client, instance_id, cfg.kv_lease_s, release_remote)
+        self._servicer.prefill_handler = self.prefill
+        self._servicer.decode_handler = decode
+        info = InstanceInfoData(
+            instance_id=instance_id,
+            role=Role(cfg.role),
+            address=self.address,
+            transfer_endpoint=self.transfer_server.endpoint if self.transfer_server else "",
+            model=layout.model,
+        )
+        self.agent = InstanceAgent(cfg.controller, info, self._load)
+        await self.agent.start()
+        log.info("%s worker %s serving on %s", cfg.role, instance_id, self.address)
+
+    def _register(self, server) -> None:
+        self._servicer = WorkerServicer(self.config.role, None, None, self.bridge)
+        worker_pb2_grpc.add_WorkerServicer_to_server(self._servicer, server)
+
+    def _load(self) -> LoadData:
+        s = self.runner.stats()
+        return LoadData(s.running, s.waiting, s.free_blocks, s.total_blocks, s.queued_prefill_tokens)
+
+    async def stop(self) -> None:
+        if self.agent is not None:
+            await self.agent.stop()
+        for task in self._tasks:
+            task.cancel()
+        if self.server is not None:
+            await self.server.stop(grace_s=2.0)
+        if self.prefill is not None:
+            self.prefill.free_all()
+        if self.transfer_server is not None:
+            self.transfer_server.stop()
+        with contextlib.suppress(Exception):
+            await self.registry.close()
+        self.runner.stop()
+
+
+async def release_remote(address: str, handle_id: str) -> None:
+    """Tells a prefill worker to free a handle's blocks now (best effort: its reaper is the fallback)."""
+    try:
+        async with open_channel(address) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            await stub.Release(worker_pb2.ReleaseRequest(handle_id=handle_id), timeout=DEFAULT_DEADLINE_S)
+    except Exception as exc:  # noqa: BLE001 - the reaper frees it within the lease anyway
+        log.warning("[%s] Release at %s failed: %s", handle_id.split(":")[0], address, exc)
+
+
+def build_runner(config: WorkerConfig) -> EngineRunner:
+    engine_config = EngineConfig(
+        model_dir=config.model_dir,
+        dtype=config.dtype,
+        device=config.device,
+        block_size=config.block_size,
+        kv_cache_memory_mib=config.kv_cache_memory_mib,
+        max_num_seqs=config.max_batch_size,
+        max_prefill_batch_size=config.max_prefill_batch_size,
+        max_prefill_tokens=config.max_prefill_tokens,
+    )
+    runner = EngineRunner(LLMEngine(engine_config))
+    runner.start()
+    return runner
+
+
+async def create_worker(config: WorkerConfig) -> Worker:
+    runner = await asyncio.to_thread(build_runner, config)
+    worker = Worker(config, runner)
+    await worker.start()
+    return worker
+
+
+async def _serve(config: WorkerConfig) -> None:
+    worker = await create_worker(config)
+    await serve_until_signal(worker.server, on_stop=worker.stop)
+
+
+def parse_args(argv: list[str] | None, role: str | None) -> WorkerConfig:
+    """Flags over the environment (PDMESH_WORKER_*); exits with a one-line error on bad values."""
+    parser = argparse.ArgumentParser(prog=f"pdmesh {role or 'mixed'}-worker", description="a pdmesh worker")
+    add_config_flags(parser, WorkerConfig, skip=("role",) if role else ())
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    fixed = {"role": role} if role else {}
+    return config_from_flags(parser, WorkerConfig, args, **fixed)
+
+
+def run_worker(argv: list[str] | None = None, role: str | None = None) -> int:
+    config = parse_args(argv, role)
+    try:
+        asyncio.run(_serve(config))
+    except (OSError, ValueError) as exc:
+        print(f"pdmesh worker: {exc}", file=sys.stderr)
+        return 1
+    return 0

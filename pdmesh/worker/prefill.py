@@ -1,0 +1,152 @@
+"""The prefill phase: run the prompt, pin its KV, register a handle, serve the pull, free on release.
+
+Every pinned block is freed exactly once: on ``Release`` from the decode worker, or by the reaper
+when the registry says the handle was released, expired or invalidated, or (Redis away) when the
+local lease has run out with a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams
+from pdmesh.kv.registry import KVError, KVRegistry
+from pdmesh.kv.transfer.base import KVTransferServer
+from pdmesh.kv.types import HandleState, KVHandle
+from pdmesh.worker.bridge import EngineBridge
+from pdmesh.worker.errors import ErrorKind, WorkerError
+
+log = logging.getLogger(__name__)
+
+# Without Redis the reaper cannot ask the registry; it then frees a handle this long after its lease.
+OFFLINE_GRACE_S = 5.0
+
+
+@dataclass
+class PrefillResult:
+    first_token: int
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    handle: KVHandle | None
+
+
+@dataclass
+class _Pinned:
+    block_ids: list[int]
+    expires_at: float
+
+
+class PrefillHandler:
+    """Serves Prefill and Release and reaps the blocks of handles nobody will pull."""
+
+    def __init__(
+        self,
+        bridge: EngineBridge,
+        registry: KVRegistry,
+        transfer_server: KVTransferServer,
+        instance_id: str,
+        address: str,
+        lease_s: float,
+    ) -> None:
+        self.bridge = bridge
+        self.registry = registry
+        self.transfer_server = transfer_server
+        self.instance_id = instance_id
+        self.address = address
+        self.lease_s = lease_s
+        self._pinned: dict[str, _Pinned] = {}
+
+    @property
+    def pinned_handles(self) -> int:
+        return len(self._pinned)
+
+    async def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> PrefillResult:
+        request = EngineRequest(request_id, prompt_ids, sampling, mode=RequestMode.PREFILL)
+        output = await self.bridge.run_to_end(request)
+        if output.finish_reason == FinishReason.ERROR:
+            raise WorkerError(ErrorKind.INTERNAL, output.error or "prefill failed")
+        if output.finish_reason == FinishReason.ABORT:
+            raise WorkerError(ErrorKind.ABORTED, "request aborted")
+        first_token = output.token_ids[0]
+        if output.kv_block_ids is None:
+            reason = output.finish_reason.value if output.finish_reason else "stop"
+            return PrefillResult(first_token, True, reason, len(prompt_ids), None)
+        handle = await self._publish(request_id, len(prompt_ids), output.kv_block_ids)
+        return PrefillResult(first_token, False, None, len(prompt_ids), handle)
+
+    async def _publish(self, request_id: str, num_tokens: int, block_ids: list[int]) -> KVHandle:
+        handle = KVHandle(
+            handle_id=f"{request_id}:{uuid.uuid4().hex[:8]}",
+            request_id=request_id,
+            prefill_instance=self.instance_id,
+            transfer_endpoint=self.transfer_server.endpoint,
+            block_ids=list(block_ids),
+            num_tokens=num_tokens,
+            layout=self.bridge.runner.kv_layout,
+            expires_at=time.time() + self.lease_s,
+            prefill_address=self.address,
+        )
+        self._pinned[handle.handle_id] = _Pinned(list(block_ids), handle.expires_at)
+        self.transfer_server.expose(handle.handle_id, list(block_ids))
+        try:
+            await self.registry.register(handle, self.lease_s)
+        except KVError as exc:
+            self.free(handle.handle_id)
+            raise WorkerError(ErrorKind.INTERNAL, f"cannot register the KV handle: {exc}") from exc
+        log.info("[%s] prefilled %d tokens into %d blocks, handle %s", request_id, num_tokens, len(block_ids), handle.handle_id)
+        return handle
+
+    def free(self, handle_id: str) -> bool:
+        """Frees a handle's blocks; freeing twice is harmless (returns False the second time)."""
+        pinned = self._pinned.pop(handle_id, None)
+        if pinned is None:
+            return False
+        self.transfer_server.withdraw(handle_id)
+        self.bridge.runner.free_kv(pinned.block_ids)
+        log.info("[%s] freed %d pinned blocks", handle_id.split(":")[0], len(pinned.block_ids))
+        return True
+
+    async def release(self, handle_id: str) -> bool:
+        freed = self.free(handle_id)
+        try:
+            await self.registry.forget(handle_id)
+        except KVError as exc:
+            log.warning("[%s] could not forget handle in the registry: %s", handle_id.split(":")[0], exc)
+        return freed
+
+    async def reap_once(self) -> int:
+        """Frees every pinned handle that no decode worker will pull any more; returns how many."""
+        reaped = 0
+        for handle_id, pinned in list(self._pinned.items()):
+            if await self._is_dead(handle_id, pinned):
+                await self.release(handle_id)
+                reaped += 1
+        return reaped
+
+    async def _is_dead(self, handle_id: str, pinned: _Pinned) -> bool:
+        try:
+            handle = await self.registry.get(handle_id)
+        except KVError:
+            return time.time() > pinned.expires_at + OFFLINE_GRACE_S
+        if handle is None:
+            return True
+        if handle.state == HandleState.CLAIMED:
+            return False  # a pull is in flight; the decode worker renews the lease
+        return handle.state != HandleState.READY
+
+    async def reap_forever(self, interval_s: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reap_once()
+            except Exception:  # the reaper must outlive any one bad pass
+                log.exception("KV reaper pass failed")
+
+    def free_all(self) -> None:
+        for handle_id in list(self._pinned):
+            self.free(handle_id)

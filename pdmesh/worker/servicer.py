@@ -1,0 +1,108 @@
+"""The Worker gRPC servicer: protobuf stops here; the handlers work on dataclasses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdmesh.engine.types import TokenOutput
+from pdmesh.rpc.convert import handle_from_proto, handle_to_proto, sampling_from_proto
+from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pdmesh.worker.decode import DecodeHandler
+from pdmesh.worker.errors import ErrorKind, WorkerError
+from pdmesh.worker.prefill import PrefillHandler
+
+log = logging.getLogger(__name__)
+
+
+def _error(exc: WorkerError) -> common_pb2.Error:
+    code = common_pb2.ErrorCode.Value(f"ERROR_CODE_{exc.kind.value}")
+    return common_pb2.Error(code=code, message=exc.message)
+
+
+def _chunk(output: TokenOutput) -> worker_pb2.DecodeChunk:
+    reason = output.finish_reason.value if output.finish_reason else ""
+    return worker_pb2.DecodeChunk(token_ids=output.token_ids, finished=output.finished, finish_reason=reason)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Prefill, Decode, Release and Abort for whichever phases this worker's role allows."""
+
+    def __init__(self, role: str, prefill: PrefillHandler | None, decode: DecodeHandler, bridge) -> None:
+        self.role = role
+        self.prefill_handler = prefill
+        self.decode_handler = decode
+        self.bridge = bridge
+
+    async def Prefill(self, request, context):  # noqa: N802 (gRPC method name)
+        if self.prefill_handler is None or self.role == "decode":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this worker's role is {self.role}, not prefill")
+        prompt_ids, sampling = await _validated(request, context)
+        try:
+            result = await self.prefill_handler.prefill(request.request_id, prompt_ids, sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except WorkerError as exc:
+            log.warning("[%s] prefill failed: %s", request.request_id, exc)
+            return worker_pb2.PrefillResponse(error=_error(exc))
+        reply = worker_pb2.PrefillResponse(
+            first_token=result.first_token,
+            finished=result.finished,
+            finish_reason=result.finish_reason or "",
+            num_prompt_tokens=result.num_prompt_tokens,
+        )
+        if result.handle is not None:
+            reply.handle.CopyFrom(handle_to_proto(result.handle))
+        return reply
+
+    async def Decode(self, request, context) -> AsyncIterator[worker_pb2.DecodeChunk]:  # noqa: N802
+        if self.role == "prefill":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker's role is prefill, not decode")
+        prompt_ids, sampling = await _validated(request, context)
+        if request.prefill_locally:
+            outputs = self.decode_handler.generate_local(request.request_id, prompt_ids, sampling)
+        elif request.HasField("handle"):
+            handle = handle_from_proto(request.handle)
+            outputs = self.decode_handler.decode(request.request_id, prompt_ids, request.first_token, sampling, handle)
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Decode needs a KV handle or prefill_locally")
+        try:
+            async for output in outputs:
+                yield _chunk(output)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except WorkerError as exc:
+            log.warning("[%s] decode failed: %s", request.request_id, exc)
+            yield worker_pb2.DecodeChunk(finished=True, finish_reason="error", error=_error(exc))
+
+    async def Release(self, request, context):  # noqa: N802
+        if not request.handle_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "handle_id is empty")
+        freed = False
+        if self.prefill_handler is not None:
+            freed = await self.prefill_handler.release(request.handle_id)
+        return worker_pb2.ReleaseResponse(freed=freed)
+
+    async def Abort(self, request, context):  # noqa: N802
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        found = self.bridge.runner.abort(request.request_id)
+        return worker_pb2.AbortResponse(found=found)
+
+
+async def _validated(request, context):
+    """The prompt and sampling of a Prefill or Decode request, or INVALID_ARGUMENT naming the problem."""
+    if not request.request_id:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+    if not request.prompt_ids:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_ids is empty")
+    try:
+        sampling = sampling_from_proto(request.sampling)
+    except ValueError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    return list(request.prompt_ids), sampling
+
+
+__all__ = ["WorkerServicer", "ErrorKind"]

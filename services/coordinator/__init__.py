@@ -1,0 +1,1 @@
+"""The coordinator service: OpenAI-compatible HTTP, gRPC Generate, routing over the mesh."""

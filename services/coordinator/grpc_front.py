@@ -1,0 +1,110 @@
+"""The coordinator's gRPC ``Generate`` stream for programs; protobuf stops here.
+
+Unset numeric sampling fields take OpenAI's defaults (proto3 cannot tell 0 from unset), except
+``temperature``, where 0 means greedy.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from pdmesh.engine.types import SamplingParams
+from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from services.coordinator.backend import GenerationBackend, GenerationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 16
+HTTP_TO_GRPC = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def sampling_with_defaults(msg: common_pb2.SamplingParams) -> SamplingParams:
+    params = SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p or 1.0,
+        top_k=msg.top_k,
+        min_p=msg.min_p,
+        repetition_penalty=msg.repetition_penalty or 1.0,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        seed=msg.seed if msg.HasField("seed") else None,
+        max_tokens=msg.max_tokens or DEFAULT_MAX_TOKENS,
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs,
+    )
+    params.validate()
+    return params
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    """Generate: tokenize, route through the mesh, detokenize, stream text deltas."""
+
+    def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, max_model_len: int) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+
+    def _prompt_ids(self, request) -> list[int]:
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            return self.tokenizer.encode(request.prompt)
+        if which == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not messages:
+                raise ValueError("chat has no messages")
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if which == "prompt_ids":
+            return list(request.prompt_ids.ids)
+        raise ValueError("one of prompt, chat or prompt_ids is required")
+
+    def _validate(self, request, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        if request.model and request.model != self.model_name:
+            raise ValueError(f"unknown model {request.model!r}; this server serves {self.model_name!r}")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt_ids must be in [0, {self.tokenizer.vocab_size})")
+        if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
+                f"the model's context length of {self.max_model_len} tokens"
+            )
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
+        request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
+        try:
+            sampling = sampling_with_defaults(request.sampling)
+            prompt_ids = self._prompt_ids(request)
+            self._validate(request, prompt_ids, sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        detok = IncrementalDetokenizer(self.tokenizer)
+        completion_tokens = 0
+        try:
+            async for chunk in self.backend.generate(request_id, prompt_ids, sampling):
+                completion_tokens += len(chunk.token_ids)
+                reply = coordinator_pb2.GenerateResponse(
+                    request_id=request_id,
+                    token_ids=chunk.token_ids,
+                    text=detok.add(chunk.token_ids),
+                    finished=chunk.finished,
+                    finish_reason=chunk.finish_reason or "",
+                )
+                if chunk.finished:
+                    reply.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens))
+                yield reply
+        except GenerationError as exc:
+            log.warning("[%s] failed: %s", request_id, exc)
+            await context.abort(HTTP_TO_GRPC.get(exc.status_code, grpc.StatusCode.INTERNAL), str(exc))

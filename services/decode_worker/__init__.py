@@ -1,0 +1,1 @@
+"""The decode worker service: a worker process whose role starts as decode (see pdmesh.worker)."""
