@@ -6,10 +6,10 @@ The engine never sees protobuf; servicers turn messages into these dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class RequestMode(str, Enum):
+class RequestMode(StrEnum):
     """What the engine does with a request."""
 
     MIXED = "mixed"  # prefill and decode in this engine
@@ -17,7 +17,7 @@ class RequestMode(str, Enum):
     DECODE = "decode"  # the prompt's KV is already in ``kv_block_ids``; continue from ``first_token``
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # end of sequence or a stop token
     LENGTH = "length"  # max_tokens or the model's context reached
     ABORT = "abort"  # cancelled

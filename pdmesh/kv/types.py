@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class KVLayout:
         return cls(**{**data, "block_shape": tuple(data["block_shape"])})
 
 
-class HandleState(str, Enum):
+class HandleState(StrEnum):
     READY = "READY"
     CLAIMED = "CLAIMED"
     RELEASED = "RELEASED"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorKind(str, Enum):
+class ErrorKind(StrEnum):
     """Mirrors ``pdmesh.v1.ErrorCode`` without importing protobuf past the servicer."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"

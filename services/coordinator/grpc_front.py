@@ -64,7 +64,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             if not messages:
                 raise ValueError("chat has no messages")
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            return self.tokenizer.encode_chat(messages)
         if which == "prompt_ids":
             return list(request.prompt_ids.ids)
         raise ValueError("one of prompt, chat or prompt_ids is required")
@@ -98,7 +98,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 reply = coordinator_pb2.GenerateResponse(
                     request_id=request_id,
                     token_ids=chunk.token_ids,
-                    text=detok.add(chunk.token_ids),
+                    text=detok.add(chunk.token_ids) + (detok.flush() if chunk.finished else ""),
                     finished=chunk.finished,
                     finish_reason=chunk.finish_reason or "",
                 )

@@ -1,0 +1,73 @@
+"""The transfer interface: the prefill side exposes pinned blocks, the decode side pulls them.
+
+A backend provides a ``KVTransferServer`` (prefill side) and a ``KVTransferClient`` (decode side)
+over the instance's KV pool, one tensor ``[num_blocks, *layout.block_shape]``. The server only ever
+serves the blocks it pinned for an exposed handle; the client writes straight into its destination
+blocks and raises ``TransferError`` on any failure, timeout or layout mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from pdmesh.kv.types import KVHandle, KVLayout
+
+BACKENDS = ("tcp",)
+
+
+class TransferError(Exception):
+    """A pull failed; no partial KV may be used."""
+
+
+@runtime_checkable
+class KVTransferServer(Protocol):
+    """Prefill side: serves the blocks of exposed handles to pulling peers."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def expose(self, handle_id: str, block_ids: list[int]) -> None: ...
+    def withdraw(self, handle_id: str) -> None: ...
+
+
+@runtime_checkable
+class KVTransferClient(Protocol):
+    """Decode side: pulls a handle's blocks into local blocks (blocking)."""
+
+    def pull(self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float) -> None: ...
+
+
+def check_pool(kv_pool: torch.Tensor, layout: KVLayout) -> None:
+    """Refuses a pool that is not one contiguous ``[num_blocks, *block_shape]`` tensor of the layout's dtype."""
+    if tuple(kv_pool.shape[1:]) != tuple(layout.block_shape):
+        raise ValueError(
+            f"KV pool shape {tuple(kv_pool.shape)} does not match block_shape {layout.block_shape}"
+        )
+    if kv_pool.dtype != getattr(torch, layout.dtype):
+        raise ValueError(f"KV pool dtype {kv_pool.dtype} does not match layout dtype {layout.dtype}")
+    if not kv_pool.is_contiguous():
+        raise ValueError("the KV pool must be one contiguous tensor")
+
+
+def make_transfer_server(
+    backend: str, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0
+) -> KVTransferServer:
+    """The prefill-side server of ``backend`` over ``kv_pool`` (call ``start()`` on it)."""
+    if backend == "tcp":
+        from pdmesh.kv.transfer.tcp import TcpTransferServer
+
+        return TcpTransferServer(kv_pool, layout, host, port)
+    raise ValueError(f"unknown KV transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def make_transfer_client(backend: str, kv_pool: torch.Tensor, layout: KVLayout) -> KVTransferClient:
+    """The decode-side client of ``backend`` writing into ``kv_pool``."""
+    if backend == "tcp":
+        from pdmesh.kv.transfer.tcp import TcpTransferClient
+
+        return TcpTransferClient(kv_pool, layout)
+    raise ValueError(f"unknown KV transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,183 @@
+"""The ``tcp`` transfer backend: portable, across hosts, zero copy on both ends for CPU pools.
+
+Wire protocol (one pull per connection; control frames as in ``wire``):
+
+1. client -> server: the hello ``{"v": 1, "op": "pull", "handle_id": ..., "layout": ...}``
+2. server -> client: ``{"ok": true, "num_blocks": N, "block_nbytes": B}`` or ``{"ok": false, "error": ...}``
+3. server -> client: ``N * B`` raw bytes, the handle's blocks in its own order.
+
+The server reads only the blocks it pinned for an exposed handle (never a list from the client),
+after checking that both layouts match. Runs of consecutive block ids go out as one ``sendall`` of
+a memoryview over the pool; the client ``recv_into``s straight into its destination blocks, one
+destination run at a time, with the socket timeout set once per run rather than per chunk. Socket
+buffer sizes are left to the kernel: pinning ``SO_RCVBUF`` turns off Linux's receive-window
+autotuning and, with ``rmem_max`` at 4 MiB, cost about a third of the loopback throughput. Pools on
+an accelerator are staged through host memory one run at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import torch
+
+from pdmesh.kv.transfer import wire
+from pdmesh.kv.transfer.base import TransferError, check_pool
+from pdmesh.kv.types import KVHandle, KVLayout
+
+log = logging.getLogger(__name__)
+
+SEND_STALL_TIMEOUT_S = 30.0  # server: a peer that reads nothing for this long is dropped
+block_runs = wire.block_runs  # kept importable from here
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``tcp://host:port`` -> ``(host, port)``."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("tcp", "device"):
+        raise TransferError(f"not a tcp transfer endpoint: {endpoint!r}")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise TransferError(f"malformed tcp transfer endpoint: {endpoint!r}")
+    return host.strip("[]"), int(port)
+
+
+def advertised_host(host: str) -> str:
+    """The address peers should dial for a server bound to ``host``."""
+    if host in ("", "0.0.0.0", "::"):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return host
+
+
+def send_run(sock: socket.socket, view: memoryview) -> None:
+    """Sends one run of blocks (a module function so that tests can slow it down)."""
+    sock.sendall(view)
+
+
+class PoolBytes:
+    """Byte views of runs of blocks of a pool: zero copy on CPU, staged through host memory elsewhere."""
+
+    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
+        check_pool(kv_pool, layout)
+        self.pool = kv_pool
+        self.num_blocks = kv_pool.shape[0]
+        self.block_nbytes = layout.block_nbytes
+        self.on_host = kv_pool.device.type == "cpu"
+        self._flat = memoryview(kv_pool.reshape(-1).view(torch.uint8).numpy()) if self.on_host else None
+
+    def read(self, start: int, count: int) -> memoryview:
+        if self.on_host:
+            return self._flat[start * self.block_nbytes : (start + count) * self.block_nbytes]
+        host = self.pool[start : start + count].reshape(-1).view(torch.uint8).cpu()
+        return memoryview(host.numpy())
+
+    def receive(self, sock: socket.socket, start: int, count: int, deadline: float) -> None:
+        if self.on_host:
+            view = self._flat[start * self.block_nbytes : (start + count) * self.block_nbytes]
+            wire.recv_exact(sock, view, deadline)
+            return
+        staging = torch.empty(count * self.block_nbytes, dtype=torch.uint8)
+        wire.recv_exact(sock, memoryview(staging.numpy()), deadline)
+        self.pool[start : start + count].reshape(-1).view(torch.uint8).copy_(staging)
+
+
+class TcpTransferServer:
+    """Prefill side of the ``tcp`` backend: a listening socket and a thread per pulling connection."""
+
+    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
+        self.layout = layout
+        self.host = host
+        self.port = port
+        self._blocks = PoolBytes(kv_pool, layout)
+        self._exposed = wire.ExposedTable(self._blocks.num_blocks)
+        self._control: wire.ControlServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{advertised_host(self.host)}:{self.port}"
+
+    def start(self) -> None:
+        """Binds and starts accepting pulls (port 0: a free port, then ``self.port``)."""
+        if self._control is not None:
+            return
+        listener = socket.create_server((self.host, self.port), backlog=128)
+        self.port = listener.getsockname()[1]
+        self._control = wire.ControlServer(listener, self._serve, f"kv-tcp-{self.port}")
+        log.info("KV tcp transfer server on %s", self.endpoint)
+
+    def stop(self) -> None:
+        """Stops accepting and drops every connection in flight; idempotent."""
+        if self._control is not None:
+            self._control.stop()
+            self._control = None
+
+    def expose(self, handle_id: str, block_ids: list[int]) -> None:
+        """Lets peers pull these blocks as ``handle_id`` until ``withdraw``."""
+        self._exposed.expose(handle_id, block_ids)
+
+    def withdraw(self, handle_id: str) -> None:
+        self._exposed.withdraw(handle_id)
+
+    def _serve(self, conn: socket.socket, peer) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
+        hello = wire.recv_frame(conn)
+        block_ids, _, error = self._exposed.check_hello(hello, self.layout)
+        if error is not None:
+            log.warning("refused KV pull from %s: %s", peer, error)
+            wire.send_frame(conn, {"ok": False, "error": error})
+            return
+        reply = {"ok": True, "num_blocks": len(block_ids), "block_nbytes": self._blocks.block_nbytes}
+        wire.send_frame(conn, reply)
+        conn.settimeout(SEND_STALL_TIMEOUT_S)
+        started = time.monotonic()
+        for start, count in wire.block_runs(list(block_ids)):
+            send_run(conn, self._blocks.read(start, count))
+        log.debug(
+            "served %s: %d bytes in %.3fs to %s",
+            hello.get("handle_id"),
+            len(block_ids) * self._blocks.block_nbytes,
+            time.monotonic() - started,
+            peer,
+        )
+
+
+class TcpTransferClient:
+    """Decode side of the ``tcp`` backend: one connection per pull, received into the destination blocks.
+
+    Thread-safe: concurrent pulls each use their own connection (and the server its own thread).
+    """
+
+    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
+        self.layout = layout
+        self._blocks = PoolBytes(kv_pool, layout)
+
+    def pull(self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float) -> None:
+        """Pulls every block of ``handle`` into ``dst_block_ids`` (same count) or raises ``TransferError``."""
+        wire.check_preconditions(self.layout, handle, dst_block_ids, self._blocks.num_blocks)
+        host, port = parse_endpoint(handle.transfer_endpoint)
+        deadline = time.monotonic() + timeout_s
+        with wire.pull_errors(handle, timeout_s):
+            connect_timeout = min(wire.CONNECT_TIMEOUT_S, timeout_s)
+            with socket.create_connection((host, port), timeout=connect_timeout) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._exchange(sock, handle, list(dst_block_ids), deadline)
+
+    def _exchange(self, sock: socket.socket, handle: KVHandle, dst_block_ids: list[int], deadline: float) -> None:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        wire.send_frame(sock, wire.hello(handle.handle_id, self.layout))
+        reply = wire.recv_frame(sock, deadline)
+        if not reply.get("ok"):
+            raise wire.refused(handle, reply)
+        wire.check_count(handle, reply, dst_block_ids)
+        if reply.get("block_nbytes") != self._blocks.block_nbytes:
+            raise TransferError(
+                f"block size {reply.get('block_nbytes')} B at the peer, {self._blocks.block_nbytes} B here"
+            )
+        for start, count in wire.block_runs(dst_block_ids):
+            self._blocks.receive(sock, start, count, deadline)

@@ -1,0 +1,450 @@
+"""``pdmesh profile``: measures the engine's prefill and decode latencies on this machine.
+
+Prefill: batches of ``num_seqs`` prompts of ``prompt_len`` tokens are added in PREFILL mode and the
+engine steps until every prompt has its first token; the wall time of those steps is the batch's
+latency (the pinned KV blocks are then handed back with ``free_kv``). Decode: ``batch_size`` sequences
+of ``prompt_len`` tokens run in MIXED mode with ``ignore_eos``; once all have their first token, a few
+warm-up steps are skipped and the median of the next steps (those that advanced the whole batch) is the
+step latency at the batch's mean context.
+
+Profile JSON (``schema: pdmesh.profile/1``)::
+
+    {"schema": "pdmesh.profile/1",
+     "metadata": {"device", "device_name", "model_dir", "dtype", "torch_threads", "torch_version",
+                  "date", "hostname", "model": {...config.json summary...}, "block_size",
+                  "max_prefill_tokens", "max_prefill_batch_size", "max_num_seqs" (largest measured),
+                  "engine_options": {...EngineConfig kwargs...}, "repeats", "decode_steps", "elapsed_s"},
+     "prefill": [{"batch_tokens", "num_seqs", "prompt_len", "sum_sq_len", "latency_s", "steps"}],
+     "decode": [{"batch_size", "prompt_len", "context_len", "step_latency_s", "steps_timed"}],
+     "fit": {...LatencyModel.to_dict()...}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "pdmesh.profile/1"
+DEFAULT_PROMPT_LENS = (32, 64, 128, 256, 512, 1024)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
+DEFAULT_DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+DEFAULT_CONTEXT_LENS = (64, 256, 1024)
+MAX_STEPS_PER_POINT = 10_000
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def validate_profile(profile: Any) -> dict[str, Any]:
+    """Checks a profile's shape; raises ValueError with a one-line reason."""
+    if not isinstance(profile, dict):
+        raise ValueError("a profile is a JSON object")
+    if "latency_model" in profile:
+        return profile  # an already fitted model (e.g. a plan's JSON)
+    required = {
+        "prefill": ("batch_tokens", "num_seqs", "latency_s"),
+        "decode": ("batch_size", "context_len", "step_latency_s"),
+    }
+    for section, keys in required.items():
+        points = profile.get(section)
+        if not isinstance(points, list) or len(points) < 2:
+            raise ValueError(f"the profile needs at least 2 {section} points")
+        for i, point in enumerate(points):
+            if not isinstance(point, dict) or any(not isinstance(point.get(k), int | float) for k in keys):
+                raise ValueError(f"{section} point {i} needs numeric {', '.join(keys)}")
+            if any(point[k] <= 0 for k in keys):
+                raise ValueError(f"{section} point {i} has a non-positive value")
+    return profile
+
+
+def load_profile(path: Path | str) -> dict[str, Any]:
+    """Reads and validates a profile JSON; raises ValueError with a one-line reason."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"profile {path} is not JSON: {exc}") from None
+    try:
+        return validate_profile(data)
+    except ValueError as exc:
+        raise ValueError(f"profile {path}: {exc}") from None
+
+
+def save_profile(profile: dict[str, Any], path: Path | str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(validate_profile(profile), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def _model_summary(model_dir: Path) -> dict[str, Any]:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads = int(cfg.get("num_attention_heads", 1))
+    return {
+        "architectures": cfg.get("architectures"),
+        "vocab_size": int(cfg.get("vocab_size", 1000)),
+        "num_hidden_layers": int(cfg.get("num_hidden_layers", 1)),
+        "hidden_size": int(cfg.get("hidden_size", 0)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or int(cfg.get("hidden_size", heads)) // heads),
+    }
+
+
+def _kv_mib_needed(summary: dict[str, Any], tokens: int, dtype: str) -> int:
+    """KV cache MiB for ``tokens`` tokens, with room for block rounding and the allocator's overhead."""
+    width = 2 if dtype in ("bfloat16", "float16") else 4
+    per_token = (
+        2 * summary["num_hidden_layers"] * summary["num_key_value_heads"] * summary["head_dim"] * width
+    )
+    return int(tokens * per_token * 1.5 / 2**20) + 16
+
+
+class _Bench:
+    """Drives one engine through prefill and decode measurements."""
+
+    def __init__(self, engine: Any, vocab_size: int, seed: int = 0) -> None:
+        import random
+
+        self.engine, self.vocab, self.rng, self.counter = engine, vocab_size, random.Random(seed), 0
+
+    def _prompt(self, length: int) -> list[int]:
+        return [self.rng.randrange(3, self.vocab) for _ in range(length)]
+
+    def _add(self, prompt_len: int, mode: Any, max_tokens: int) -> str:
+        from pdmesh.engine.types import EngineRequest, SamplingParams
+
+        self.counter += 1
+        rid = f"profile-{self.counter}"
+        sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        self.engine.add_request(EngineRequest(rid, self._prompt(prompt_len), sampling, mode=mode))
+        return rid
+
+    def _step(self) -> list[Any]:
+        outputs = self.engine.step()
+        for out in outputs:
+            if out.error:
+                raise RuntimeError(f"the engine failed {out.request_id}: {out.error}")
+        return outputs
+
+    def prefill(self, num_seqs: int, prompt_len: int) -> tuple[float, int]:
+        """Seconds until every prompt of the batch has its first token, and the steps it took."""
+        from pdmesh.engine.types import RequestMode
+
+        pending = {self._add(prompt_len, RequestMode.PREFILL, 1) for _ in range(num_seqs)}
+        steps, started = 0, time.perf_counter()
+        blocks: list[list[int]] = []
+        while pending and steps < MAX_STEPS_PER_POINT:
+            for out in self._step():
+                if out.finished and out.request_id in pending:
+                    pending.discard(out.request_id)
+                    blocks.append(out.kv_block_ids or [])
+            steps += 1
+        elapsed = time.perf_counter() - started
+        for ids in blocks:
+            if ids:
+                self.engine.free_kv(ids)
+        if pending:
+            raise RuntimeError(f"prefill of {num_seqs}x{prompt_len} did not finish")
+        return elapsed, steps
+
+    def decode(self, batch: int, prompt_len: int, warmup: int, steps: int) -> list[float]:
+        """Latencies of the decode steps (after ``warmup`` of them) that advanced the whole batch."""
+        from pdmesh.engine.types import RequestMode
+
+        ids = {self._add(prompt_len, RequestMode.MIXED, 1 + warmup + steps) for _ in range(batch)}
+        started: set[str] = set()
+        finished: set[str] = set()
+        timings: list[float] = []
+        decode_steps = 0
+        for _ in range(MAX_STEPS_PER_POINT):
+            if finished >= ids:
+                break
+            all_started = started >= ids
+            t0 = time.perf_counter()
+            outputs = self._step()
+            elapsed = time.perf_counter() - t0
+            advanced = {o.request_id for o in outputs if o.request_id in ids and o.token_ids}
+            finished |= {o.request_id for o in outputs if o.finished}
+            started |= advanced
+            if all_started:
+                decode_steps += 1
+                if decode_steps > warmup and len(advanced) == batch:
+                    timings.append(elapsed)
+        return timings
+
+
+def _prefill_shapes(
+    prompt_lens: Sequence[int], batch_sizes: Sequence[int], max_batch_tokens: int
+) -> list[tuple[int, int]]:
+    shapes = [(b, n) for n in prompt_lens for b in batch_sizes if b * n <= max_batch_tokens]
+    return shapes or [(1, min(prompt_lens))]
+
+
+def run_profile(
+    model_dir: Path | str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    prompt_lens: Sequence[int] = DEFAULT_PROMPT_LENS,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    max_batch_tokens: int = 8192,
+    decode_batch_sizes: Sequence[int] = DEFAULT_DECODE_BATCH_SIZES,
+    context_lens: Sequence[int] = DEFAULT_CONTEXT_LENS,
+    decode_steps: int = 8,
+    warmup: int = 1,
+    repeats: int = 1,
+    kv_cache_memory_mib: int | None = None,
+    block_size: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    engine_factory: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """Profiles the engine on ``model_dir`` and returns the profile dict (see the module docstring).
+
+    ``engine_factory`` builds the engine from the EngineConfig options (default: ``LLMEngine``).
+    """
+    import torch
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise ValueError(f"{model_dir} has no config.json (not a Hugging Face checkpoint directory)")
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    summary = _model_summary(model_dir)
+    shapes = _prefill_shapes(prompt_lens, batch_sizes, max_batch_tokens)
+    max_tokens = max(b * n for b, n in shapes)
+    decode_tokens = max(decode_batch_sizes) * (max(context_lens) + warmup + decode_steps + 2)
+    kv_mib = kv_cache_memory_mib or _kv_mib_needed(summary, max(max_tokens, decode_tokens), dtype)
+    max_seqs = max(max(decode_batch_sizes), max(b for b, _ in shapes))
+    options: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "dtype": dtype,
+        "device": device,
+        "kv_cache_memory_mib": kv_mib,
+        "max_num_seqs": max_seqs,
+        "max_prefill_batch_size": max_seqs,
+        "max_prefill_tokens": max(max_tokens, max(context_lens) * max(decode_batch_sizes)),
+    }
+    if block_size is not None:
+        options["block_size"] = block_size
+    engine = (engine_factory or _default_engine)(options)
+    bench = _Bench(engine, summary["vocab_size"])
+    say("warming up")
+    bench.prefill(1, min(prompt_lens))
+    bench.decode(1, min(context_lens), 0, 2)
+
+    prefill = []
+    for num_seqs, prompt_len in shapes:
+        runs = [bench.prefill(num_seqs, prompt_len) for _ in range(max(repeats, 1))]
+        latency = statistics.median(r[0] for r in runs)
+        prefill.append(
+            {
+                "batch_tokens": num_seqs * prompt_len,
+                "num_seqs": num_seqs,
+                "prompt_len": prompt_len,
+                "sum_sq_len": num_seqs * prompt_len**2,
+                "latency_s": latency,
+                "steps": max(r[1] for r in runs),
+            }
+        )
+        say(f"prefill {num_seqs}x{prompt_len}: {latency * 1000:.1f} ms")
+
+    decode = []
+    for batch in decode_batch_sizes:
+        for context in context_lens:
+            timings = [
+                t for _ in range(max(repeats, 1)) for t in bench.decode(batch, context, warmup, decode_steps)
+            ]
+            if not timings:
+                say(f"decode {batch}x{context}: no step advanced the whole batch; skipped")
+                continue
+            step = statistics.median(timings)
+            decode.append(
+                {
+                    "batch_size": batch,
+                    "prompt_len": context,
+                    # the mean context the timed steps attended: prompt + tokens generated so far
+                    "context_len": context + warmup + (decode_steps + 1) / 2,
+                    "step_latency_s": step,
+                    "steps_timed": len(timings),
+                }
+            )
+            say(f"decode {batch}x{context}: {step * 1000:.2f} ms/step")
+
+    profile: dict[str, Any] = {
+        "schema": SCHEMA,
+        "metadata": {
+            "device": device,
+            "device_name": _device_name(device, torch),
+            "model_dir": str(model_dir.resolve()),
+            "dtype": dtype,
+            "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "hostname": platform.node(),
+            "model": summary,
+            "block_size": getattr(getattr(engine, "config", None), "block_size", block_size),
+            # the largest batches measured: `pdmesh plan` takes them as default limits
+            "max_prefill_tokens": max_tokens,
+            "max_prefill_batch_size": max(b for b, _ in shapes),
+            "max_num_seqs": max(decode_batch_sizes),
+            "engine_options": options,
+            "repeats": repeats,
+            "decode_steps": decode_steps,
+            "elapsed_s": round(time.perf_counter() - started, 3),
+        },
+        "prefill": prefill,
+        "decode": decode,
+    }
+    _attach_fit(profile)
+    return profile
+
+
+def _default_engine(options: dict[str, Any]) -> Any:
+    from pdmesh.engine.config import EngineConfig
+    from pdmesh.engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(**options))
+
+
+def _device_name(device: str, torch: Any) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def _attach_fit(profile: dict[str, Any]) -> None:
+    """Adds the fitted latency model (informational; ``pdmesh plan`` refits from the points)."""
+    from pdmesh.planner.model import LatencyModel
+
+    if len(profile["prefill"]) >= 2 and len(profile["decode"]) >= 2:
+        profile["fit"] = LatencyModel.fit(profile).to_dict()
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="pdmesh profile",
+        description="Measure prefill and decode latencies of the engine on this machine.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, npu ... (cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--prompt-lens", type=_ints, default=list(DEFAULT_PROMPT_LENS), help="prefill prompt lengths"
+    )
+    p.add_argument(
+        "--batch-sizes", type=_ints, default=list(DEFAULT_BATCH_SIZES), help="prompts per prefill batch"
+    )
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=8192, help="skip prefill batches above this many tokens"
+    )
+    p.add_argument("--decode-batch-sizes", type=_ints, default=list(DEFAULT_DECODE_BATCH_SIZES))
+    p.add_argument(
+        "--context-lens", type=_ints, default=list(DEFAULT_CONTEXT_LENS), help="decode prompt lengths"
+    )
+    p.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per point (8)")
+    p.add_argument("--warmup", type=int, default=1, help="decode steps skipped before timing (1)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per point; the median is kept (1)")
+    p.add_argument(
+        "--kv-cache-mib", type=int, default=None, help="KV cache size (default: what the largest point needs)"
+    )
+    p.add_argument("--block-size", type=int, default=None, help="KV block size (default: the engine's)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="a few small points only (smoke test)")
+    return p
+
+
+_RUN_FLAGS = (
+    "device", "dtype", "prompt_lens", "batch_sizes", "max_batch_tokens", "decode_batch_sizes",
+    "context_lens", "decode_steps", "warmup", "repeats", "block_size",
+)  # fmt: skip
+
+
+def _run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return run_profile(
+        args.model,
+        **{name: getattr(args, name) for name in _RUN_FLAGS},
+        kv_cache_memory_mib=args.kv_cache_mib,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+
+
+def main_profile(argv: list[str] | None = None) -> int:
+    """Entry point of ``pdmesh profile``; returns the exit status (2 on bad flags or a bad model dir)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        if min(args.decode_steps, args.repeats) < 1 or args.warmup < 0 or args.max_batch_tokens < 1:
+            raise _UsageError("--decode-steps and --repeats must be >= 1, --warmup >= 0")
+        if not (args.model / "config.json").exists():
+            raise _UsageError(f"{args.model} has no config.json (not a Hugging Face checkpoint directory)")
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except _UsageError as exc:
+        print(f"pdmesh profile: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.prompt_lens, args.batch_sizes = [16, 64, 128], [1, 2]
+        args.decode_batch_sizes, args.context_lens, args.decode_steps = [1, 4], [16, 64], 3
+    try:
+        profile = _run_from_args(args)
+    except ValueError as exc:  # the engine refused the configuration or the checkpoint
+        print(f"pdmesh profile: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except (RuntimeError, ImportError) as exc:
+        print(f"pdmesh profile: failed: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    try:
+        save_profile(profile, args.out)
+    except OSError as exc:
+        print(f"pdmesh profile: error: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
+    fit = profile.get("fit", {})
+    pre, dec = fit.get("prefill", {}), fit.get("decode", {})
+    print(
+        f"wrote {args.out}: {len(profile['prefill'])} prefill and {len(profile['decode'])} decode points; "
+        f"prefill fit {pre.get('kind', '?')} mean rel. error {pre.get('fit_error', {}).get('mean_rel_error', float('nan')):.1%}, "
+        f"decode fit mean rel. error {dec.get('fit_error', {}).get('mean_rel_error', float('nan')):.1%}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_profile())

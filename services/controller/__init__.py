@@ -1,0 +1,1 @@
+"""The controller: membership, health and the cluster view (``create_controller``, ``main``)."""

@@ -1,0 +1,403 @@
+"""The coordinator's OpenAI-compatible HTTP front (FastAPI).
+
+``create_app(backend, model_name, tokenizer, max_model_len)`` serves ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or server-sent events) and
+``GET /health`` (200 while ``backend.ready()``, else 503).
+
+- Default ``max_tokens`` (and ``max_completion_tokens``): the context left after the prompt,
+  ``max_model_len - prompt_tokens``, capped at ``DEFAULT_MAX_TOKENS`` (256).
+- ``stop`` strings end generation when the text contains one (trimmed from the output,
+  ``finish_reason`` "stop"); while streaming, text that may begin a stop string is held back.
+  A stop token (``stop_token_ids``, or an end-of-sequence id) that ends a request is not
+  rendered as text; it still counts in ``usage.completion_tokens``.
+- Only ``n`` = 1 and one prompt per request; ``echo`` and ``best_of`` > 1 are refused;
+  ``logprobs`` are accepted and answered with ``null``.
+- Errors are OpenAI error objects with a 4xx/5xx status: FastAPI's 422 validation answers become
+  400s. A backend error after a stream has started becomes an ``error`` event, then ``[DONE]``.
+- Every request has an id: the ``X-Request-Id`` header when the client sends one, else a new one;
+  it is echoed in the response header and starts every log line (``[id]``).
+- A client that goes away closes the backend's iterator (the backend cancels at its worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pdmesh.engine.types import SamplingParams
+from pdmesh.tokenizer import Tokenizer
+from services.coordinator import openai_api as api
+from services.coordinator.backend import (
+    OPENAI_ERROR_TYPES,
+    GenerationBackend,
+    GenerationChunk,
+    GenerationError,
+)
+from services.coordinator.http_util import (
+    ClientGone,
+    RequestIdMiddleware,
+    SSEResponse,
+    aclose,
+    chain,
+    unless_disconnected,
+)
+from services.coordinator.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class ApiError(Exception):
+    """A request refused before generation, answered as an OpenAI error object."""
+
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+
+def error_response(
+    status: int, message: str, error_type: str | None = None, param=None, code=None
+) -> JSONResponse:
+    error_type = error_type or OPENAI_ERROR_TYPES.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+    return JSONResponse(api.error_body(message, error_type, param, code), status_code=status)
+
+
+@dataclass
+class Job:
+    """One validated request, ready for the backend."""
+
+    request_id: str  # X-Request-Id (logs)
+    response_id: str  # cmpl-.../chatcmpl-... (the backend's request id)
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stops: list[str]
+    include_usage: bool
+    chat: bool
+    stream: bool
+    created: int
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class OpenAIServer:
+    """Validation, generation and response shaping behind the routes."""
+
+    def __init__(
+        self, backend: GenerationBackend, model_name: str, tokenizer: Tokenizer, max_model_len: int
+    ) -> None:
+        self.backend = backend
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def check_common(self, body: api.SamplingRequest) -> None:
+        if body.model is not None and body.model != self.model_name:
+            raise ApiError(f"The model `{body.model}` does not exist.", 404, "model", "model_not_found")
+        if body.n is not None and body.n != 1:
+            raise ApiError("only n=1 is supported", param="n")
+        if body.stream_options is not None and not body.stream:
+            raise ApiError("stream_options is only allowed when stream is true", param="stream_options")
+
+    def completion_prompt(self, body: api.CompletionRequest) -> list[int]:
+        if body.echo:
+            raise ApiError("echo is not supported", param="echo")
+        if body.best_of not in (None, 1):
+            raise ApiError("only best_of=1 is supported", param="best_of")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise ApiError("only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ApiError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def chat_prompt(self, body: api.ChatCompletionRequest) -> list[int]:
+        if not body.messages:
+            raise ApiError("messages must be a non-empty list", param="messages")
+        messages = [self._message_dict(m) for m in body.messages]
+        try:
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        except jinja2.TemplateError as exc:
+            raise ApiError(f"the chat template refused the messages: {exc}", param="messages") from exc
+        except ValueError as exc:
+            raise ApiError(str(exc), param="messages") from exc
+
+    @staticmethod
+    def _message_dict(message: api.ChatMessage) -> dict:
+        data = message.model_dump(exclude_none=True)
+        if isinstance(message.content, list):
+            if any(part.type != "text" for part in message.content):
+                raise ApiError("only text content parts are supported", param="messages")
+            data["content"] = "".join(part.text or "" for part in message.content)
+        return data
+
+    def prepare(self, body: api.SamplingRequest, prompt_ids: list[int], request_id: str, chat: bool) -> Job:
+        """Validates lengths and sampling; picks the default max_tokens."""
+        limit, n = self.max_model_len, len(prompt_ids)
+        if n == 0:
+            raise ApiError("the prompt is empty", param="messages" if chat else "prompt")
+        if n >= limit:
+            raise ApiError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {n} tokens, "
+                "leaving no room for a completion. Please shorten the prompt.",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
+        requested = body.requested_max_tokens()
+        param = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+        if requested is not None and requested < 1:
+            raise ApiError(f"{param} must be at least 1, got {requested}", param=param)
+        if requested is not None and n + requested > limit:
+            raise ApiError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + requested} tokens ({n} in the prompt, {requested} for the completion). "
+                f"Please reduce the prompt or {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        sampling = body.to_sampling(
+            requested if requested is not None else min(DEFAULT_MAX_TOKENS, limit - n)
+        )
+        try:
+            sampling.validate()
+        except ValueError as exc:
+            raise ApiError(str(exc), param=str(exc).split(" ", 1)[0]) from exc
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        response_id = api.new_id("chatcmpl" if chat else "cmpl")
+        stops, stream = body.stop_strings(), bool(body.stream)
+        return Job(
+            request_id, response_id, prompt_ids, sampling, stops, include_usage, chat, stream, api.now()
+        )
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def _text_stream(self, job: Job) -> TextStream:
+        drop = set(job.sampling.stop_token_ids)
+        if not job.sampling.ignore_eos:
+            drop.update(self.tokenizer.eos_token_ids)
+        return TextStream(self.tokenizer, job.stops, drop)
+
+    def _generate(self, job: Job) -> AsyncIterator[GenerationChunk]:
+        if not self.backend.ready():
+            raise GenerationError("no healthy prefill and decode instances", status_code=503)
+        log.info(
+            "[%s] %s: %d prompt tokens, max_tokens %d%s",
+            job.request_id,
+            job.response_id,
+            len(job.prompt_ids),
+            job.sampling.max_tokens,
+            ", streaming" if job.stream else "",
+        )
+        return self.backend.generate(job.response_id, job.prompt_ids, job.sampling)
+
+    async def _collect(self, job: Job) -> tuple[str, TextStream]:
+        stream, parts = self._text_stream(job), []
+        generator = self._generate(job)
+        try:
+            async for chunk in generator:
+                parts.append(stream.feed(chunk))
+                if stream.done:
+                    break
+        finally:
+            await aclose(generator)
+        if not stream.done:
+            raise GenerationError("generation ended without finishing", status_code=502)
+        return "".join(parts), stream
+
+    async def respond(self, job: Job, request: Request) -> Response:
+        """Runs ``job``: a JSON answer, or server-sent events when it asked to stream."""
+        started = time.monotonic()
+        try:
+            if job.stream:
+                return await self._start_stream(job, request)
+            text, result = await unless_disconnected(request, self._collect(job))
+        except ClientGone:
+            log.info("[%s] client disconnected; generation cancelled", job.request_id)
+            return Response(status_code=499)
+        log.info(
+            "[%s] done: %s, %d tokens in %.3fs",
+            job.request_id,
+            result.finish_reason,
+            result.completion_tokens,
+            time.monotonic() - started,
+        )
+        usage = api.Usage.of(len(job.prompt_ids), result.completion_tokens)
+        return JSONResponse(
+            self._full_response(job, text, result.finish_reason, usage).model_dump(mode="json")
+        )
+
+    def _full_response(self, job: Job, text: str, finish_reason: str | None, usage: api.Usage):
+        if job.chat:
+            choice = api.ChatChoice(message=api.AssistantMessage(content=text), finish_reason=finish_reason)
+            return api.ChatCompletionResponse(
+                id=job.response_id, created=job.created, model=self.model_name, choices=[choice], usage=usage
+            )
+        choice = api.CompletionChoice(text=text, finish_reason=finish_reason)
+        return api.CompletionResponse(
+            id=job.response_id, created=job.created, model=self.model_name, choices=[choice], usage=usage
+        )
+
+    async def _start_stream(self, job: Job, request: Request) -> Response:
+        """Waits for the first chunk (so that early errors keep their status), then streams."""
+        generator = self._generate(job)
+        try:
+            first = await unless_disconnected(request, anext(generator))
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await aclose(generator)
+            raise
+        return SSEResponse(self._events(job, first, generator), headers={"Cache-Control": "no-cache"})
+
+    async def _events(
+        self, job: Job, first: GenerationChunk | None, generator: AsyncIterator[GenerationChunk]
+    ) -> AsyncIterator[str]:
+        stream = self._text_stream(job)
+        try:
+            if job.chat:
+                yield _sse(self._chunk(job, api.Delta(role="assistant", content=""), None))
+            async for chunk in chain(first, generator):
+                text = stream.feed(chunk)
+                if text or stream.done:
+                    yield _sse(self._chunk(job, text, stream.finish_reason if stream.done else None))
+                if stream.done:
+                    break
+            if not stream.done:
+                raise GenerationError("generation ended without finishing", status_code=502)
+            if job.include_usage:
+                yield _sse(
+                    self._usage_chunk(job, api.Usage.of(len(job.prompt_ids), stream.completion_tokens))
+                )
+            log.info(
+                "[%s] streamed: %s, %d tokens", job.request_id, stream.finish_reason, stream.completion_tokens
+            )
+        except GenerationError as exc:
+            log.warning("[%s] failed mid-stream (%d): %s", job.request_id, exc.status_code, exc.message)
+            yield _sse(api.error_body(exc.message, exc.error_type, None, exc.code or exc.status_code))
+        except asyncio.CancelledError:
+            log.info("[%s] client disconnected; generation cancelled", job.request_id)
+            raise
+        finally:
+            await aclose(generator)
+        yield _sse("[DONE]")
+
+    def _chunk(self, job: Job, content: str | api.Delta, finish_reason: str | None) -> dict:
+        common = {"id": job.response_id, "created": job.created, "model": self.model_name}
+        if job.chat:
+            delta = content if isinstance(content, api.Delta) else api.Delta(content=content or None)
+            choice = api.ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            chunk = api.ChatCompletionChunk(choices=[choice], **common)
+        else:
+            chunk = api.CompletionChunk(
+                choices=[api.CompletionChoice(text=content, finish_reason=finish_reason)], **common
+            )
+        return chunk.model_dump(mode="json", exclude=None if job.include_usage else {"usage"})
+
+    def _usage_chunk(self, job: Job, usage: api.Usage) -> dict:
+        kind = api.ChatCompletionChunk if job.chat else api.CompletionChunk
+        chunk = kind(id=job.response_id, created=job.created, model=self.model_name, choices=[], usage=usage)
+        return chunk.model_dump(mode="json")
+
+
+def _field_path(loc) -> str:
+    """``messages.0.role`` from a pydantic error location, without "body" and union member tags."""
+    parts = []
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, str) and (
+            "[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper()
+        ):
+            break
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{}])[0]
+        if first.get("type") == "json_invalid":
+            return error_response(
+                400, f"invalid JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": ")
+            )
+        where = _field_path(first.get("loc", ()))
+        if not where:
+            return error_response(400, f"the request body must be a JSON object ({first.get('msg', '')})")
+        return error_response(400, f"{where}: {first.get('msg', 'invalid value')}", param=where)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        log.info("[%s] refused (%d): %s", request.state.request_id, exc.status, exc.message)
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+
+    @app.exception_handler(GenerationError)
+    async def _generation_error(request: Request, exc: GenerationError) -> JSONResponse:
+        log.warning("[%s] failed (%d): %s", request.state.request_id, exc.status_code, exc.message)
+        return error_response(exc.status_code, exc.message, exc.error_type, code=exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("[%s] internal error", request.state.request_id)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_server_error")
+
+
+def create_app(
+    backend: GenerationBackend, model_name: str, tokenizer: Tokenizer, max_model_len: int
+) -> FastAPI:
+    """The OpenAI-compatible app over ``backend``."""
+    server = OpenAIServer(backend, model_name, tokenizer, max_model_len)
+    app = FastAPI(title="pdmesh coordinator", docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(RequestIdMiddleware)
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = backend.ready()
+        return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return api.ModelList(data=[api.ModelCard(id=model_name)]).model_dump(mode="json")
+
+    @app.post("/v1/completions")
+    async def completions(body: api.CompletionRequest, request: Request) -> Response:
+        server.check_common(body)
+        job = server.prepare(body, server.completion_prompt(body), request.state.request_id, chat=False)
+        return await server.respond(job, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
+        server.check_common(body)
+        job = server.prepare(body, server.chat_prompt(body), request.state.request_id, chat=True)
+        return await server.respond(job, request)
+
+    return app

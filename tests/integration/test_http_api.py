@@ -1,0 +1,493 @@
+"""The coordinator's OpenAI-compatible HTTP front over an echoing test backend.
+
+``EchoBackend`` stands in for the worker mesh: it generates the prompt's own ids back (then an
+end-of-sequence id), honouring max_tokens, stop_token_ids and ignore_eos, and records what it was
+asked and whether its iterator was closed. The real mesh is covered by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from pdmesh.engine.types import SamplingParams
+from pdmesh.tokenizer import Tokenizer
+from services.coordinator.backend import GenerationChunk, GenerationError
+from services.coordinator.http_app import DEFAULT_MAX_TOKENS, create_app
+from services.coordinator.text_stream import TextStream
+from tests.unit.test_tokenizer import build_tokenizer_dir
+
+pytestmark = pytest.mark.timeout(60)
+
+MODEL = "tiny-chatml"
+MAX_MODEL_LEN = 128
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi 你好 🎉"}]
+
+
+class EchoBackend:
+    """Generates the prompt ids back, ``chunk_size`` at a time, then the EOS id."""
+
+    def __init__(self, eos_id: int, chunk_size: int = 1, delay_s: float = 0.0) -> None:
+        self.eos_id = eos_id
+        self.chunk_size = chunk_size
+        self.delay_s = delay_s
+        self.is_ready = True
+        self.fail_before: GenerationError | None = None
+        self.fail_after: tuple[int, GenerationError] | None = None  # (tokens, error)
+        self.output_ids: list[int] | None = None  # generate these instead of the prompt
+        self.stall_after: int | None = None  # after this many tokens, wait (almost) forever
+        self.calls: list[tuple[str, list[int], SamplingParams]] = []
+        self.sent: dict[str, int] = {}
+        self.closed: set[str] = set()
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def _planned(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[tuple[int, bool]]:
+        """(token, is the end-of-sequence); with ignore_eos the prompt repeats until max_tokens."""
+        source = self.output_ids if self.output_ids is not None else prompt_ids
+        while True:
+            yield from ((t, False) for t in source)
+            if not sampling.ignore_eos:
+                yield self.eos_id, True
+                return
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        self.calls.append((request_id, list(prompt_ids), sampling))
+        self.sent[request_id] = 0
+        try:
+            if self.fail_before is not None:
+                raise self.fail_before
+            batch: list[int] = []
+            for token, eos in self._planned(prompt_ids, sampling):
+                await asyncio.sleep(self.delay_s)
+                if self.stall_after is not None and self.sent[request_id] >= self.stall_after:
+                    await asyncio.sleep(3600)
+                if self.fail_after is not None and self.sent[request_id] >= self.fail_after[0]:
+                    raise self.fail_after[1]
+                batch.append(token)
+                self.sent[request_id] += 1
+                stop = eos or token in sampling.stop_token_ids
+                length = self.sent[request_id] >= sampling.max_tokens
+                if stop or length:
+                    yield GenerationChunk(batch, True, "stop" if stop else "length")
+                    return
+                if len(batch) >= self.chunk_size:
+                    yield GenerationChunk(batch)
+                    batch = []
+        finally:
+            self.closed.add(request_id)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tokenizer_dir(tmp_path_factory.mktemp("chatml"))
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir) -> Tokenizer:
+    return Tokenizer.from_dir(model_dir)
+
+
+@pytest.fixture
+def backend(tok) -> EchoBackend:
+    return EchoBackend(eos_id=tok.token_to_id("<|im_end|>"))
+
+
+@pytest.fixture
+def app(backend, tok):
+    return create_app(backend, MODEL, tok, MAX_MODEL_LEN)
+
+
+def call(app, method: str, path: str, **kwargs) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def sse_events(response: httpx.Response) -> list:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: ")
+            payload = block[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def assert_error(response: httpx.Response, status: int, match: str = "", code=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert match.lower() in error["message"].lower()
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+# -- happy paths ---------------------------------------------------------------------------------------
+
+
+def test_models_and_health(app, backend) -> None:
+    body = call(app, "GET", "/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == [MODEL]
+    assert call(app, "GET", "/health").status_code == 200
+    backend.is_ready = False
+    assert call(app, "GET", "/health").status_code == 503
+    assert_error(call(app, "POST", "/v1/completions", json={"prompt": "hi"}), 503)
+
+
+def test_completion_echoes_the_prompt(app, backend, tok) -> None:
+    prompt = "Hello world! 你好"
+    n = len(tok.encode(prompt))
+    body = call(
+        app, "POST", "/v1/completions", json={"model": MODEL, "prompt": prompt, "temperature": 0}
+    ).json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == MODEL
+    assert isinstance(body["created"], int)
+    assert body["choices"] == [{"index": 0, "text": prompt, "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": n, "completion_tokens": n + 1, "total_tokens": 2 * n + 1}
+    request_id, prompt_ids, sampling = backend.calls[0]
+    assert request_id == body["id"] and prompt_ids == tok.encode(prompt)
+    assert sampling.temperature == 0 and sampling.max_tokens == min(DEFAULT_MAX_TOKENS, MAX_MODEL_LEN - n)
+    assert request_id in backend.closed
+
+
+def test_completion_token_ids_and_length_limit(app, backend, tok) -> None:
+    ids = tok.encode("The quick brown fox jumps")
+    body = call(app, "POST", "/v1/completions", json={"prompt": ids, "max_tokens": 3}).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["text"] == tok.decode(ids[:3])
+    assert body["usage"]["completion_tokens"] == 3
+    body = call(app, "POST", "/v1/completions", json={"prompt": [ids], "max_tokens": 2}).json()
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 2, "total_tokens": len(ids) + 2}
+
+
+def test_sampling_parameters_reach_the_backend(app, backend) -> None:
+    request = {
+        "prompt": "hi",
+        "max_tokens": 5,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 7,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "top_k": 40,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "ignore_eos": True,
+        "stop_token_ids": [5],
+        "logprobs": 2,
+        "user": "ignored",
+    }
+    assert call(app, "POST", "/v1/completions", json=request).status_code == 200
+    s = backend.calls[0][2]
+    assert (s.temperature, s.top_p, s.seed, s.top_k, s.min_p, s.repetition_penalty) == (
+        0.7,
+        0.9,
+        7,
+        40,
+        0.05,
+        1.1,
+    )
+    assert (s.presence_penalty, s.frequency_penalty, s.ignore_eos, s.stop_token_ids, s.logprobs) == (
+        0.5,
+        -0.5,
+        True,
+        [5],
+        2,
+    )
+    call(
+        app,
+        "POST",
+        "/v1/chat/completions",
+        json={"messages": MESSAGES, "max_completion_tokens": 4, "logprobs": True},
+    )
+    s = backend.calls[1][2]
+    assert (s.max_tokens, s.logprobs, s.temperature, s.top_k) == (4, 1, 1.0, -1)
+
+
+def test_chat_completion(app, backend, tok) -> None:
+    body = call(app, "POST", "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}).json()
+    prompt_ids = tok.encode_chat(MESSAGES)
+    assert backend.calls[0][1] == prompt_ids
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": tok.decode(prompt_ids)}
+    assert choice["finish_reason"] == "stop" and choice["index"] == 0
+    n = len(prompt_ids)
+    assert body["usage"] == {"prompt_tokens": n, "completion_tokens": n + 1, "total_tokens": 2 * n + 1}
+
+
+def test_chat_content_parts(app, backend, tok) -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}
+    ]
+    assert call(app, "POST", "/v1/chat/completions", json={"messages": messages}).status_code == 200
+    assert backend.calls[0][1] == tok.encode_chat([{"role": "user", "content": "hi there"}])
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert_error(call(app, "POST", "/v1/chat/completions", json={"messages": image}), 400, "text")
+
+
+def _stream_chat(app, **extra) -> list:
+    response = call(app, "POST", "/v1/chat/completions", json={"messages": MESSAGES, "stream": True, **extra})
+    assert response.status_code == 200, response.text
+    return sse_events(response)
+
+
+def test_chat_stream_shape(app, backend, tok) -> None:
+    backend.chunk_size = 2
+    events = _stream_chat(app)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == tok.decode(tok.encode_chat(MESSAGES))
+    assert not any("\ufffd" in c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+def test_stream_include_usage(app, tok) -> None:
+    events = _stream_chat(app, stream_options={"include_usage": True}, max_tokens=5)
+    assert events[-1] == "[DONE]"
+    usage_chunk = events[-2]
+    n = len(tok.encode_chat(MESSAGES))
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"] == {"prompt_tokens": n, "completion_tokens": 5, "total_tokens": n + 5}
+    assert all(e["usage"] is None for e in events[:-2])
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+
+
+def test_completion_stream_multibyte(app, backend) -> None:
+    prompt = "龘龘 🎉🚀 naïve"
+    response = call(app, "POST", "/v1/completions", json={"prompt": prompt, "stream": True})
+    events = sse_events(response)
+    texts = [e["choices"][0]["text"] for e in events[:-1]]
+    assert "".join(texts) == prompt and not any("\ufffd" in t for t in texts)
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+    assert all(e["object"] == "text_completion" for e in events[:-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings(app, backend, stream) -> None:
+    backend.chunk_size = 1
+    prompt = "Hello world! The quick brown fox"
+    body = {"prompt": prompt, "stop": ["quick", "zzz"], "stream": stream}
+    response = call(app, "POST", "/v1/completions", json=body)
+    if stream:
+        events = sse_events(response)[:-1]
+        text = "".join(e["choices"][0]["text"] for e in events)
+        reason = events[-1]["choices"][0]["finish_reason"]
+    else:
+        text, reason = response.json()["choices"][0]["text"], response.json()["choices"][0]["finish_reason"]
+    assert (text, reason) == ("Hello world! The ", "stop")
+    request_id = backend.calls[0][0]
+    assert request_id in backend.closed
+    assert backend.sent[request_id] < len(backend.calls[0][1])  # it stopped generating early
+
+
+def test_stop_token_ids_are_not_rendered(app, backend, tok) -> None:
+    ids = tok.encode("Hello world! The quick")
+    body = call(app, "POST", "/v1/completions", json={"prompt": ids, "stop_token_ids": [ids[2]]}).json()
+    assert body["choices"][0] == {
+        "index": 0,
+        "text": tok.decode(ids[:2]),
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert body["usage"]["completion_tokens"] == 3
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+def test_bad_requests(app) -> None:
+    post = lambda path, **kw: call(app, "POST", path, **kw)  # noqa: E731
+    assert_error(
+        post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "json",
+    )
+    assert_error(post("/v1/chat/completions", json={"model": MODEL}), 400, "messages")
+    assert_error(post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+    error = assert_error(
+        post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}), 404, "gpt-4", "model_not_found"
+    )
+    assert error["param"] == "model"
+    for bad in (0, -1):
+        assert_error(post("/v1/completions", json={"prompt": "x", "max_tokens": bad}), 400, "max_tokens")
+    error = assert_error(
+        post("/v1/completions", json={"prompt": "x", "max_tokens": "many"}), 400, "max_tokens"
+    )
+    assert error["type"] == "invalid_request_error" and error["param"] == "max_tokens"
+    assert_error(
+        post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400, "temperature must be >= 0"
+    )
+    assert_error(post("/v1/completions", json={"prompt": "x", "top_p": 2}), 400, "top_p")
+    assert_error(post("/v1/completions", json={"prompt": "x", "n": 2}), 400, "n=1")
+    assert_error(post("/v1/completions", json={"prompt": ["a", "b"]}), 400, "one prompt")
+    assert_error(post("/v1/completions", json={"prompt": [10**9]}), 400, "token ids")
+    assert_error(post("/v1/completions", json={"prompt": ""}), 400, "empty")
+    assert_error(
+        post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}}), 400
+    )
+    assert_error(call(app, "GET", "/v1/nothing"), 404)
+
+
+def test_context_length(app, tok) -> None:
+    long_ids = [tok.token_to_id("a")] * MAX_MODEL_LEN
+    error = assert_error(
+        call(app, "POST", "/v1/completions", json={"prompt": long_ids}), 400, str(MAX_MODEL_LEN)
+    )
+    assert error["code"] == "context_length_exceeded"
+    request = {"prompt": long_ids[:100], "max_tokens": MAX_MODEL_LEN - 99}
+    assert_error(
+        call(app, "POST", "/v1/completions", json=request), 400, f"context length is {MAX_MODEL_LEN}"
+    )
+    request["max_tokens"] = MAX_MODEL_LEN - 100
+    assert call(app, "POST", "/v1/completions", json=request).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_backend_errors_keep_their_status(app, backend, stream) -> None:
+    backend.fail_before = GenerationError("queue full", status_code=429)
+    response = call(app, "POST", "/v1/chat/completions", json={"messages": MESSAGES, "stream": stream})
+    error = assert_error(response, 429, "queue full")
+    assert error["type"] == "rate_limit_error"
+    assert backend.calls[0][0] in backend.closed
+
+
+def test_error_mid_stream_is_an_event(app, backend) -> None:
+    backend.fail_after = (3, GenerationError("decode instance died", status_code=502))
+    events = _stream_chat(app)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["message"] == "decode instance died"
+    assert backend.calls[0][0] in backend.closed
+
+
+def test_request_ids(app, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="services.coordinator.http_app")
+    response = call(
+        app, "POST", "/v1/completions", json={"prompt": "hi"}, headers={"X-Request-Id": "abc-123"}
+    )
+    assert response.headers["x-request-id"] == "abc-123"
+    lines = [r.getMessage() for r in caplog.records if r.name == "services.coordinator.http_app"]
+    assert lines and all(line.startswith("[abc-123]") for line in lines)
+    generated = call(app, "GET", "/health").headers["x-request-id"]
+    assert generated and generated != "abc-123"
+    assert call(app, "GET", "/v1/nothing").headers["x-request-id"]
+
+
+# -- a real server: disconnects and the official client --------------------------------------------------
+
+
+@pytest.fixture
+def served(app) -> Iterator[str]:
+    """The app under uvicorn on a free loopback port, in a thread; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_client_disconnect_mid_stream_closes_the_backend(served, backend) -> None:
+    backend.stall_after = 2  # no more output: only watching the connection can notice the client left
+    request = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=served, timeout=10) as client:
+        with client.stream("POST", "/v1/completions", json=request) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+    assert _wait_for(lambda: backend.calls and backend.calls[0][0] in backend.closed)
+    assert backend.sent[backend.calls[0][0]] == 2
+
+
+def test_client_disconnect_while_waiting_closes_the_backend(served, backend) -> None:
+    backend.stall_after = 2
+    request = {"prompt": "x", "max_tokens": 100, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=served, timeout=0.5) as client:
+        client.post("/v1/completions", json=request)
+    assert _wait_for(lambda: backend.calls and backend.calls[0][0] in backend.closed)
+    assert backend.sent[backend.calls[0][0]] == 2
+
+
+def test_openai_client(served, tok) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    expected = tok.decode(tok.encode_chat(MESSAGES))
+    n = len(tok.encode_chat(MESSAGES))
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, seed=1)
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (n, n + 1)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}, max_tokens=8
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == tok.decode(
+        tok.encode_chat(MESSAGES)[:8]
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == n + 8
+    completion = client.completions.create(model=MODEL, prompt="Hello world!", max_tokens=4, stop=["zz"])
+    assert completion.choices[0].text == tok.decode(tok.encode("Hello world!")[:4])
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10**6)
+
+
+def test_text_stream_holds_back_possible_stop_strings(tok) -> None:
+    ids = tok.encode("ab 龘龘X tail")
+    stream = TextStream(tok, stops=["龘X"])
+    released = [stream.feed(GenerationChunk([t])) for t in ids]
+    assert "".join(released) == "ab 龘" and stream.done and stream.finish_reason == "stop"
+    assert all("\ufffd" not in r for r in released)
+    stream = TextStream(tok, stops=["wor", "world peace"])
+    ids = tok.encode("Hello wo")
+    released = [
+        stream.feed(GenerationChunk([t], finished=i == len(ids) - 1, finish_reason="length"))
+        for i, t in enumerate(ids)
+    ]
+    assert (
+        released[-1].endswith("wo") and "".join(released) == "Hello wo" and stream.finish_reason == "length"
+    )

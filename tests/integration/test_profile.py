@@ -1,0 +1,51 @@
+"""`pdmesh profile` against the real engine on a tiny random checkpoint, then `pdmesh plan` on its output."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+pytest.importorskip("pdmesh.engine.engine", reason="the engine (pdmesh/engine/engine.py) is not there yet")
+if not hasattr(importlib.import_module("pdmesh.modelgen"), "write_model"):
+    pytest.skip("pdmesh.modelgen.write_model is not there yet", allow_module_level=True)
+
+from pdmesh.planner.plan import main_plan  # noqa: E402
+from pdmesh.planner.profile import load_profile, main_profile  # noqa: E402
+
+
+def test_quick_profile_writes_valid_monotone_json(tiny_qwen3, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    rc = main_profile(
+        ["--model", str(tiny_qwen3), "--out", str(out), "--prompt-lens", "16,64,256", "--batch-sizes", "1,4"]
+        + ["--decode-batch-sizes", "1,8", "--context-lens", "16,128", "--decode-steps", "4", "--repeats", "2"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    profile = load_profile(out)
+    assert json.loads(out.read_text()) == profile
+    meta = profile["metadata"]
+    assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["torch_threads"] >= 1
+    assert meta["model_dir"] and meta["date"]
+    assert len(profile["prefill"]) == 6 and len(profile["decode"]) == 4
+    assert all(p["latency_s"] > 0 for p in profile["prefill"])
+    assert all(p["step_latency_s"] > 0 for p in profile["decode"])
+
+    by_tokens = sorted(profile["prefill"], key=lambda p: p["batch_tokens"])
+    assert by_tokens[-1]["latency_s"] > by_tokens[0]["latency_s"]  # 1024 tokens cost more than 16
+    for n in (1, 4):
+        row = sorted((p for p in profile["prefill"] if p["num_seqs"] == n), key=lambda p: p["prompt_len"])
+        assert row[-1]["latency_s"] > 0.8 * row[0]["latency_s"]
+    decode = {(p["batch_size"], p["prompt_len"]): p["step_latency_s"] for p in profile["decode"]}
+    assert decode[(8, 128)] > 0.7 * decode[(1, 16)]
+    assert "fit" in profile
+
+    plan_json = tmp_path / "plan.json"
+    rc = main_plan(
+        ["--profile", str(out), "--rate", "2", "--input-len", "uniform:16,256", "--output-len", "16"]
+        + ["--ttft-ms", "2000", "--tpot-ms", "500", "--budget", "16", "--json", str(plan_json)]
+    )
+    assert rc == 0
+    assert json.loads(plan_json.read_text())["recommendation"]["total"] <= 16

@@ -1,0 +1,500 @@
+"""The planner: latency-model fits, the discrete-event simulator on known cases, the P:D search, the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from pdmesh.planner.model import DecodeModel, LatencyModel, PrefillModel
+from pdmesh.planner.plan import main_plan, plan
+from pdmesh.planner.profile import load_profile, save_profile
+from pdmesh.planner.simulate import (
+    SLO,
+    LengthDist,
+    Limits,
+    Requests,
+    Workload,
+    _steps_to_reach,
+    run_decode,
+    simulate_colocated,
+    simulate_pd,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+PREFILL = (0.01, 1e-4, 2e-8)  # a + b*tokens + c*sum(len^2)
+DECODE = (0.02, 2e-4, 1e-7)  # alpha + beta*batch + gamma*batch*context
+
+
+def synthetic_profile(noise: float = 0.0, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    a, b, c = PREFILL
+    al, be, ga = DECODE
+    jitter = lambda: 1 + noise * rng.standard_normal()  # noqa: E731
+    prefill = [
+        {
+            "batch_tokens": n * L,
+            "num_seqs": n,
+            "prompt_len": L,
+            "sum_sq_len": n * L * L,
+            "latency_s": (a + b * n * L + c * n * L * L) * jitter(),
+        }
+        for L in (32, 64, 128, 256, 512, 1024)
+        for n in (1, 2, 4, 8)
+        if n * L <= 8192
+    ]
+    decode = [
+        {"batch_size": B, "context_len": C, "step_latency_s": (al + be * B + ga * B * C) * jitter()}
+        for B in (1, 2, 4, 8, 16, 32)
+        for C in (64, 256, 1024)
+    ]
+    return {"schema": "pdmesh.profile/1", "metadata": {"device": "cpu"}, "prefill": prefill, "decode": decode}
+
+
+def flat_model(prefill_s: float = 0.05, step_s: float = 0.02) -> LatencyModel:
+    """Constant service times: every prefill batch costs ``prefill_s``, every decode step ``step_s``."""
+    return LatencyModel(PrefillModel(coef=[prefill_s, 0.0, 0.0]), DecodeModel(alpha=step_s))
+
+
+def linear_model() -> LatencyModel:
+    return LatencyModel(PrefillModel(coef=list(PREFILL)), DecodeModel(*DECODE))
+
+
+# ------------------------------------------------------------------------------------ latency model
+
+
+def test_fit_recovers_known_coefficients():
+    model = LatencyModel.fit(synthetic_profile())
+    assert model.prefill.kind == "linear"
+    assert model.prefill.coef == pytest.approx(list(PREFILL), rel=1e-6)
+    assert (model.decode.alpha, model.decode.beta, model.decode.gamma) == pytest.approx(DECODE, rel=1e-6)
+    assert model.prefill.fit_error["mean_rel_error"] < 1e-9
+    assert model.decode.fit_error["mean_rel_error"] < 1e-9
+
+
+def test_fit_with_noise_reports_small_error():
+    model = LatencyModel.fit(synthetic_profile(noise=0.03))
+    assert model.prefill.fit_error["mean_rel_error"] < 0.06
+    assert model.decode.fit_error["mean_rel_error"] < 0.06
+    assert model.prefill_latency(1024, 1024**2) == pytest.approx(0.01 + 0.1024 + 2e-8 * 1024**2, rel=0.1)
+
+
+def test_piecewise_wins_when_the_curve_is_not_linear():
+    points = [
+        {"batch_tokens": t, "num_seqs": 1, "latency_s": 0.01 + 0.002 * np.sqrt(t)}
+        for t in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    ]
+    model = PrefillModel.fit(points)
+    assert model.kind == "piecewise"
+    assert model.fit_error["loo_rel_error_piecewise"] < model.fit_error["loo_rel_error_linear"]
+    assert model.latency(300) == pytest.approx(0.01 + 0.002 * np.sqrt(300), rel=0.05)
+
+
+def test_latency_model_round_trips():
+    model = LatencyModel.fit(synthetic_profile(noise=0.02))
+    again = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    for tokens in (10, 500, 9000):
+        assert again.prefill_latency(tokens, tokens**2) == model.prefill_latency(tokens, tokens**2)
+    assert again.decode_step_latency(7, 300) == model.decode_step_latency(7, 300)
+
+
+def test_profile_json_round_trip(tmp_path):
+    profile = synthetic_profile()
+    save_profile(profile, tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json") == profile
+    (tmp_path / "bad.json").write_text(json.dumps({"prefill": [], "decode": []}))
+    with pytest.raises(ValueError, match="at least 2 prefill points"):
+        load_profile(tmp_path / "bad.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_profile(tmp_path / "junk.json")
+
+
+# ------------------------------------------------------------------------------------ simulator
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "values"),
+    [
+        ("128", "fixed", (128,)),
+        ("fixed:7", "fixed", (7,)),
+        ("uniform:32,512", "uniform", (32, 512)),
+        ("empirical:1,2,3", "empirical", (1, 2, 3)),
+    ],
+)
+def test_length_specs(spec, kind, values):
+    dist = LengthDist.parse(spec)
+    assert (dist.kind, dist.values) == (kind, values)
+    sample = dist.sample(np.random.default_rng(0), 500)
+    assert sample.min() >= min(values) and sample.max() <= max(values)
+
+
+def test_length_spec_from_file_and_errors(tmp_path):
+    (tmp_path / "lens.json").write_text("[10, 20, 30]")
+    assert LengthDist.parse(f"@{tmp_path / 'lens.json'}").values == (10, 20, 30)
+    for bad in ("uniform:5", "uniform:9,3", "0", "gauss:1", "abc", f"@{tmp_path / 'missing'}"):
+        with pytest.raises(ValueError):
+            LengthDist.parse(bad)
+
+
+def test_tiny_rate_gives_bare_service_times():
+    model = flat_model(prefill_s=0.05, step_s=0.02)
+    workload = Workload(1e-4, LengthDist.parse("100"), LengthDist.parse("11"), num_requests=200)
+    slo = SLO(ttft_ms=51, tpot_ms=21)
+    for result in (
+        simulate_pd(model, workload, slo, Limits(), 1, 1),
+        simulate_colocated(model, workload, slo, Limits(), 1),
+    ):
+        assert result.ttft_ms["mean"] == pytest.approx(50.0, rel=1e-6)
+        assert result.ttft_ms["p99"] == pytest.approx(50.0, rel=1e-6)
+        assert result.tpot_ms["p90"] == pytest.approx(20.0, rel=1e-6)
+        assert result.tpot_ms["mean"] == pytest.approx(
+            20.0, rel=1e-3
+        )  # a rare overlap waits for a step boundary
+        assert result.attainment == 1.0
+        assert result.goodput == pytest.approx(1e-4)
+
+
+def test_kv_transfer_adds_to_ttft():
+    model = flat_model(prefill_s=0.05)
+    workload = Workload(0.01, LengthDist.parse("100"), LengthDist.parse("4"), num_requests=100)
+    result = simulate_pd(model, workload, SLO(1000, 1000), Limits(kv_transfer_s_per_token=1e-4), 1, 1)
+    assert result.ttft_ms["mean"] == pytest.approx(60.0, rel=1e-6)
+
+
+def test_overloaded_prefill_explodes_ttft_and_caps_goodput():
+    model = flat_model(prefill_s=0.1)  # batch of one prompt each: capacity 10 req/s
+    limits = Limits(max_prefill_batch_size=1)
+    slo = SLO(ttft_ms=500, tpot_ms=100)
+    capacity = 10.0
+    light = simulate_pd(
+        model, Workload(5, LengthDist.parse("64"), LengthDist.parse("8"), 2000), slo, limits, 1, 1
+    )
+    heavy = simulate_pd(
+        model, Workload(30, LengthDist.parse("64"), LengthDist.parse("8"), 2000), slo, limits, 1, 1
+    )
+    assert light.ttft_ms["p90"] < 500
+    assert heavy.ttft_ms["mean"] > 20 * light.ttft_ms["mean"]
+    assert heavy.ttft_ms["p99"] > 50_000  # the queue grows without bound over the run
+    assert heavy.goodput <= capacity * 1.05
+    assert heavy.throughput == pytest.approx(capacity, rel=0.1)
+
+
+def test_overloaded_decode_explodes_tpot():
+    model = flat_model(prefill_s=0.001, step_s=0.02)  # batch cap 4, 20 decode steps: capacity 10 req/s
+    limits = Limits(max_decode_batch_size=4)
+    slo = SLO(1000, 30)
+    ok = simulate_pd(
+        model, Workload(4, LengthDist.parse("32"), LengthDist.parse("21"), 1000), slo, limits, 1, 1
+    )
+    bad = simulate_pd(
+        model, Workload(20, LengthDist.parse("32"), LengthDist.parse("21"), 1000), slo, limits, 1, 1
+    )
+    assert ok.tpot_attainment > 0.8
+    assert bad.tpot_ms["p90"] > 10 * ok.tpot_ms["p90"]
+    assert bad.throughput == pytest.approx(10.0, rel=0.1)
+
+
+def test_more_prefill_instances_raise_goodput_when_prefill_bound():
+    model = linear_model()
+    workload = Workload(20, LengthDist.parse("uniform:512,1024"), LengthDist.parse("16"), 2000)
+    slo = SLO(ttft_ms=1000, tpot_ms=100)  # one prefill instance sustains about 11 req/s of these prompts
+    goodputs = [simulate_pd(model, workload, slo, Limits(), n_p, 2).goodput for n_p in (1, 2, 3)]
+    assert goodputs[0] < goodputs[1] < goodputs[2]
+    assert goodputs[2] > 0.95 * 20
+
+
+def test_colocated_prefills_stall_decodes():
+    model = linear_model()
+    workload = Workload(6, LengthDist.parse("uniform:512,1024"), LengthDist.parse("64"), 1000)
+    slo = SLO(ttft_ms=2000, tpot_ms=60)
+    pd = simulate_pd(model, workload, slo, Limits(), 1, 1)
+    colocated = simulate_colocated(model, workload, slo, Limits(), 2)
+    assert colocated.tpot_ms["p90"] > 1.5 * pd.tpot_ms["p90"]
+
+
+def _naive_decode(model, arrivals, inp, out, max_batch):
+    """Step-by-step reference for the event-jumping decode simulation."""
+    n = len(arrivals)
+    tpot, t, i, waiting, running, done = np.zeros(n), 0.0, 0, [], {}, 0
+    while done < n:
+        while i < n and arrivals[i] <= t:
+            waiting.append(i)
+            i += 1
+        while waiting and len(running) < max_batch:
+            j = waiting.pop(0)
+            running[j] = [int(inp[j]) + 1, int(out[j]) - 1]
+        if not running:
+            t = arrivals[i]
+            continue
+        t += model.decode_step_latency(len(running), sum(c for c, _ in running.values()) / len(running))
+        for j in list(running):
+            running[j][0] += 1
+            running[j][1] -= 1
+            if running[j][1] == 0:
+                tpot[j] = (t - arrivals[j]) / (out[j] - 1)
+                del running[j]
+                done += 1
+    return tpot
+
+
+def test_event_jumping_decode_matches_step_by_step():
+    model = linear_model()
+    reqs = Requests.sample(
+        Workload(1, LengthDist.parse("uniform:16,256"), LengthDist.parse("uniform:2,40"), 300, seed=3)
+    )
+    for rate, cap in ((5.0, 8), (40.0, 8), (40.0, 64)):
+        arrivals = reqs.arrivals(rate, "decode")
+        fast, _ = run_decode(
+            model, arrivals, reqs.input_len, reqs.output_len, Limits(max_decode_batch_size=cap)
+        )
+        slow = _naive_decode(model, arrivals, reqs.input_len, reqs.output_len, cap)
+        np.testing.assert_allclose(fast, slow, rtol=1e-9)
+
+
+@pytest.mark.parametrize("d0,g", [(0.02, 0.0), (0.02, 1e-4), (1e-3, 5e-3)])
+def test_steps_to_reach(d0, g):
+    for delta in (1e-9, 0.019, 0.02, 0.5, 7.3):
+        m = _steps_to_reach(delta, d0, g)
+        cost = lambda k: k * d0 + g * k * (k - 1) / 2  # noqa: E731
+        assert cost(m) >= delta and (m == 1 or cost(m - 1) < delta)
+
+
+# ------------------------------------------------------------------------------------ planner
+
+
+def test_planner_follows_the_workload():
+    model = linear_model()
+    slo = SLO(ttft_ms=800, tpot_ms=60)
+    prompt_heavy = Workload(20, LengthDist.parse("uniform:512,1024"), LengthDist.parse("8"), 1000)
+    decode_heavy = Workload(20, LengthDist.parse("64"), LengthDist.parse("uniform:256,512"), 1000)
+    p = plan(model, prompt_heavy, slo, Limits(), budget=64)["recommendation"]
+    d = plan(model, decode_heavy, slo, Limits(), budget=64)["recommendation"]
+    assert p["mode"] == "pd" and p["n_prefill"] > p["n_decode"]
+    assert d["mode"] == "pd" and d["n_decode"] > d["n_prefill"]
+    assert p["meets_rate"] and d["meets_rate"]
+    assert p["simulated"]["attainment"] >= 0.9 and d["simulated"]["attainment"] >= 0.9
+
+
+def test_min_instances_is_the_smallest_meeting_the_rate():
+    model = linear_model()
+    workload = Workload(20, LengthDist.parse("uniform:512,1024"), LengthDist.parse("8"), 1000)
+    result = plan(model, workload, SLO(800, 60), Limits(), budget=64, want_min_instances=True)
+    smallest, rates = result["min_instances"], result["per_instance_max_rate"]
+    assert smallest["meets_rate"]
+    assert smallest["total"] <= result["recommendation"]["total"]
+    if smallest["mode"] == "pd":
+        assert (smallest["n_prefill"] - 1) * rates["prefill"] < 20 or (smallest["n_decode"] - 1) * rates[
+            "decode"
+        ] < 20
+
+
+def _write_profile(tmp_path):
+    path = tmp_path / "profile.json"
+    save_profile(synthetic_profile(noise=0.02), path)
+    return path
+
+
+def test_plan_cli_sweeps_500_instances_quickly(tmp_path, capsys):
+    profile, out = _write_profile(tmp_path), tmp_path / "plan.json"
+    started = time.perf_counter()
+    rc = main_plan(
+        [
+            "--profile",
+            str(profile),
+            "--rate",
+            "50",
+            "--input-len",
+            "uniform:128,1024",
+            "--output-len",
+            "uniform:16,256",
+        ]
+        + ["--ttft-ms", "600", "--tpot-ms", "80", "--budget", "500", "--min-instances", "--json", str(out)]
+    )
+    elapsed = time.perf_counter() - started
+    assert rc == 0
+    assert elapsed < 10, f"the 500-instance sweep took {elapsed:.1f}s"
+    text = capsys.readouterr().out
+    assert "recommended:" in text and "fewest instances meeting the rate" in text
+    data = json.loads(out.read_text())
+    rec = data["recommendation"]
+    assert rec["total"] <= 500 and rec["meets_rate"]
+    assert set(rec["simulated"]) >= {"goodput", "attainment", "ttft_ms", "tpot_ms", "throughput"}
+    assert data["inputs"]["budget"] == 500 and "latency_model" in data
+    # the plan's own JSON can be fed back as a profile (it carries the fitted model)
+    assert (
+        main_plan(
+            [
+                "--profile",
+                str(out),
+                "--rate",
+                "5",
+                "--input-len",
+                "64",
+                "--output-len",
+                "8",
+                "--ttft-ms",
+                "600",
+                "--tpot-ms",
+                "80",
+                "--budget",
+                "4",
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"--profile": "missing.json"},
+        {"--input-len": "uniform:5"},
+        {"--rate": "abc"},
+        {"--rate": "-1"},
+        {"--attainment": "1.5"},
+        {"--budget": "0"},
+        {"--bogus": "1"},
+    ],
+)
+def test_plan_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, change):
+    args = {
+        "--profile": str(_write_profile(tmp_path)),
+        "--rate": "5",
+        "--input-len": "64",
+        "--output-len": "8",
+        "--ttft-ms": "500",
+        "--tpot-ms": "50",
+        "--budget": "8",
+    }
+    args.update({k: (str(tmp_path / v) if k == "--profile" else v) for k, v in change.items()})
+    argv = [x for kv in args.items() for x in kv]
+    assert main_plan(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pdmesh plan: error:") and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------ profile (fake engine)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class FakeEngine:
+    """The engine's step API with known costs on a fake clock: one prefill step per batch, then decode."""
+
+    def __init__(self, options: dict, clock: _Clock) -> None:
+        self.options, self.clock = options, clock
+        self.waiting: list = []
+        self.running: dict[str, list] = {}  # id -> [context, tokens left, mode]
+        self.freed: list[list[int]] = []
+        self.next_block = 0
+
+    def add_request(self, request) -> None:
+        assert len(self.waiting) + len(self.running) < self.options["max_num_seqs"]
+        self.waiting.append(request)
+
+    def free_kv(self, block_ids: list[int]) -> None:
+        self.freed.append(block_ids)
+
+    def step(self) -> list:
+        from pdmesh.engine.types import RequestMode, TokenOutput
+
+        if self.waiting:
+            batch, self.waiting = self.waiting, []
+            lens = [len(r.prompt_ids) for r in batch]
+            a, b, c = PREFILL
+            self.clock.now += a + b * sum(lens) + c * sum(n * n for n in lens)
+            outputs = []
+            for r in batch:
+                left = r.sampling.max_tokens - 1
+                if r.mode == RequestMode.PREFILL:
+                    self.next_block += 1
+                    outputs.append(
+                        TokenOutput(r.request_id, [5], finished=True, kv_block_ids=[self.next_block])
+                    )
+                    continue
+                outputs.append(TokenOutput(r.request_id, [5], finished=left == 0))
+                if left:
+                    self.running[r.request_id] = [len(r.prompt_ids) + 1, left]
+            return outputs
+        if not self.running:
+            return []
+        al, be, ga = DECODE
+        self.clock.now += al + be * len(self.running) + ga * sum(ctx for ctx, _ in self.running.values())
+        outputs = []
+        for rid, state in list(self.running.items()):
+            state[0] += 1
+            state[1] -= 1
+            outputs.append(TokenOutput(rid, [5], finished=state[1] == 0))
+            if state[1] == 0:
+                del self.running[rid]
+        return outputs
+
+
+def test_run_profile_measures_a_fake_engine(tmp_path, monkeypatch):
+    from pdmesh.planner import profile as profile_mod
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"vocab_size": 100, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4})
+    )
+    clock = _Clock()
+    monkeypatch.setattr(profile_mod, "time", clock)
+    engines: list[FakeEngine] = []
+
+    def factory(options):
+        engines.append(FakeEngine(options, clock))
+        return engines[-1]
+
+    result = profile_mod.run_profile(
+        tmp_path,
+        prompt_lens=(16, 64, 256),
+        batch_sizes=(1, 4),
+        decode_batch_sizes=(1, 4, 16),
+        context_lens=(32, 128),
+        decode_steps=4,
+        engine_factory=factory,
+    )
+    assert profile_mod.validate_profile(result) is result
+    assert len(result["prefill"]) == 6 and len(result["decode"]) == 6
+    assert engines[0].freed and not engines[0].running and not engines[0].waiting
+    meta = result["metadata"]
+    assert meta["max_num_seqs"] >= 16 and meta["dtype"] == "float32" and meta["device"] == "cpu"
+    model = LatencyModel.from_dict(result["fit"])
+    assert model.prefill.coef == pytest.approx(list(PREFILL), rel=1e-6)
+    assert (model.decode.alpha, model.decode.beta, model.decode.gamma) == pytest.approx(DECODE, rel=1e-6)
+
+
+def test_profile_cli_rejects_a_bad_model_dir(tmp_path, capsys):
+    from pdmesh.planner.profile import main_profile
+
+    assert main_profile(["--model", str(tmp_path), "--out", str(tmp_path / "p.json")]) == 2
+    assert (
+        main_profile(["--model", str(tmp_path), "--out", str(tmp_path / "p.json"), "--batch-sizes", "x"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("pdmesh profile: error:") for line in err)
+
+
+@pytest.mark.parametrize(("r_p", "r_d"), [(8.0, 78.0), (146.5, 5.4), (3.0, 3.0), (1.0, 0.0)])
+def test_closed_form_splits_match_brute_force(r_p, r_d):
+    from pdmesh.planner.search import best_split, best_unit
+
+    budget = 60
+    for n in range(2, budget + 1):
+        assert best_split(n, r_p, r_d)[2] == pytest.approx(
+            max(min(p * r_p, (n - p) * r_d) for p in range(1, n))
+        )
+    every = [(p, d, min(p * r_p, d * r_d)) for p in range(1, budget) for d in range(1, budget - p + 1)]
+    top = max(r / (p + d) for p, d, r in every)
+    p, d, rate = best_unit(r_p, r_d, budget)
+    assert rate / (p + d) >= top * 0.98 - 1e-12
+    assert p + d == min(p + d for p, d, r in every if r / (p + d) >= top * 0.98 - 1e-12)
