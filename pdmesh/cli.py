@@ -18,6 +18,15 @@ SERVICES = {
     "coordinator": "services.coordinator.main",
 }
 WORKER_ROLES = {"prefill-worker": "prefill", "decode-worker": "decode", "mixed-worker": "mixed"}
+# Tools with their own argument parsers: `pdmesh <name> ...` hands the rest of the line to them.
+TOOLS = {
+    ("bench", "serve"): ("pdmesh.bench.serve", "main"),
+    ("bench", "transfer"): ("pdmesh.kv.transfer.bench", "main"),
+    ("bench", "engine"): ("pdmesh.engine.bench", "main"),
+    ("bench", "compare"): ("pdmesh.bench.compare", "main"),
+    ("profile",): ("pdmesh.planner.profile", "main_profile"),
+    ("plan",): ("pdmesh.planner.plan", "main_plan"),
+}
 
 
 def _up_parser(sub) -> None:
@@ -48,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     _make_model_parser(sub)
     for name in [*SERVICES, *WORKER_ROLES]:
         sub.add_parser(name, help=f"run the {name} service (see `pdmesh {name} --help`)", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks: serve, transfer, engine, compare (see `pdmesh bench X --help`)")
+    bench.add_argument("what", choices=sorted(k[1] for k in TOOLS if k[0] == "bench"))
+    sub.add_parser("profile", help="measure the engine on this hardware (see `pdmesh profile --help`)", add_help=False)
+    sub.add_parser("plan", help="recommend prefill and decode instance counts (see `pdmesh plan --help`)", add_help=False)
     return parser
 
 
@@ -116,8 +129,22 @@ def _run_stack(stack) -> int:
     return 0
 
 
+def _tool(argv: list[str]):
+    """The (module, function, remaining argv) of a tool command, or None."""
+    for key, target in TOOLS.items():
+        if tuple(argv[: len(key)]) == key:
+            return (*target, argv[len(key) :])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    tool = _tool(argv)
+    if tool is not None:
+        import importlib
+
+        module, function, rest = tool
+        return getattr(importlib.import_module(module), function)(rest) or 0
     if argv and argv[0] in SERVICES:
         import importlib
 

@@ -38,6 +38,8 @@ SHAREGPT_MIN_LEN = 4
 SHAREGPT_MAX_PROMPT = 1024
 SHAREGPT_MAX_TOTAL = 2048
 MAX_ADJUST_ROUNDS = 16
+MAX_DRAWS = 8
+REPLACEMENT = "\ufffd"
 WORDS = (
     "the of and to in is it you that he was for on are with as his they be at one have this from "
     "or had by word but what some we can out other were all there when up use your how said an each "
@@ -80,12 +82,37 @@ def count_tokens(text: str, tokenizer: Tokenizer | None) -> int:
 
 
 def _ordinary_ids(tokenizer: Tokenizer) -> np.ndarray:
-    """Every token id that is not an added (special) token."""
+    """Every token id that is neither an added (special) token nor a fragment of a UTF-8 character.
+
+    Byte-level vocabularies hold tokens that are parts of a multi-byte character; random ones would
+    decode to U+FFFD, which re-tokenizes to a different length.
+    """
     special = np.fromiter(tokenizer.get_added_tokens_decoder().keys(), dtype=np.int64)
     ids = np.setdiff1d(np.arange(tokenizer.get_vocab_size(with_added_tokens=True)), special)
+    texts = tokenizer.decode_batch([[int(i)] for i in ids], skip_special_tokens=True)
+    ids = np.array(
+        [i for i, text in zip(ids, texts, strict=True) if text and REPLACEMENT not in text], dtype=np.int64
+    )
     if ids.size == 0:
         raise ValueError("the tokenizer has no ordinary tokens to build random prompts from")
     return ids
+
+
+def _adjusted(
+    tokenizer: Tokenizer, length: int, rng: np.random.Generator, pool: np.ndarray
+) -> tuple[str, int]:
+    current = rng.choice(pool, size=length).tolist()
+    text, actual = "", 0
+    for _ in range(MAX_ADJUST_ROUNDS):
+        text = tokenizer.decode(current, skip_special_tokens=True)
+        encoded = tokenizer.encode(text, add_special_tokens=False).ids
+        actual = len(encoded)
+        if actual == length:
+            break
+        current = (
+            encoded[:length] if actual > length else encoded + rng.choice(pool, size=length - actual).tolist()
+        )
+    return text, actual
 
 
 def random_token_prompt(
@@ -94,22 +121,19 @@ def random_token_prompt(
     """A prompt of random tokens that re-tokenizes to ``length`` tokens; returns (text, its length).
 
     Decoding then encoding random ids can merge or split tokens, so the ids are trimmed or topped up
-    and tried again; after ``MAX_ADJUST_ROUNDS`` the closest text is kept (and its true length returned).
+    and tried again, from a fresh draw when that does not settle; failing that, the closest text is
+    kept (and its true length returned).
     """
     pool = _ordinary_ids(tokenizer) if ids is None else ids
-    current = rng.choice(pool, size=length).tolist()
-    text, actual = "", 0
-    for _ in range(MAX_ADJUST_ROUNDS):
-        text = tokenizer.decode(current, skip_special_tokens=True)
-        encoded = tokenizer.encode(text, add_special_tokens=False).ids
-        actual = len(encoded)
+    best = ("", -1)
+    for _ in range(MAX_DRAWS):
+        text, actual = _adjusted(tokenizer, length, rng, pool)
         if actual == length:
             return text, actual
-        current = (
-            encoded[:length] if actual > length else encoded + rng.choice(pool, size=length - actual).tolist()
-        )
-    log.debug("random prompt of %d tokens re-tokenizes to %d", length, actual)
-    return text, actual
+        if abs(actual - length) < abs(best[1] - length):
+            best = (text, actual)
+    log.debug("random prompt of %d tokens re-tokenizes to %d", length, best[1])
+    return best
 
 
 def load_random(

@@ -59,8 +59,8 @@ def _summary_lines(result: BenchResult) -> list[str]:
         _line("Request throughput (req/s):", m.request_throughput),
     ]
     if m.request_goodput is not None:
-        slos = " ".join(f"{k}<={v:g}ms" for k, v in c.goodput.items())
-        lines.append(_line(f"Request goodput (req/s) [{slos}]:", m.request_goodput))
+        lines.append(_line("Goodput SLOs (ms):", " ".join(f"{k}<={v:g}" for k, v in c.goodput.items())))
+        lines.append(_line("Request goodput (req/s):", m.request_goodput))
     lines += [
         _line("Output token throughput (tok/s):", m.output_throughput),
         _line("Peak output token throughput (tok/s):", m.peak_output_throughput),

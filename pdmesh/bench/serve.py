@@ -15,23 +15,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from pdmesh.bench import report
 from pdmesh.bench.datasets import DATASETS, SampleRequest, load_dataset, load_tokenizer
 from pdmesh.bench.metrics import BenchMetrics, RequestOutput, compute_metrics, parse_goodput
+from pdmesh.bench.request import RequestContext, error_message, send_request
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +99,6 @@ class BenchResult:
         return report.result_to_dict(self)
 
 
-@dataclass
-class _Context:
-    """What every request of a run shares."""
-
-    url: str
-    headers: dict[str, str]
-    chat: bool
-    tokenizer: Tokenizer | None
-    timeout_s: float | None
-    run_start: float = 0.0
-
-
 def build_payload(config: BenchConfig, model: str, sample: SampleRequest) -> dict:
     """The streaming request body for ``sample`` (completions or chat completions)."""
     body: dict = {
@@ -130,164 +117,12 @@ def build_payload(config: BenchConfig, model: str, sample: SampleRequest) -> dic
     return body
 
 
-def _error_message(body: bytes) -> str:
-    """The ``error.message`` of an OpenAI error body, else the body's text."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text[:500] or "(empty body)"
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    if isinstance(data, dict) and data.get("message"):
-        return str(data["message"])
-    return text[:500]
-
-
-def _content(event: dict, chat: bool) -> str:
-    """The generated text an event carries ('' for role, usage and finish-only events)."""
-    choices = event.get("choices") or []
-    if not choices:
-        return ""
-    choice = choices[0]
-    if not chat:
-        return choice.get("text") or ""
-    delta = choice.get("delta") or {}
-    return delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
-
-
-class _Stream:
-    """Timing and content of one streamed response, fed one SSE event at a time."""
-
-    def __init__(self, ctx: _Context, start: float) -> None:
-        self.ctx, self.start = ctx, start
-        self.last = start
-        self.ttft: float | None = None
-        self.itl: list[float] = []
-        self.parts: list[str] = []
-        self.usage: dict | None = None
-        self.finished = False
-        self.done = False
-
-    def feed(self, event: dict, now: float) -> None:
-        if isinstance(event.get("error"), dict | str):
-            error = event["error"]
-            message = error.get("message", str(error)) if isinstance(error, dict) else error
-            code = error.get("code") if isinstance(error, dict) else None
-            raise _RequestFailed(code if isinstance(code, int) else None, f"error event: {message}")
-        if event.get("usage"):
-            self.usage = event["usage"]
-        choices = event.get("choices") or []
-        if choices and choices[0].get("finish_reason"):
-            self.finished = True
-        text = _content(event, self.ctx.chat)
-        if not text:
-            return
-        if self.ttft is None:
-            self.ttft = now - self.start
-        else:
-            self.itl.append(now - self.last)
-        self.last = now
-        self.parts.append(text)
-
-    def output(self, sample: SampleRequest, end: float) -> RequestOutput:
-        if not (self.done or self.finished):
-            raise _RequestFailed(None, "the stream ended before [DONE]")
-        text = "".join(self.parts)
-        usage = self.usage or {}
-        if usage.get("completion_tokens") is not None:
-            tokens = int(usage["completion_tokens"])
-        elif self.ctx.tokenizer is not None:
-            tokens = len(self.ctx.tokenizer.encode(text, add_special_tokens=False).ids)
-        else:
-            tokens = len(self.parts)
-        latency = end - self.start
-        return RequestOutput(
-            success=True,
-            prompt_len=int(usage.get("prompt_tokens") or sample.prompt_len),
-            output_tokens=tokens,
-            ttft=latency if self.ttft is None else self.ttft,
-            itl=self.itl,
-            latency=latency,
-            start_time=self.start - self.ctx.run_start,
-            generated_text=text,
-        )
-
-
-class _RequestFailed(Exception):
-    def __init__(self, status: int | None, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def _event(line: str) -> dict | str | None:
-    """An SSE line's JSON payload, ``"[DONE]"``, or None for comments, other fields and blanks."""
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if not data:
-        return None
-    if data == "[DONE]":
-        return data
-    try:
-        event = json.loads(data)
-    except ValueError:
-        raise _RequestFailed(None, f"malformed event: {data[:200]}") from None
-    return event if isinstance(event, dict) else None
-
-
-async def _stream(
-    client: httpx.AsyncClient, ctx: _Context, body: dict, sample: SampleRequest
-) -> RequestOutput:
-    start = time.perf_counter()
-    state = _Stream(ctx, start)
-    async with client.stream("POST", ctx.url, json=body, headers=ctx.headers) as response:
-        if response.status_code != 200:
-            raise _RequestFailed(response.status_code, _error_message(await response.aread()))
-        async for line in response.aiter_lines():
-            event = _event(line)
-            if event == "[DONE]":
-                state.done = True
-                break
-            if isinstance(event, dict):
-                state.feed(event, time.perf_counter())
-    return state.output(sample, time.perf_counter())
-
-
-async def send_request(
-    client: httpx.AsyncClient, ctx: _Context, body: dict, sample: SampleRequest
-) -> RequestOutput:
-    """Sends one streaming request and measures it; never raises for a failed request."""
-    started = time.perf_counter()
-    try:
-        async with asyncio.timeout(ctx.timeout_s):
-            return await _stream(client, ctx, body, sample)
-    except _RequestFailed as exc:
-        status, message = exc.status, exc.message
-    except TimeoutError:
-        status, message = None, f"timed out after {ctx.timeout_s:g} s"
-    except httpx.HTTPError as exc:
-        status, message = None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        status, message = None, f"{type(exc).__name__}: {exc}"
-    log.debug("request failed (%s): %s", status, message)
-    return RequestOutput(
-        success=False,
-        prompt_len=sample.prompt_len,
-        latency=time.perf_counter() - started,
-        start_time=started - ctx.run_start,
-        status=status,
-        error=message,
-    )
-
-
 async def fetch_model(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> str:
     """The first model id of ``GET /v1/models``."""
     response = await client.get(f"{base_url}/v1/models", headers=headers)
     if response.status_code != 200:
         raise RuntimeError(
-            f"GET {base_url}/v1/models: {response.status_code} {_error_message(response.content)}"
+            f"GET {base_url}/v1/models: {response.status_code} {error_message(response.content)}"
         )
     models = response.json().get("data") or []
     if not models:
@@ -306,7 +141,7 @@ def arrival_times(count: int, rate: float, seed: int) -> np.ndarray:
 
 async def _run_all(
     client: httpx.AsyncClient,
-    ctx: _Context,
+    ctx: RequestContext,
     bodies: list[dict],
     samples: list[SampleRequest],
     times: np.ndarray,
@@ -336,7 +171,7 @@ async def _run_all(
 
 
 async def _warm_up(
-    client: httpx.AsyncClient, ctx: _Context, config: BenchConfig, model: str, samples
+    client: httpx.AsyncClient, ctx: RequestContext, config: BenchConfig, model: str, samples
 ) -> None:
     picked = [samples[i % len(samples)] for i in range(config.warmup)]
     bodies = [build_payload(config, model, s) for s in picked]
@@ -378,7 +213,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         model = config.model or await fetch_model(client, base_url, headers)
         chat = config.endpoint == "/v1/chat/completions"
-        ctx = _Context(base_url + config.endpoint, headers, chat, tokenizer, config.timeout_s)
+        ctx = RequestContext(base_url + config.endpoint, headers, chat, tokenizer, config.timeout_s)
         if config.warmup:
             await _warm_up(client, ctx, config, model, samples)
         bodies = [build_payload(config, model, s) for s in samples]
@@ -397,63 +232,97 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
 
 def build_parser(prog: str = "pdmesh bench serve") -> argparse.ArgumentParser:
     """The command line, with vLLM ``bench serve``'s flag names."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
-    p.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
-    p.add_argument("--model", default=None, help="model name (default: the first id of GET /v1/models)")
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument(
-        "--tokenizer", default=None, help="Hugging Face directory with tokenizer.json to count tokens"
+        "--base-url", metavar="URL", default="http://127.0.0.1:8000", help="server root (default %(default)s)"
+    )
+    p.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
+    p.add_argument(
+        "--model", metavar="NAME", default=None, help="model name (default: the first id of GET /v1/models)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        default=None,
+        help="Hugging Face directory with tokenizer.json to count tokens",
     )
     p.add_argument("--dataset", "--dataset-name", dest="dataset", default="random", choices=DATASETS)
-    p.add_argument("--dataset-path", default=None, help="ShareGPT JSON or GSM8K JSONL file")
-    p.add_argument("--num-prompts", type=int, default=1000, help="requests to measure (default 1000)")
+    p.add_argument("--dataset-path", metavar="FILE", default=None, help="ShareGPT JSON or GSM8K JSONL file")
     p.add_argument(
-        "--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default inf: at once)"
+        "--num-prompts", metavar="N", type=int, default=1000, help="requests to measure (default 1000)"
     )
     p.add_argument(
-        "--max-concurrency", type=int, default=None, help="most requests in flight (default no limit)"
+        "--request-rate",
+        metavar="RPS",
+        type=float,
+        default=math.inf,
+        help="requests/s, Poisson (default inf: at once)",
     )
-    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=None)
-    p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=None)
+    p.add_argument(
+        "--max-concurrency",
+        metavar="N",
+        type=int,
+        default=None,
+        help="most requests in flight (default no limit)",
+    )
+    p.add_argument(
+        "--input-len",
+        "--random-input-len",
+        dest="input_len",
+        metavar="N",
+        type=int,
+        default=None,
+        help="random prompts' tokens (default 1024)",
+    )
+    p.add_argument(
+        "--output-len",
+        "--random-output-len",
+        dest="output_len",
+        metavar="N",
+        type=int,
+        default=None,
+        help="max_tokens (random: default 128; others: the dataset's reply length)",
+    )
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
-    p.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first")
+    p.add_argument("--warmup", metavar="N", type=int, default=0, help="unmeasured requests sent first")
     p.add_argument(
         "--goodput", nargs="+", default=None, metavar="NAME:MS", help="SLOs: ttft:MS tpot:MS e2el:MS"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--seed", type=int, default=0, help="dataset and arrival seed")
     p.add_argument(
-        "--plot", dest="plot_path", type=Path, default=None, help="write latency/throughput plots (PNG)"
+        "--json",
+        dest="json_path",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="write the results as JSON here",
     )
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds (default 600)")
-    p.add_argument("--api-key", default=None, help="sent as a bearer token")
-    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--plot",
+        dest="plot_path",
+        metavar="FILE.png",
+        type=Path,
+        default=None,
+        help="write latency/throughput plots (PNG)",
+    )
+    p.add_argument(
+        "--timeout",
+        dest="timeout_s",
+        metavar="S",
+        type=float,
+        default=600.0,
+        help="per-request limit, s (default 600)",
+    )
+    p.add_argument("--api-key", metavar="KEY", default=None, help="sent as a bearer token")
+    p.add_argument("--disable-tqdm", dest="show_progress", action="store_false", help="no progress bar")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    return BenchConfig(
-        base_url=args.base_url,
-        endpoint=args.endpoint,
-        model=args.model,
-        tokenizer=args.tokenizer,
-        dataset=args.dataset,
-        dataset_path=args.dataset_path,
-        num_prompts=args.num_prompts,
-        request_rate=args.request_rate,
-        max_concurrency=args.max_concurrency,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        ignore_eos=args.ignore_eos,
-        temperature=args.temperature,
-        warmup=args.warmup,
-        goodput=parse_goodput(args.goodput),
-        seed=args.seed,
-        timeout_s=args.timeout,
-        api_key=args.api_key,
-        show_progress=not args.disable_tqdm,
-    )
+    """The BenchConfig of parsed arguments (each flag's ``dest`` is the field's name)."""
+    values = {f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)}
+    return BenchConfig(**{**values, "goodput": parse_goodput(args.goodput)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,10 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
     print(report.format_table(result))
-    if args.json_path is not None:
-        report.write_json(result, args.json_path)
-    if args.plot_path is not None:
-        report.write_plot(result, args.plot_path)
+    try:
+        if args.json_path is not None:
+            report.write_json(result, args.json_path)
+        if args.plot_path is not None:
+            report.write_plot(result, args.plot_path)
+    except OSError as exc:
+        print(f"{parser.prog}: cannot write the report: {exc}", file=sys.stderr)
+        return 2
     return 0 if result.metrics.completed else 1
 
 

@@ -2,7 +2,9 @@
 
 Prefill: batches of ``num_seqs`` prompts of ``prompt_len`` tokens are added in PREFILL mode and the
 engine steps until every prompt has its first token; the wall time of those steps is the batch's
-latency (the pinned KV blocks are then handed back with ``free_kv``). Decode: ``batch_size`` sequences
+latency (the pinned KV blocks are then handed back with ``free_kv``). Each shape runs ``warmup`` times
+untimed, then ``repeats`` times; a point keeps the minimum (default: robust to a busy machine) or the
+median. Decode: ``batch_size`` sequences
 of ``prompt_len`` tokens run in MIXED mode with ``ignore_eos``; once all have their first token, a few
 warm-up steps are skipped and the median of the next steps (those that advanced the whole batch) is the
 step latency at the batch's mean context.
@@ -98,6 +100,7 @@ def _model_summary(model_dir: Path) -> dict[str, Any]:
         "num_attention_heads": heads,
         "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
         "head_dim": int(cfg.get("head_dim") or int(cfg.get("hidden_size", heads)) // heads),
+        "max_position_embeddings": int(cfg.get("max_position_embeddings") or 1 << 30),
     }
 
 
@@ -184,6 +187,16 @@ class _Bench:
         return timings
 
 
+def _fitting(lengths: Sequence[int], limit: int, what: str, say: Callable[[str], None]) -> list[int]:
+    """The lengths that fit the model's context (raises when none does)."""
+    kept = [n for n in lengths if n <= limit]
+    if len(kept) < len(lengths):
+        say(f"skipping {what} lengths above {limit} (the model's context)")
+    if not kept:
+        raise ValueError(f"no {what} length fits the model's context ({limit} tokens)")
+    return kept
+
+
 def _prefill_shapes(
     prompt_lens: Sequence[int], batch_sizes: Sequence[int], max_batch_tokens: int
 ) -> list[tuple[int, int]]:
@@ -203,7 +216,8 @@ def run_profile(
     context_lens: Sequence[int] = DEFAULT_CONTEXT_LENS,
     decode_steps: int = 8,
     warmup: int = 1,
-    repeats: int = 1,
+    repeats: int = 3,
+    stat: str = "min",
     kv_cache_memory_mib: int | None = None,
     block_size: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -219,8 +233,12 @@ def run_profile(
     if not (model_dir / "config.json").exists():
         raise ValueError(f"{model_dir} has no config.json (not a Hugging Face checkpoint directory)")
     say = progress or (lambda _msg: None)
+    reduce = {"min": min, "median": statistics.median}[stat]
     started = time.perf_counter()
     summary = _model_summary(model_dir)
+    max_len = summary["max_position_embeddings"]
+    prompt_lens = _fitting(prompt_lens, max_len - 1, "prompt", say)
+    context_lens = _fitting(context_lens, max_len - 2 - warmup - decode_steps, "context", say)
     shapes = _prefill_shapes(prompt_lens, batch_sizes, max_batch_tokens)
     max_tokens = max(b * n for b, n in shapes)
     decode_tokens = max(decode_batch_sizes) * (max(context_lens) + warmup + decode_steps + 2)
@@ -245,8 +263,10 @@ def run_profile(
 
     prefill = []
     for num_seqs, prompt_len in shapes:
+        for _ in range(warmup):  # each new shape pays one-off costs (allocations, kernel selection)
+            bench.prefill(num_seqs, prompt_len)
         runs = [bench.prefill(num_seqs, prompt_len) for _ in range(max(repeats, 1))]
-        latency = statistics.median(r[0] for r in runs)
+        latency = reduce([r[0] for r in runs])
         prefill.append(
             {
                 "batch_tokens": num_seqs * prompt_len,
@@ -268,7 +288,7 @@ def run_profile(
             if not timings:
                 say(f"decode {batch}x{context}: no step advanced the whole batch; skipped")
                 continue
-            step = statistics.median(timings)
+            step = reduce(timings)
             decode.append(
                 {
                     "batch_size": batch,
@@ -300,6 +320,8 @@ def run_profile(
             "max_num_seqs": max(decode_batch_sizes),
             "engine_options": options,
             "repeats": repeats,
+            "warmup": warmup,
+            "stat": stat,
             "decode_steps": decode_steps,
             "elapsed_s": round(time.perf_counter() - started, 3),
         },
@@ -376,8 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-lens", type=_ints, default=list(DEFAULT_CONTEXT_LENS), help="decode prompt lengths"
     )
     p.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per point (8)")
-    p.add_argument("--warmup", type=int, default=1, help="decode steps skipped before timing (1)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per point; the median is kept (1)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs per prefill point and decode steps (1)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (3)")
+    p.add_argument(
+        "--stat",
+        choices=["min", "median"],
+        default="min",
+        help="what a point keeps of its runs (min: robust to a busy machine)",
+    )
     p.add_argument(
         "--kv-cache-mib", type=int, default=None, help="KV cache size (default: what the largest point needs)"
     )
@@ -389,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _RUN_FLAGS = (
     "device", "dtype", "prompt_lens", "batch_sizes", "max_batch_tokens", "decode_batch_sizes",
-    "context_lens", "decode_steps", "warmup", "repeats", "block_size",
+    "context_lens", "decode_steps", "warmup", "repeats", "stat", "block_size",
 )  # fmt: skip
 
 

@@ -3,7 +3,12 @@
 A backend provides a ``KVTransferServer`` (prefill side) and a ``KVTransferClient`` (decode side)
 over the instance's KV pool, one tensor ``[num_blocks, *layout.block_shape]``. The server only ever
 serves the blocks it pinned for an exposed handle; the client writes straight into its destination
-blocks and raises ``TransferError`` on any failure, timeout or layout mismatch.
+blocks and raises ``TransferError`` on any failure, timeout or layout mismatch (the caller then
+frees those blocks: their contents are undefined).
+
+Backends (see ``docs/transfer.md``): ``tcp`` (portable, across hosts), ``shm`` (same host; the
+prefill pool must come from ``allocate_pool("shm", ...)``), ``device`` (torch.distributed point to
+point: gloo, nccl or hccl after the pool's device) and ``cuda_ipc`` (GPUs of one node).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 
 from pdmesh.kv.types import KVHandle, KVLayout
 
-BACKENDS = ("tcp",)
+BACKENDS = ("tcp", "shm", "device", "cuda_ipc")
 
 
 class TransferError(Exception):
@@ -36,7 +41,7 @@ class KVTransferServer(Protocol):
 
 @runtime_checkable
 class KVTransferClient(Protocol):
-    """Decode side: pulls a handle's blocks into local blocks (blocking)."""
+    """Decode side: pulls a handle's blocks into local blocks (blocking, thread-safe)."""
 
     def pull(self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float) -> None: ...
 
@@ -53,15 +58,55 @@ def check_pool(kv_pool: torch.Tensor, layout: KVLayout) -> None:
         raise ValueError("the KV pool must be one contiguous tensor")
 
 
+def _unknown(backend: str) -> ValueError:
+    return ValueError(f"unknown KV transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def allocate_pool(
+    backend: str, num_blocks: int, layout: KVLayout, name: str = "", device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """A zeroed ``[num_blocks, *layout.block_shape]`` KV pool that ``backend`` can serve.
+
+    ``shm`` needs this: the pool lives in a shared-memory segment served as ``shm://NAME`` (``name``
+    must be unique on the host, e.g. the instance id; CPU only). The other backends serve any
+    contiguous pool; for them this is ``torch.zeros`` on ``device``.
+    """
+    if backend not in BACKENDS:
+        raise _unknown(backend)
+    if backend == "shm":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the shm backend needs a CPU pool, not {device}")
+        from pdmesh.kv.transfer.shm import allocate
+
+        return allocate(num_blocks, layout, name)
+    return torch.zeros((num_blocks, *layout.block_shape), dtype=getattr(torch, layout.dtype), device=device)
+
+
 def make_transfer_server(
     backend: str, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0
 ) -> KVTransferServer:
-    """The prefill-side server of ``backend`` over ``kv_pool`` (call ``start()`` on it)."""
+    """The prefill-side server of ``backend`` over ``kv_pool`` (call ``start()`` on it).
+
+    ``host``/``port`` bind the control socket of ``tcp``, ``device`` and ``cuda_ipc``; ``shm``
+    listens on a Unix socket named after its pool's segment and ignores them.
+    """
     if backend == "tcp":
         from pdmesh.kv.transfer.tcp import TcpTransferServer
 
         return TcpTransferServer(kv_pool, layout, host, port)
-    raise ValueError(f"unknown KV transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "shm":
+        from pdmesh.kv.transfer.shm import ShmTransferServer
+
+        return ShmTransferServer(kv_pool, layout)
+    if backend == "device":
+        from pdmesh.kv.transfer.device import DeviceTransferServer
+
+        return DeviceTransferServer(kv_pool, layout, host, port)
+    if backend == "cuda_ipc":
+        from pdmesh.kv.transfer.cuda_ipc import CudaIpcTransferServer
+
+        return CudaIpcTransferServer(kv_pool, layout, host, port)
+    raise _unknown(backend)
 
 
 def make_transfer_client(backend: str, kv_pool: torch.Tensor, layout: KVLayout) -> KVTransferClient:
@@ -70,4 +115,16 @@ def make_transfer_client(backend: str, kv_pool: torch.Tensor, layout: KVLayout) 
         from pdmesh.kv.transfer.tcp import TcpTransferClient
 
         return TcpTransferClient(kv_pool, layout)
-    raise ValueError(f"unknown KV transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "shm":
+        from pdmesh.kv.transfer.shm import ShmTransferClient
+
+        return ShmTransferClient(kv_pool, layout)
+    if backend == "device":
+        from pdmesh.kv.transfer.device import DeviceTransferClient
+
+        return DeviceTransferClient(kv_pool, layout)
+    if backend == "cuda_ipc":
+        from pdmesh.kv.transfer.cuda_ipc import CudaIpcTransferClient
+
+        return CudaIpcTransferClient(kv_pool, layout)
+    raise _unknown(backend)

@@ -1,77 +1,205 @@
-"""Micro-benchmark of a transfer backend: ``python -m pdmesh.kv.transfer.bench --blocks 256``.
+"""Benchmark of a transfer backend against a plain socket stream and a memcpy, all in one run.
 
-Server and client run in this one process (the socket calls release the GIL) over loopback, so the
-numbers are an upper bound for one host; run the server elsewhere for a network figure.
+``pdmesh bench transfer --backend tcp --mib 64 --json`` (or ``python -m pdmesh.kv.transfer.bench``).
+The prefill server runs in a spawned process, as between two workers on one host; the decode
+client pulls ``--mib`` MiB of contiguous blocks of the 58M Qwen3 shape (8 layers, 4 KV heads of 64,
+float32, block size 16: 128 KiB blocks) into a pool of this process. Every figure is the median of
+``--reps`` repetitions after a warm-up. The baselines are measured in the same run, interleaved
+repetition by repetition with the pulls: a plain Python
+socket stream over loopback between two processes (``sendall`` of one buffer, ``recv_into`` a
+preallocated one) and a ``copy_`` between two CPU tensors of the same size.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
+import multiprocessing as mp
+import os
+import socket
 import statistics
+import sys
 import time
 
 import torch
 
-from pdmesh.kv.transfer.base import BACKENDS, make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.base import BACKENDS, allocate_pool, make_transfer_client, make_transfer_server
 from pdmesh.kv.types import KVHandle, KVLayout
 
-log = logging.getLogger(__name__)
+QWEN3_58M = KVLayout("qwen3-58m", "mha", 8, 4, 64, 16, "float32", (8, 2, 16, 4, 64))
+TOKENS_2K_BLOCKS = 2048 // QWEN3_58M.block_size
+MiB = 1 << 20
 
 
-def bench_layout(block_kib: int, dtype: str) -> KVLayout:
-    """A layout whose blocks are ``block_kib`` KiB of ``dtype``."""
-    element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    head_dim, block_size, heads = 128, 16, 1
-    per_layer = 2 * block_size * heads * head_dim * element
-    layers = max(1, block_kib * 1024 // per_layer)
-    return KVLayout(
-        "bench", "mha", layers, heads, head_dim, block_size, dtype, (layers, 2, block_size, heads, head_dim)
-    )
+class _BadFlags(Exception):
+    pass
 
 
-def run(backend: str, num_blocks: int, block_kib: int, dtype: str, iters: int, scattered: bool) -> dict:
-    """Pulls ``num_blocks`` blocks ``iters`` times and returns the timings."""
-    layout = bench_layout(block_kib, dtype)
-    src_pool = torch.randn((num_blocks * 2, *layout.block_shape)).to(getattr(torch, dtype))
-    dst_pool = torch.zeros_like(src_pool)
-    server = make_transfer_server(backend, src_pool, layout, "127.0.0.1", 0)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, from main()
+        raise _BadFlags(message)
+
+
+def _serve(backend: str, num_blocks: int, bulk: int, conn) -> None:
+    """Child process: a server over a random pool exposing ``bulk`` blocks and a 2k-token request."""
+    torch.set_num_threads(1)
+    pool = allocate_pool(backend, num_blocks, QWEN3_58M, name=f"bench-{os.getpid()}")
+    pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(7)))
+    server = make_transfer_server(backend, pool, QWEN3_58M, "127.0.0.1", 0)
     server.start()
+    server.expose("bulk", list(range(bulk)))
+    server.expose("2k", list(range(bulk, bulk + TOKENS_2K_BLOCKS)))
+    conn.send((server.endpoint, float(pool[:bulk].double().sum())))
     try:
-        src_ids = list(range(0, 2 * num_blocks, 2)) if scattered else list(range(num_blocks))
-        dst_ids = list(range(num_blocks))
-        server.expose("bench", src_ids)
-        handle = KVHandle("bench", "bench", "bench", server.endpoint, src_ids, 0, layout, time.time() + 3600)
-        client = make_transfer_client(backend, dst_pool, layout)
-        client.pull(handle, dst_ids, timeout_s=60)  # warm-up
-        seconds = []
-        for _ in range(iters):
-            started = time.perf_counter()
-            client.pull(handle, dst_ids, timeout_s=60)
-            seconds.append(time.perf_counter() - started)
-        assert torch.equal(dst_pool[dst_ids].view(torch.uint8), src_pool[src_ids].view(torch.uint8))
-    finally:
-        server.stop()
-    nbytes = num_blocks * layout.block_nbytes
-    best, median = min(seconds), statistics.median(seconds)
-    return {"bytes": nbytes, "best_s": best, "median_s": median, "best_gbps": nbytes / best / 1e9}
+        conn.recv()
+    except EOFError:
+        pass
+    server.stop()
+    os._exit(0)  # skip interpreter teardown (a device group's threads may still be live)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="tcp", choices=BACKENDS)
-    parser.add_argument("--blocks", type=int, default=256)
-    parser.add_argument("--block-kib", type=int, default=256)
-    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--scattered", action="store_true", help="every other source block (no coalescing)")
-    args = parser.parse_args(argv)
-    result = run(args.backend, args.blocks, args.block_kib, args.dtype, args.iters, args.scattered)
-    print(
-        f"{args.backend}: {result['bytes'] / 2**20:.1f} MiB in {result['median_s'] * 1e3:.1f} ms median, "
-        f"{result['best_s'] * 1e3:.1f} ms best ({result['best_gbps']:.2f} GB/s best)"
+def _socket_sender(port: int, nbytes: int, reps: int) -> None:
+    """Child process: sends ``nbytes`` each time the parent asks."""
+    data = bytearray(nbytes)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for _ in range(reps):
+            sock.recv(1)
+            sock.sendall(data)
+
+
+class SocketStream:
+    """A plain socket stream over loopback from another process: ``once()`` times one transfer."""
+
+    def __init__(self, nbytes: int, reps: int) -> None:
+        self.nbytes = nbytes
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.child = mp.get_context("spawn").Process(
+            target=_socket_sender, args=(listener.getsockname()[1], nbytes, reps + 1), daemon=True
+        )
+        self.child.start()
+        self.conn, _ = listener.accept()
+        listener.close()
+        self.view = memoryview(bytearray(nbytes))
+        self.once()  # warm-up
+
+    def once(self) -> float:
+        started = time.perf_counter()
+        self.conn.sendall(b"x")
+        got = 0
+        while got < self.nbytes:
+            got += self.conn.recv_into(self.view[got:])
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.conn.close()
+        self.child.join(10)
+
+
+def memcpy_once(src: torch.Tensor, dst: torch.Tensor) -> float:
+    started = time.perf_counter()
+    dst.copy_(src)
+    return time.perf_counter() - started
+
+
+def _timed_pulls(client, handle: KVHandle, dst_ids: list[int], reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        client.pull(handle, dst_ids, timeout_s=120)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def run(backend: str, mib: int, reps: int) -> dict:
+    """Measures ``backend`` and both baselines; the result is what ``--json`` prints."""
+    bulk = max(1, mib * MiB // QWEN3_58M.block_nbytes)
+    nbytes = bulk * QWEN3_58M.block_nbytes
+    parent, child_conn = mp.get_context("spawn").Pipe()
+    server = mp.get_context("spawn").Process(
+        target=_serve, args=(backend, bulk + TOKENS_2K_BLOCKS, bulk, child_conn), daemon=True
     )
+    server.start()
+    stream = SocketStream(nbytes, reps)
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+    memcpy_once(src, dst)
+    try:
+        if not parent.poll(120):
+            raise RuntimeError("the benchmark's transfer server did not start")
+        endpoint, checksum = parent.recv()
+        pool = torch.zeros((bulk + TOKENS_2K_BLOCKS, *QWEN3_58M.block_shape))
+        client = make_transfer_client(backend, pool, QWEN3_58M)
+        expiry = time.time() + 3600
+        bulk_handle = KVHandle("bulk", "bulk", "bench", endpoint, list(range(bulk)), 0, QWEN3_58M, expiry)
+        client.pull(bulk_handle, list(range(bulk)), timeout_s=120)  # warm-up: connections, groups, mappings
+        times: dict[str, list[float]] = {"pull": [], "socket": [], "memcpy": []}
+        for _ in range(reps):  # interleaved, so that a noisy neighbour hits all three alike
+            times["pull"].append(_timed_pulls(client, bulk_handle, list(range(bulk)), 1)[0])
+            times["socket"].append(stream.once())
+            times["memcpy"].append(memcpy_once(src, dst))
+        if abs(float(pool[:bulk].double().sum()) - checksum) > 1e-6 * max(1.0, abs(checksum)):
+            raise RuntimeError("the pulled blocks differ from the server's")
+        handle_2k = KVHandle("2k", "2k", "bench", endpoint, [], 2048, QWEN3_58M, expiry)
+        dst_2k = list(range(bulk, bulk + TOKENS_2K_BLOCKS))
+        client.pull(handle_2k, dst_2k, timeout_s=120)  # warm-up: first touch of these blocks
+        latency_times = _timed_pulls(client, handle_2k, dst_2k, reps)
+        getattr(client, "close", lambda: None)()
+    finally:
+        stream.close()
+        parent.send("stop")
+        server.join(10)
+        if server.is_alive():
+            server.kill()
+    gbps, socket_gbps, memcpy_gbps = (
+        nbytes / statistics.median(times[k]) / 1e9 for k in ("pull", "socket", "memcpy")
+    )
+    return {
+        "backend": backend,
+        "mib": round(nbytes / MiB, 3),
+        "reps": reps,
+        "gbytes_per_s": round(gbps, 3),
+        "baseline_socket_gbytes_per_s": round(socket_gbps, 3),
+        "baseline_memcpy_gbytes_per_s": round(memcpy_gbps, 3),
+        "ratio_to_socket": round(gbps / socket_gbps, 3),
+        "ratio_to_memcpy": round(gbps / memcpy_gbps, 3),
+        "pull_latency_ms_2k_tokens": round(statistics.median(latency_times) * 1e3, 3),
+        "layout_2k": {
+            "block_shape": list(QWEN3_58M.block_shape),
+            "dtype": QWEN3_58M.dtype,
+            "blocks": TOKENS_2K_BLOCKS,
+        },
+    }
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="pdmesh bench transfer", description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="tcp", choices=[b for b in BACKENDS if b != "cuda_ipc"])
+    parser.add_argument("--mib", type=int, default=64, help="MiB pulled per repetition (contiguous blocks)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark; 2 on bad flags (one line on stderr)."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.mib < 1 or args.reps < 1:
+            raise _BadFlags("--mib and --reps must be at least 1")
+    except _BadFlags as exc:
+        print(f"pdmesh bench transfer: error: {exc}", file=sys.stderr)
+        return 2
+    result = run(args.backend, args.mib, args.reps)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['backend']}: {result['mib']} MiB at {result['gbytes_per_s']} GB/s "
+            f"({result['ratio_to_socket']}x a plain socket at {result['baseline_socket_gbytes_per_s']} GB/s, "
+            f"{result['ratio_to_memcpy']}x memcpy at {result['baseline_memcpy_gbytes_per_s']} GB/s); "
+            f"2k-token pull {result['pull_latency_ms_2k_tokens']} ms"
+        )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

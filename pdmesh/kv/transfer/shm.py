@@ -174,7 +174,10 @@ class _Mapping:
     def __init__(self, segment: str, fd: int, pool_blocks: int, layout: KVLayout) -> None:
         self.segment = segment
         try:
-            self.pool = _as_pool(_map(fd, pool_blocks * layout.block_nbytes), pool_blocks, layout)
+            nbytes = pool_blocks * layout.block_nbytes
+            if os.fstat(fd).st_size < nbytes:
+                raise wire.ProtocolError(f"segment {segment} is smaller than {pool_blocks} blocks")
+            self.pool = _as_pool(_map(fd, nbytes), pool_blocks, layout)
         finally:
             os.close(fd)
 
@@ -225,14 +228,18 @@ class ShmTransferClient:
         src_ids = reply["block_ids"]
         wire.check_count(handle, {"num_blocks": len(src_ids)}, dst_block_ids)
         if reply.get("block_nbytes") != self.layout.block_nbytes:
-            raise TransferError(f"block size {reply.get('block_nbytes')} B at the peer, {self.layout.block_nbytes} B here")
+            raise TransferError(
+                f"block size {reply.get('block_nbytes')} B at the peer, {self.layout.block_nbytes} B here"
+            )
         if mapped is None or mapped.segment != reply["segment"]:
             mapped = self._map_segment(sock, name, reply)
         for src, dst, count in wire.paired_runs(src_ids, dst_block_ids):
             self.pool[dst : dst + count].copy_(mapped.pool[src : src + count])
         wire.send_frame(sock, {"op": "done"})
         if not wire.recv_frame(sock, deadline).get("ok"):
-            raise TransferError(f"{handle.handle_id} was withdrawn at {handle.transfer_endpoint} during the copy")
+            raise TransferError(
+                f"{handle.handle_id} was withdrawn at {handle.transfer_endpoint} during the copy"
+            )
 
     def _map_segment(self, sock: socket.socket, name: str, reply: dict) -> _Mapping:
         _, fds, _, _ = socket.recv_fds(sock, 1, 1)

@@ -52,7 +52,9 @@ def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = N
             _bound_timeout(sock, deadline, total - got, total)
         n = sock.recv_into(view[got:])
         if n == 0:
-            raise ConnectionError(f"peer closed the connection with {total - got} of {total} bytes outstanding")
+            raise ConnectionError(
+                f"peer closed the connection with {total - got} of {total} bytes outstanding"
+            )
         got += n
 
 
@@ -143,9 +145,13 @@ class ExposedTable:
     def check_hello(self, message: dict, layout: KVLayout) -> tuple[tuple[int, ...], int, str | None]:
         """``(block_ids, token, None)`` for a valid pull, else ``((), 0, reason)``."""
         if message.get("v") != PROTOCOL_VERSION or message.get("op") != "pull":
-            return (), 0, (
-                f"unsupported request (protocol v{message.get('v')}, op {message.get('op')!r}); "
-                f"this server speaks v{PROTOCOL_VERSION} pull"
+            return (
+                (),
+                0,
+                (
+                    f"unsupported request (protocol v{message.get('v')}, op {message.get('op')!r}); "
+                    f"this server speaks v{PROTOCOL_VERSION} pull"
+                ),
             )
         try:
             theirs = KVLayout.from_dict(message["layout"])
@@ -157,8 +163,10 @@ class ExposedTable:
         handle_id = message.get("handle_id")
         entry = self.get(handle_id)
         if entry is None:
-            return (), 0, (
-                f"KV handle {handle_id!r} is not exposed here (released, expired or never prefilled here)"
+            return (
+                (),
+                0,
+                (f"KV handle {handle_id!r} is not exposed here (released, expired or never prefilled here)"),
             )
         return entry[0], entry[1], None
 
@@ -227,14 +235,22 @@ def pull_errors(handle: KVHandle, timeout_s: float) -> Iterator[None]:
             f"pull of {handle.handle_id} from {handle.transfer_endpoint} timed out after {timeout_s:.1f}s: {exc}"
         ) from exc
     except (OSError, ProtocolError, EOFError) as exc:
-        raise TransferError(f"pull of {handle.handle_id} from {handle.transfer_endpoint} failed: {exc}") from exc
+        raise TransferError(
+            f"pull of {handle.handle_id} from {handle.transfer_endpoint} failed: {exc}"
+        ) from exc
+
+
+class Refused(TransferError):
+    """The server answered and refused the pull; the connection is still in step."""
 
 
 def refused(handle: KVHandle, reply: dict) -> TransferError:
-    return TransferError(f"{handle.transfer_endpoint} refused the pull of {handle.handle_id}: {reply.get('error')}")
+    return Refused(f"{handle.transfer_endpoint} refused the pull of {handle.handle_id}: {reply.get('error')}")
 
 
-def check_preconditions(layout: KVLayout, handle: KVHandle, dst_block_ids: list[int], num_blocks: int) -> None:
+def check_preconditions(
+    layout: KVLayout, handle: KVHandle, dst_block_ids: list[int], num_blocks: int
+) -> None:
     """The checks every client makes before it connects: the handle's layout and the destination ids."""
     mismatch = layout.mismatch(handle.layout)
     if mismatch:

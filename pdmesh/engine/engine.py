@@ -1,0 +1,229 @@
+"""``LLMEngine``: token-in, token-out over a paged KV cache with continuous batching.
+
+Each ``step`` is schedule -> execute -> update: the scheduler picks a prefill or a decode batch,
+the model runner computes next-token logits, sampling picks tokens, and the engine appends them,
+checks stop conditions and frees the blocks of finished sequences.
+
+PREFILL requests stop after their first token and leave their prompt's blocks pinned for the
+caller (``free_kv``); DECODE requests adopt blocks filled elsewhere and continue from
+``first_token``. Blocks handed out by ``allocate_kv`` or pinned by PREFILL are "external": owned by
+the caller until adopted by a DECODE request or given back with ``free_kv``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pdmesh.accelerator import dtype_name, resolve_device, resolve_dtype
+from pdmesh.engine.block_manager import BlockManager
+from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.model_runner import ModelRunner
+from pdmesh.engine.sampling import sample
+from pdmesh.engine.scheduler import Scheduler
+from pdmesh.engine.sequence import Sequence
+from pdmesh.engine.types import EngineRequest, EngineStats, FinishReason, RequestMode, TokenOutput
+from pdmesh.engine.validation import validate_request
+from pdmesh.kv.types import KVLayout
+from pdmesh.models import load_model
+
+log = logging.getLogger(__name__)
+
+MAX_AUTO_BLOCKS_PER_SEQ_FACTOR = 1  # auto-sized pools hold at most max_num_seqs full-length sequences
+
+
+class LLMEngine:
+    """One model, one KV pool, one scheduler; driven by ``step``."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype)
+        self.model, self.model_config = load_model(config.model_dir, self.dtype, self.device)
+        mc = self.model_config
+        self._max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.block_shape = (mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim)
+        num_blocks = config.num_blocks or self._auto_num_blocks()
+        self._kv_pool = torch.zeros((num_blocks, *self.block_shape), dtype=self.dtype, device=self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(self.model, self._kv_pool, config.block_size, self.device)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[TokenOutput] = []
+        self._external: set[int] = set()
+        self._order = 0
+        self._rng = torch.Generator().manual_seed(config.seed)
+        self._layout = KVLayout(
+            model=mc.fingerprint(),
+            kind="mha",
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            block_size=config.block_size,
+            dtype=dtype_name(self.dtype),
+            block_shape=self.block_shape,
+        )
+        log.info("engine ready: %s, %d KV blocks of %d tokens", mc.fingerprint(), num_blocks, config.block_size)
+
+    def _auto_num_blocks(self) -> int:
+        block_bytes = torch.Size(self.block_shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        by_memory = self.config.kv_cache_memory_mib * 1024 * 1024 // block_bytes
+        per_seq = -(-self._max_model_len // self.config.block_size)
+        return max(1, min(by_memory, per_seq * self.config.max_num_seqs * MAX_AUTO_BLOCKS_PER_SEQ_FACTOR))
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def kv_pool(self) -> torch.Tensor:
+        return self._kv_pool
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        return self._layout
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.model_config.eos_token_ids)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queues ``request``; ValueError (naming the problem) when it is invalid or can never fit."""
+        if request.request_id in self._seqs:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        validate_request(request, self._max_model_len, self.vocab_size, self.blocks, self._external)
+        seq = Sequence(request, self._order, self._generator(request))
+        self._order += 1
+        if request.mode == RequestMode.DECODE:
+            self._external.difference_update(seq.block_table)
+            reason = self._stop_reason(seq, seq.output_ids[-1])
+            if reason is not None:  # the first token already ends it: nothing to generate
+                self.blocks.free(seq.block_table)
+                self._pending.append(self._output(seq, [], reason))
+                return
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _generator(self, request: EngineRequest) -> torch.Generator | None:
+        if request.sampling.greedy:
+            return None
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        return torch.Generator().manual_seed(seed)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancels a request: frees its blocks and emits a finished output (reason ABORT) next step."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        self._release(seq)
+        self._pending.append(self._output(seq, [], FinishReason.ABORT))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs or self._pending)
+
+    def allocate_kv(self, num_tokens: int) -> list[int] | None:
+        """Blocks for ``num_tokens`` tokens owned by the caller (for a KV transfer), or None if short."""
+        if num_tokens < 1 or not self.blocks.can_allocate(num_tokens):
+            return None
+        ids = self.blocks.allocate(num_tokens)
+        self._external.update(ids)
+        return ids
+
+    def free_kv(self, block_ids: list[int]) -> None:
+        """Gives back caller-owned blocks (from ``allocate_kv`` or a PREFILL output); repeats are ignored."""
+        owned = [b for b in block_ids if b in self._external]
+        if len(owned) != len(block_ids):
+            log.warning("free_kv: %d of %d blocks were not caller-owned", len(block_ids) - len(owned), len(block_ids))
+        self._external.difference_update(owned)
+        self.blocks.free(owned)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            free_blocks=self.blocks.num_free_blocks,
+            total_blocks=self.blocks.num_blocks,
+            queued_prefill_tokens=self.scheduler.queued_prefill_tokens(),
+        )
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenOutput]:
+        """Runs one batch; returns this step's outputs (and any queued abort/finish outputs)."""
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return outputs
+        try:
+            logits = self.runner.run(batch.seqs, batch.is_prefill)
+            tokens, logprobs = sample(logits, [s.sample_input() for s in batch.seqs])
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep the engine alive
+            log.exception("step failed for %d sequences", len(batch.seqs))
+            return outputs + self.fail([s.request_id for s in batch.seqs], f"{type(exc).__name__}: {exc}")
+        for seq, token, lp in zip(batch.seqs, tokens, logprobs, strict=True):
+            outputs.append(self._update(seq, token, lp, batch.is_prefill))
+        return outputs
+
+    def fail(self, request_ids: list[str], error: str) -> list[TokenOutput]:
+        """Finishes these requests with FinishReason.ERROR, freeing their blocks."""
+        outputs = []
+        for rid in request_ids:
+            seq = self._seqs.pop(rid, None)
+            if seq is not None:
+                self.scheduler.remove(seq)
+                self._release(seq)
+                outputs.append(self._output(seq, [], FinishReason.ERROR, error=error))
+        return outputs
+
+    def _update(self, seq: Sequence, token: int, lp, was_prefill: bool) -> TokenOutput:
+        seq.num_computed = seq.num_tokens
+        seq.append(token)
+        lps = [lp] if lp is not None else None
+        reason = self._stop_reason(seq, token)
+        if seq.mode == RequestMode.PREFILL and was_prefill:
+            self._seqs.pop(seq.request_id)
+            self.scheduler.remove(seq)
+            if reason is not None:
+                self._release(seq)
+                return self._output(seq, [token], reason, logprobs=lps)
+            pinned, seq.block_table = seq.block_table, []
+            self._external.update(pinned)
+            return self._output(seq, [token], None, logprobs=lps, kv_block_ids=pinned)
+        if reason is None:
+            return TokenOutput(seq.request_id, [token], num_prompt_tokens=seq.num_prompt_tokens, logprobs=lps)
+        self._seqs.pop(seq.request_id)
+        self.scheduler.remove(seq)
+        self._release(seq)
+        return self._output(seq, [token], reason, logprobs=lps)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.sampling
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
+            return FinishReason.STOP
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self._max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+
+    @staticmethod
+    def _output(seq: Sequence, tokens: list[int], reason: FinishReason | None, **extra) -> TokenOutput:
+        return TokenOutput(
+            seq.request_id, tokens, finished=True, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens, **extra
+        )

@@ -1,0 +1,66 @@
+"""Turns a scheduled batch into model inputs (token ids, positions, slots, block tables) and logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdmesh.engine.sequence import Sequence
+from pdmesh.models import AttentionMetadata
+
+
+class ModelRunner:
+    """Runs the model over the KV pool for one prefill or decode batch."""
+
+    def __init__(self, model: nn.Module, pool: torch.Tensor, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.pool = pool
+        self.block_size = block_size
+        self.device = device
+        model.bind_kv_cache(pool)
+
+    def _tensor(self, data: list[int]) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)
+
+    def _block_tables(self, seqs: list[Sequence], width: int) -> torch.Tensor:
+        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+
+    def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
+        return tables[rows, positions // self.block_size], positions % self.block_size
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        ids, pos, rows, query_lens, context_lens = [], [], [], [], []
+        for i, s in enumerate(seqs):
+            start, end = s.num_computed, s.num_tokens
+            ids.extend(s.token_ids[start:end])
+            pos.extend(range(start, end))
+            rows.extend([i] * (end - start))
+            query_lens.append(end - start)
+            context_lens.append(end)
+        tables = self._block_tables(seqs, max(len(s.block_table) for s in seqs))
+        positions = self._tensor(pos)
+        blocks, offsets = self._slots(tables, self._tensor(rows), positions)
+        meta = AttentionMetadata(True, blocks, offsets, tables, query_lens, context_lens)
+        last = torch.tensor(query_lens).cumsum(0).sub_(1).tolist()
+        return self._tensor(ids), positions, meta, last
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        width = max(len(s.block_table) for s in seqs)
+        tables = self._block_tables(seqs, width)
+        lens = self._tensor([s.num_tokens for s in seqs])
+        positions = lens - 1
+        blocks, offsets = self._slots(tables, torch.arange(len(seqs), device=self.device), positions)
+        mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lens[:, None]
+        meta = AttentionMetadata(False, blocks, offsets, tables, [1] * len(seqs), lens.tolist(), mask[:, None, None, :])
+        return self._tensor([s.last_token for s in seqs]), positions, meta
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """float32 logits ``[len(seqs), vocab]`` of each sequence's next token."""
+        if is_prefill:
+            ids, positions, meta, last = self.prepare_prefill(seqs)
+            hidden = self.model(ids, positions, meta)[last]
+        else:
+            ids, positions, meta = self.prepare_decode(seqs)
+            hidden = self.model(ids, positions, meta)
+        return self.model.compute_logits(hidden).float()

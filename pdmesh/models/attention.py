@@ -1,0 +1,89 @@
+"""Attention over a paged KV cache (CPU-friendly: PyTorch SDPA on gathered blocks).
+
+The engine fills an ``AttentionMetadata`` per step; every attention layer writes the new tokens'
+K/V into its slice of the block pool through the slot mapping, then attends:
+
+- prefill: per sequence, causal SDPA over the new tokens (plus any cached prefix read back from
+  the sequence's blocks);
+- decode: one new token per sequence; the batch's K/V are gathered from the block tables into a
+  padded ``[B, KVH, S, D]`` tensor and attended with a length mask in one SDPA call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and what each sequence attends to."""
+
+    is_prefill: bool
+    slot_blocks: torch.Tensor  # [T] block id of each new token's slot
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    block_tables: torch.Tensor  # [B, max_blocks] (padded with 0)
+    query_lens: list[int]  # prefill: new tokens per sequence
+    context_lens: list[int]  # tokens attended per sequence (cached + new)
+    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, S] True where a slot holds a token
+
+
+class PagedAttention(nn.Module):
+    """Writes K/V into the paged cache and attends (grouped-query aware)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, KVH, D] views into the pool
+        self.v_cache: torch.Tensor | None = None
+
+    def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q ``[T, H, D]``, k/v ``[T, KVH, D]`` -> ``[T, H*D]``."""
+        self.k_cache[meta.slot_blocks, meta.slot_offsets] = k
+        self.v_cache[meta.slot_blocks, meta.slot_offsets] = v
+        out = self._prefill(q, k, v, meta) if meta.is_prefill else self._decode(q, meta)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        """One sequence's first ``length`` cached tokens as ``[1, KVH, length, D]``."""
+        num_blocks = -(-length // cache.shape[1])
+        rows = cache[block_table[:num_blocks]].reshape(-1, self.num_kv_heads, self.head_dim)[:length]
+        return rows.transpose(0, 1).unsqueeze(0)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        outs = []
+        start = 0
+        for i, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
+            qi = q[start : start + n].transpose(0, 1).unsqueeze(0)
+            if ctx == n:
+                ki = k[start : start + n].transpose(0, 1).unsqueeze(0)
+                vi = v[start : start + n].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
+            else:
+                ki = self._gather(self.k_cache, meta.block_tables[i], ctx)
+                vi = self._gather(self.v_cache, meta.block_tables[i], ctx)
+                q_pos = torch.arange(ctx - n, ctx, device=q.device)
+                mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            outs.append(o.squeeze(0).transpose(0, 1))
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        b = q.shape[0]
+        tables = meta.block_tables
+        k = self.k_cache[tables].reshape(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_cache[tables].reshape(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
+        )
+        return o.squeeze(2)

@@ -1,0 +1,80 @@
+"""Declarative weight loading from safetensors (single file or sharded with an index)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files, via ``model.safetensors.index.json`` when there is one."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no *.safetensors weights")
+    return files
+
+
+def _target(name: str, mapping: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    for fragment, (replacement, shard_id) in mapping.items():
+        if f".{fragment}." in name:
+            return name.replace(f".{fragment}.", f".{replacement}."), shard_id
+    return name, None
+
+
+def load_weights(model: nn.Module, model_dir: Path) -> None:
+    """Copies every checkpoint tensor into its parameter (calling a ``weight_loader`` for packed ones).
+
+    Raises ValueError for a tensor the model has no place for, or a parameter never loaded.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    mapping = getattr(model, "packed_modules_mapping", {})
+    loaded: set[str] = set()
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                target, shard_id = _target(name, mapping)
+                param = params.get(target)
+                if param is None:
+                    raise ValueError(f"{path.name}: tensor {name} has no matching parameter in {type(model).__name__}")
+                tensor = f.get_tensor(name)
+                if shard_id is None:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                    param.data.copy_(tensor)
+                else:
+                    model.get_submodule(target.rsplit(".", 1)[0]).weight_loader(param, tensor, shard_id)
+                loaded.add(target)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [n for n in params if n not in loaded and n not in tied]
+    if missing:
+        raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    log.debug("loaded %d tensors from %s", len(loaded), model_dir)
+
+
+@torch.inference_mode()
+def build_and_load(cls: type[nn.Module], cfg, model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Instantiates ``cls`` without initialising weights, loads the checkpoint, moves to device."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.tie_weights()
+    load_weights(model, model_dir)
+    model.tie_weights()
+    model = model.to(device).eval()
+    model.setup(device, dtype)
+    return model
