@@ -21,6 +21,11 @@ class EngineConfig(BaseModel):
     kv_cache_memory_mib: int = Field(256, ge=1, description="memory for the KV cache when num_blocks is None")
     max_num_seqs: int = Field(64, ge=1, description="the most sequences decoded in one step")
     max_prefill_batch_size: int = Field(16, ge=1, description="the most prompts prefilled in one step")
-    max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens per prefill step (one longer prompt runs alone)")
-    max_model_len: int | None = Field(None, ge=1, description="prompt + output tokens; None: the model's maximum")
+    max_prefill_tokens: int = Field(
+        4096, ge=1, description="prompt tokens per prefill step (one longer prompt runs alone)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="prompt + output tokens; None: the model's maximum"
+    )
+    enable_prefix_caching: bool = Field(True, description="reuse the KV of identical leading prompt blocks")
     seed: int = Field(0, description="seeds the generators of requests without their own seed")

@@ -13,6 +13,7 @@ the caller until adopted by a DECODE request or given back with ``free_kv``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 
@@ -42,16 +43,18 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype)
         self.model, self.model_config = load_model(config.model_dir, self.dtype, self.device)
         mc = self.model_config
-        self._max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self._max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
         self.block_shape = (mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim)
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self._kv_pool = torch.zeros((num_blocks, *self.block_shape), dtype=self.dtype, device=self.device)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(self.model, self._kv_pool, config.block_size, self.device)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[TokenOutput] = []
-        self._external: set[int] = set()
+        self._external: Counter[int] = Counter()  # caller-owned block -> references held
         self._order = 0
         self._rng = torch.Generator().manual_seed(config.seed)
         self._layout = KVLayout(
@@ -64,7 +67,9 @@ class LLMEngine:
             dtype=dtype_name(self.dtype),
             block_shape=self.block_shape,
         )
-        log.info("engine ready: %s, %d KV blocks of %d tokens", mc.fingerprint(), num_blocks, config.block_size)
+        log.info(
+            "engine ready: %s, %d KV blocks of %d tokens", mc.fingerprint(), num_blocks, config.block_size
+        )
 
     def _auto_num_blocks(self) -> int:
         block_bytes = torch.Size(self.block_shape).numel() * torch.empty((), dtype=self.dtype).element_size()
@@ -104,7 +109,8 @@ class LLMEngine:
         seq = Sequence(request, self._order, self._generator(request))
         self._order += 1
         if request.mode == RequestMode.DECODE:
-            self._external.difference_update(seq.block_table)
+            self._external.subtract(seq.block_table)
+            self._external = +self._external
             reason = self._stop_reason(seq, seq.output_ids[-1])
             if reason is not None:  # the first token already ends it: nothing to generate
                 self.blocks.free(seq.block_table)
@@ -119,7 +125,7 @@ class LLMEngine:
         seed = request.sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def abort(self, request_id: str) -> bool:
         """Cancels a request: frees its blocks and emits a finished output (reason ABORT) next step."""
@@ -144,10 +150,16 @@ class LLMEngine:
 
     def free_kv(self, block_ids: list[int]) -> None:
         """Gives back caller-owned blocks (from ``allocate_kv`` or a PREFILL output); repeats are ignored."""
-        owned = [b for b in block_ids if b in self._external]
+        owned = []
+        for b in block_ids:
+            if self._external[b] > 0:
+                self._external[b] -= 1
+                owned.append(b)
+        self._external = +self._external
         if len(owned) != len(block_ids):
-            log.warning("free_kv: %d of %d blocks were not caller-owned", len(block_ids) - len(owned), len(block_ids))
-        self._external.difference_update(owned)
+            log.warning(
+                "free_kv: %d of %d blocks were not caller-owned", len(block_ids) - len(owned), len(block_ids)
+            )
         self.blocks.free(owned)
 
     def stats(self) -> EngineStats:
@@ -157,6 +169,8 @@ class LLMEngine:
             free_blocks=self.blocks.num_free_blocks,
             total_blocks=self.blocks.num_blocks,
             queued_prefill_tokens=self.scheduler.queued_prefill_tokens(),
+            prefix_cache_query_tokens=self.blocks.prefix_query_tokens,
+            prefix_cache_hit_tokens=self.blocks.prefix_hit_tokens,
         )
 
     # -- the step ---------------------------------------------------------------------------------
@@ -190,6 +204,10 @@ class LLMEngine:
 
     def _update(self, seq: Sequence, token: int, lp, was_prefill: bool) -> TokenOutput:
         seq.num_computed = seq.num_tokens
+        if seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
+            self.blocks.cache_full_blocks(
+                seq.block_table, seq.token_ids[: seq.num_computed], seq.block_hashes
+            )
         seq.append(token)
         lps = [lp] if lp is not None else None
         reason = self._stop_reason(seq, token)
@@ -225,5 +243,10 @@ class LLMEngine:
     @staticmethod
     def _output(seq: Sequence, tokens: list[int], reason: FinishReason | None, **extra) -> TokenOutput:
         return TokenOutput(
-            seq.request_id, tokens, finished=True, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens, **extra
+            seq.request_id,
+            tokens,
+            finished=True,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            **extra,
         )

@@ -28,7 +28,9 @@ class ModelRunner:
     def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
         return tables[rows, positions // self.block_size], positions % self.block_size
 
-    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def prepare_prefill(
+        self, seqs: list[Sequence]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         ids, pos, rows, query_lens, context_lens = [], [], [], [], []
         for i, s in enumerate(seqs):
             start, end = s.num_computed, s.num_tokens
@@ -51,7 +53,9 @@ class ModelRunner:
         positions = lens - 1
         blocks, offsets = self._slots(tables, torch.arange(len(seqs), device=self.device), positions)
         mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lens[:, None]
-        meta = AttentionMetadata(False, blocks, offsets, tables, [1] * len(seqs), lens.tolist(), mask[:, None, None, :])
+        meta = AttentionMetadata(
+            False, blocks, offsets, tables, [1] * len(seqs), lens.tolist(), mask[:, None, None, :]
+        )
         return self._tensor([s.last_token for s in seqs]), positions, meta
 
     @torch.inference_mode()

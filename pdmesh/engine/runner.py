@@ -102,7 +102,7 @@ class EngineRunner:
                     return
                 outputs = self._step()
                 callbacks = [(self._callback_for(out), out) for out in outputs]
-                idle = bool(outputs) is False and self.engine.has_unfinished()
+                idle = not outputs and self.engine.has_unfinished()
             for callback, out in callbacks:
                 self._deliver(callback, out)
             if idle:  # work exists but nothing can run (e.g. waiting for blocks): do not spin

@@ -41,11 +41,17 @@ def apply_penalties(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Te
     for i in rows:
         p, row = inputs[i].params, logits[i]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(inputs[i].prompt_ids) | set(inputs[i].output_ids)), dtype=torch.long)
+            seen = torch.tensor(
+                sorted(set(inputs[i].prompt_ids) | set(inputs[i].output_ids)),
+                dtype=torch.long,
+                device=row.device,
+            )
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if inputs[i].output_ids and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(inputs[i].output_ids, dtype=torch.long), minlength=vocab)
+            counts = torch.bincount(
+                torch.tensor(inputs[i].output_ids, dtype=torch.long, device=row.device), minlength=vocab
+            )
             counts = counts[:vocab].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return logits

@@ -59,17 +59,18 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + len(batch) >= cfg.max_num_seqs:
                 break
-            if seq.num_computed > 0:  # DECODE mode: its KV arrived already, straight to decoding
+            if seq.block_table:  # DECODE mode: its KV arrived already, straight to decoding
                 self.running.append(self.waiting.popleft())
                 continue
             n = seq.num_tokens
             if batch and tokens + n > cfg.max_prefill_tokens:
                 break
-            if not self.blocks.can_allocate(n):
+            token_ids = seq.token_ids
+            if not self.blocks.can_allocate_prompt(token_ids):
                 break
-            seq.block_table = self.blocks.allocate(n)
+            seq.block_table, seq.num_computed = self.blocks.allocate_prompt(token_ids)
             batch.append(self.waiting.popleft())
-            tokens += n
+            tokens += n - seq.num_computed
         self.running.extend(batch)
         return batch
 
@@ -95,6 +96,7 @@ class Scheduler:
         log.info("preempting %s (%d tokens) for lack of KV blocks", seq.request_id, seq.num_tokens)
         self.blocks.free(seq.block_table)
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_computed = 0
         self.num_preemptions += 1
         if seq in self.running:

@@ -19,6 +19,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache
+        self.block_hashes: list[int] = []  # prefix-cache names of the full blocks computed so far
         self.order = order  # admission order: the newest is preempted first
         self.generator = generator
         if request.mode == RequestMode.DECODE:

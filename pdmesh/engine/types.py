@@ -102,3 +102,5 @@ class EngineStats:
     free_blocks: int
     total_blocks: int
     queued_prefill_tokens: int
+    prefix_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0  # of which found there (their KV reused)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.types import EngineRequest, RequestMode
 
 
 def validate_request(
-    request: EngineRequest, max_model_len: int, vocab_size: int, blocks: BlockManager, external: set[int]
+    request: EngineRequest,
+    max_model_len: int,
+    vocab_size: int,
+    blocks: BlockManager,
+    external: Mapping[int, int],
 ) -> None:
     """Raises ValueError when ``request`` is malformed or could never fit in this engine."""
     request.sampling.validate()
@@ -34,7 +40,9 @@ def validate_request(
         raise ValueError(f"first_token and kv_block_ids are for DECODE requests, not {request.mode.value}")
 
 
-def _validate_decode(request: EngineRequest, vocab_size: int, blocks: BlockManager, external: set[int]) -> None:
+def _validate_decode(
+    request: EngineRequest, vocab_size: int, blocks: BlockManager, external: Mapping[int, int]
+) -> None:
     if request.first_token is None or request.kv_block_ids is None:
         raise ValueError("a DECODE request needs first_token and kv_block_ids")
     if not 0 <= request.first_token < vocab_size:
@@ -44,6 +52,6 @@ def _validate_decode(request: EngineRequest, vocab_size: int, blocks: BlockManag
         raise ValueError(f"kv_block_ids has {len(request.kv_block_ids)} blocks; the prompt's KV needs {need}")
     if len(set(request.kv_block_ids)) != len(request.kv_block_ids):
         raise ValueError("kv_block_ids has duplicates")
-    foreign = [b for b in request.kv_block_ids if b not in external]
+    foreign = [b for b in request.kv_block_ids if external.get(b, 0) <= 0]
     if foreign:
         raise ValueError(f"kv_block_ids {foreign[:4]} were not allocated with allocate_kv (or are in use)")

@@ -25,12 +25,20 @@ def _preset_fields(writer, preset: str, overrides: dict) -> dict:
     if fields.get("vocab_size") is None:
         fields["vocab_size"] = tokenizer_vocab_size()
     if fields["vocab_size"] < tokenizer_vocab_size():
-        raise ValueError(f"vocab_size {fields['vocab_size']} is smaller than the tokenizer's {tokenizer_vocab_size()}")
+        raise ValueError(
+            f"vocab_size {fields['vocab_size']} is smaller than the tokenizer's {tokenizer_vocab_size()}"
+        )
     return fields
 
 
 def write_model(
-    arch: str, out_dir: Path | str, *, preset: str = "tiny", seed: int = 0, dtype: str = "float32", **overrides
+    arch: str,
+    out_dir: Path | str,
+    *,
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: str = "float32",
+    **overrides,
 ) -> Path:
     """Writes a random ``arch`` checkpoint (config, safetensors, tokenizer, generation config) to ``out_dir``.
 

@@ -38,11 +38,19 @@ def load_model(
     cfg = ModelConfig.from_dir(path)
     cls = MODEL_REGISTRY.get(cfg.arch)
     if cls is None:
-        raise ValueError(f"architecture {cfg.arch} is not supported; known: {', '.join(sorted(MODEL_REGISTRY))}")
+        raise ValueError(
+            f"architecture {cfg.arch} is not supported; known: {', '.join(sorted(MODEL_REGISTRY))}"
+        )
+    if cfg.rope_type != "default":
+        raise ValueError(
+            f"rope scaling {cfg.rope_type!r} is not supported yet (only the default rotary embedding)"
+        )
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     torch_device = resolve_device(device) if isinstance(device, str) else device
     model = build_and_load(cls, cfg, path, torch_dtype, torch_device)
-    log.info("loaded %s (%s) from %s as %s on %s", cfg.arch, cfg.fingerprint(), path, torch_dtype, torch_device)
+    log.info(
+        "loaded %s (%s) from %s as %s on %s", cfg.arch, cfg.fingerprint(), path, torch_dtype, torch_device
+    )
     return model, cfg
 
 

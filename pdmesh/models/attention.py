@@ -46,7 +46,9 @@ class PagedAttention(nn.Module):
     def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """q ``[T, H, D]``, k/v ``[T, KVH, D]`` -> ``[T, H*D]``."""
         self.k_cache[meta.slot_blocks, meta.slot_offsets] = k
         self.v_cache[meta.slot_blocks, meta.slot_offsets] = v
@@ -59,7 +61,9 @@ class PagedAttention(nn.Module):
         rows = cache[block_table[:num_blocks]].reshape(-1, self.num_kv_heads, self.head_dim)[:length]
         return rows.transpose(0, 1).unsqueeze(0)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         outs = []
         start = 0
         for i, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
@@ -67,13 +71,17 @@ class PagedAttention(nn.Module):
             if ctx == n:
                 ki = k[start : start + n].transpose(0, 1).unsqueeze(0)
                 vi = v[start : start + n].transpose(0, 1).unsqueeze(0)
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
+                o = F.scaled_dot_product_attention(
+                    qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True
+                )
             else:
                 ki = self._gather(self.k_cache, meta.block_tables[i], ctx)
                 vi = self._gather(self.v_cache, meta.block_tables[i], ctx)
                 q_pos = torch.arange(ctx - n, ctx, device=q.device)
                 mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
-                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
+                o = F.scaled_dot_product_attention(
+                    qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True
+                )
             outs.append(o.squeeze(0).transpose(0, 1))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

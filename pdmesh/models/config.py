@@ -13,6 +13,11 @@ def _eos_ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
+def _rope_type(raw: dict) -> str:
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    return str(params.get("rope_type") or params.get("type") or "default")
+
+
 def _rope_theta(raw: dict) -> float:
     params = raw.get("rope_parameters") or {}
     return float(raw.get("rope_theta") or params.get("rope_theta") or 10000.0)
@@ -34,6 +39,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
+    rope_type: str
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
@@ -58,6 +64,7 @@ class ModelConfig:
             head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(raw),
+            rope_type=_rope_type(raw),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),

@@ -24,8 +24,12 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding:
     """Default (unscaled) rotary position embedding with a cos/sin table per position."""
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int, device: torch.device, dtype: torch.dtype):
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim
+    def __init__(
+        self, head_dim: int, theta: float, max_positions: int, device: torch.device, dtype: torch.dtype
+    ):
+        exponent = (
+            torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim
+        )
         inv_freq = 1.0 / (theta**exponent)
         positions = torch.arange(max_positions, device=device, dtype=torch.float)
         freqs = positions[:, None] * inv_freq[None, :]
@@ -33,7 +37,9 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
 
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q ``[T, H, D]`` and k ``[T, KVH, D]`` by their positions ``[T]``."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)

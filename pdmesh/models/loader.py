@@ -50,11 +50,15 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                 target, shard_id = _target(name, mapping)
                 param = params.get(target)
                 if param is None:
-                    raise ValueError(f"{path.name}: tensor {name} has no matching parameter in {type(model).__name__}")
+                    raise ValueError(
+                        f"{path.name}: tensor {name} has no matching parameter in {type(model).__name__}"
+                    )
                 tensor = f.get_tensor(name)
                 if shard_id is None:
                     if param.shape != tensor.shape:
-                        raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                        raise ValueError(
+                            f"{name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                        )
                     param.data.copy_(tensor)
                 else:
                     model.get_submodule(target.rsplit(".", 1)[0]).weight_loader(param, tensor, shard_id)
@@ -67,7 +71,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
 
 
 @torch.inference_mode()
-def build_and_load(cls: type[nn.Module], cfg, model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_and_load(
+    cls: type[nn.Module], cfg, model_dir: Path, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
     """Instantiates ``cls`` without initialising weights, loads the checkpoint, moves to device."""
     with torch.device("meta"):
         model = cls(cfg)

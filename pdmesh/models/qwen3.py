@@ -108,7 +108,9 @@ class Qwen3ForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.attn.bind(pool[:, i, 0], pool[:, i, 1])
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             h = layer(h, positions, self.rope, meta)

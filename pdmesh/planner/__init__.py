@@ -1,6 +1,9 @@
 """Capacity planning for PD disaggregation: profile the engine, fit a latency model, simulate, plan.
 
-``pdmesh profile`` measures prefill and decode latencies on this machine (``profile.py``),
-``model.py`` fits a latency model to them, ``simulate.py`` predicts SLO attainment for a workload and a
-number of prefill and decode instances, and ``pdmesh plan`` (``plan.py``) searches the P:D split.
+* ``profile`` (``pdmesh profile``) measures prefill and decode latencies on this machine through
+  ``bench`` and writes a profile JSON;
+* ``model`` fits latency models to a profile;
+* ``workload`` and ``simulate`` predict SLO attainment, goodput and latencies of prefill, decode and
+  colocated instances (DistServe-style discrete-event simulation);
+* ``search`` and ``plan`` (``pdmesh plan``) find the P:D split with the best goodput per instance.
 """

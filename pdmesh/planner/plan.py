@@ -212,7 +212,8 @@ def format_table(result: dict[str, Any], rate: float) -> str:
     lines = [f"best PD split per instance count, simulated at {rate:g} req/s:", head, "-" * len(head)]
     for r in result["table"]:
         lines.append(
-            f"{r['total']:>5}{r['n_prefill']:>5}{r['n_decode']:>5}{r['max_rate']:>10.2f}{r['goodput_per_instance']:>10.3f}"
+            f"{r['total']:>5}{r['n_prefill']:>5}{r['n_decode']:>5}"
+            f"{r['max_rate']:>10.2f}{r['goodput_per_instance']:>10.3f}"
             f"{'yes' if r['meets_rate'] else 'no':>7}{r['attainment']:>8.1%}{r['ttft_p90_ms']:>8.0f}ms"
             f"{r['tpot_p90_ms']:>8.1f}ms{r['colocated_max_rate']:>13.2f}"
         )
@@ -253,7 +254,8 @@ def format_table(result: dict[str, Any], rate: float) -> str:
         lines.append(
             "fewest instances meeting the rate: none within the budget"
             if mi is None
-            else f"fewest instances meeting the rate: {mi['total']} ({mi['mode']}: P={mi['n_prefill']} D={mi['n_decode']})"
+            else f"fewest instances meeting the rate: {mi['total']} "
+            f"({mi['mode']}: P={mi['n_prefill']} D={mi['n_decode']})"
         )
     return "\n".join(lines)
 

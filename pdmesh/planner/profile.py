@@ -1,13 +1,10 @@
 """``pdmesh profile``: measures the engine's prefill and decode latencies on this machine.
 
-Prefill: batches of ``num_seqs`` prompts of ``prompt_len`` tokens are added in PREFILL mode and the
-engine steps until every prompt has its first token; the wall time of those steps is the batch's
-latency (the pinned KV blocks are then handed back with ``free_kv``). Each shape runs ``warmup`` times
-untimed, then ``repeats`` times; a point keeps the minimum (default: robust to a busy machine) or the
-median. Decode: ``batch_size`` sequences
-of ``prompt_len`` tokens run in MIXED mode with ``ignore_eos``; once all have their first token, a few
-warm-up steps are skipped and the median of the next steps (those that advanced the whole batch) is the
-step latency at the batch's mean context.
+Prefill: batches of ``num_seqs`` prompts of ``prompt_len`` tokens in PREFILL mode, timed until every
+prompt has its first token. Decode: ``batch_size`` sequences of ``prompt_len`` tokens in MIXED mode,
+timed per step once all have their first token (see ``pdmesh.planner.bench``). Each prefill shape runs
+``warmup`` times untimed, then ``repeats`` times; a point keeps the minimum (the default: robust to a
+busy machine) or the median of its runs.
 
 Profile JSON (``schema: pdmesh.profile/1``)::
 
@@ -15,7 +12,8 @@ Profile JSON (``schema: pdmesh.profile/1``)::
      "metadata": {"device", "device_name", "model_dir", "dtype", "torch_threads", "torch_version",
                   "date", "hostname", "model": {...config.json summary...}, "block_size",
                   "max_prefill_tokens", "max_prefill_batch_size", "max_num_seqs" (largest measured),
-                  "engine_options": {...EngineConfig kwargs...}, "repeats", "decode_steps", "elapsed_s"},
+                  "engine_options": {...EngineConfig kwargs...}, "repeats", "warmup", "stat",
+                  "decode_steps", "elapsed_s"},
      "prefill": [{"batch_tokens", "num_seqs", "prompt_len", "sum_sq_len", "latency_s", "steps"}],
      "decode": [{"batch_size", "prompt_len", "context_len", "step_latency_s", "steps_timed"}],
      "fit": {...LatencyModel.to_dict()...}}
@@ -34,12 +32,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pdmesh.planner.bench import EngineBench, decode_statistic, default_engine, kv_mib_needed, model_summary
+
 SCHEMA = "pdmesh.profile/1"
 DEFAULT_PROMPT_LENS = (32, 64, 128, 256, 512, 1024)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
 DEFAULT_DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 DEFAULT_CONTEXT_LENS = (64, 256, 1024)
-MAX_STEPS_PER_POINT = 10_000
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -87,104 +86,6 @@ def save_profile(profile: dict[str, Any], path: Path | str) -> None:
 
 
 # ------------------------------------------------------------------------------------ measuring
-
-
-def _model_summary(model_dir: Path) -> dict[str, Any]:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    heads = int(cfg.get("num_attention_heads", 1))
-    return {
-        "architectures": cfg.get("architectures"),
-        "vocab_size": int(cfg.get("vocab_size", 1000)),
-        "num_hidden_layers": int(cfg.get("num_hidden_layers", 1)),
-        "hidden_size": int(cfg.get("hidden_size", 0)),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
-        "head_dim": int(cfg.get("head_dim") or int(cfg.get("hidden_size", heads)) // heads),
-        "max_position_embeddings": int(cfg.get("max_position_embeddings") or 1 << 30),
-    }
-
-
-def _kv_mib_needed(summary: dict[str, Any], tokens: int, dtype: str) -> int:
-    """KV cache MiB for ``tokens`` tokens, with room for block rounding and the allocator's overhead."""
-    width = 2 if dtype in ("bfloat16", "float16") else 4
-    per_token = (
-        2 * summary["num_hidden_layers"] * summary["num_key_value_heads"] * summary["head_dim"] * width
-    )
-    return int(tokens * per_token * 1.5 / 2**20) + 16
-
-
-class _Bench:
-    """Drives one engine through prefill and decode measurements."""
-
-    def __init__(self, engine: Any, vocab_size: int, seed: int = 0) -> None:
-        import random
-
-        self.engine, self.vocab, self.rng, self.counter = engine, vocab_size, random.Random(seed), 0
-
-    def _prompt(self, length: int) -> list[int]:
-        return [self.rng.randrange(3, self.vocab) for _ in range(length)]
-
-    def _add(self, prompt_len: int, mode: Any, max_tokens: int) -> str:
-        from pdmesh.engine.types import EngineRequest, SamplingParams
-
-        self.counter += 1
-        rid = f"profile-{self.counter}"
-        sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        self.engine.add_request(EngineRequest(rid, self._prompt(prompt_len), sampling, mode=mode))
-        return rid
-
-    def _step(self) -> list[Any]:
-        outputs = self.engine.step()
-        for out in outputs:
-            if out.error:
-                raise RuntimeError(f"the engine failed {out.request_id}: {out.error}")
-        return outputs
-
-    def prefill(self, num_seqs: int, prompt_len: int) -> tuple[float, int]:
-        """Seconds until every prompt of the batch has its first token, and the steps it took."""
-        from pdmesh.engine.types import RequestMode
-
-        pending = {self._add(prompt_len, RequestMode.PREFILL, 1) for _ in range(num_seqs)}
-        steps, started = 0, time.perf_counter()
-        blocks: list[list[int]] = []
-        while pending and steps < MAX_STEPS_PER_POINT:
-            for out in self._step():
-                if out.finished and out.request_id in pending:
-                    pending.discard(out.request_id)
-                    blocks.append(out.kv_block_ids or [])
-            steps += 1
-        elapsed = time.perf_counter() - started
-        for ids in blocks:
-            if ids:
-                self.engine.free_kv(ids)
-        if pending:
-            raise RuntimeError(f"prefill of {num_seqs}x{prompt_len} did not finish")
-        return elapsed, steps
-
-    def decode(self, batch: int, prompt_len: int, warmup: int, steps: int) -> list[float]:
-        """Latencies of the decode steps (after ``warmup`` of them) that advanced the whole batch."""
-        from pdmesh.engine.types import RequestMode
-
-        ids = {self._add(prompt_len, RequestMode.MIXED, 1 + warmup + steps) for _ in range(batch)}
-        started: set[str] = set()
-        finished: set[str] = set()
-        timings: list[float] = []
-        decode_steps = 0
-        for _ in range(MAX_STEPS_PER_POINT):
-            if finished >= ids:
-                break
-            all_started = started >= ids
-            t0 = time.perf_counter()
-            outputs = self._step()
-            elapsed = time.perf_counter() - t0
-            advanced = {o.request_id for o in outputs if o.request_id in ids and o.token_ids}
-            finished |= {o.request_id for o in outputs if o.finished}
-            started |= advanced
-            if all_started:
-                decode_steps += 1
-                if decode_steps > warmup and len(advanced) == batch:
-                    timings.append(elapsed)
-        return timings
 
 
 def _fitting(lengths: Sequence[int], limit: int, what: str, say: Callable[[str], None]) -> list[int]:
@@ -235,14 +136,14 @@ def run_profile(
     say = progress or (lambda _msg: None)
     reduce = {"min": min, "median": statistics.median}[stat]
     started = time.perf_counter()
-    summary = _model_summary(model_dir)
+    summary = model_summary(model_dir)
     max_len = summary["max_position_embeddings"]
     prompt_lens = _fitting(prompt_lens, max_len - 1, "prompt", say)
     context_lens = _fitting(context_lens, max_len - 2 - warmup - decode_steps, "context", say)
     shapes = _prefill_shapes(prompt_lens, batch_sizes, max_batch_tokens)
     max_tokens = max(b * n for b, n in shapes)
     decode_tokens = max(decode_batch_sizes) * (max(context_lens) + warmup + decode_steps + 2)
-    kv_mib = kv_cache_memory_mib or _kv_mib_needed(summary, max(max_tokens, decode_tokens), dtype)
+    kv_mib = kv_cache_memory_mib or kv_mib_needed(summary, max(max_tokens, decode_tokens), dtype)
     max_seqs = max(max(decode_batch_sizes), max(b for b, _ in shapes))
     options: dict[str, Any] = {
         "model_dir": str(model_dir),
@@ -255,51 +156,15 @@ def run_profile(
     }
     if block_size is not None:
         options["block_size"] = block_size
-    engine = (engine_factory or _default_engine)(options)
-    bench = _Bench(engine, summary["vocab_size"])
+    engine = (engine_factory or default_engine)(options)
+    bench = EngineBench(engine, summary["vocab_size"])
     say("warming up")
     bench.prefill(1, min(prompt_lens))
     bench.decode(1, min(context_lens), 0, 2)
 
-    prefill = []
-    for num_seqs, prompt_len in shapes:
-        for _ in range(warmup):  # each new shape pays one-off costs (allocations, kernel selection)
-            bench.prefill(num_seqs, prompt_len)
-        runs = [bench.prefill(num_seqs, prompt_len) for _ in range(max(repeats, 1))]
-        latency = reduce([r[0] for r in runs])
-        prefill.append(
-            {
-                "batch_tokens": num_seqs * prompt_len,
-                "num_seqs": num_seqs,
-                "prompt_len": prompt_len,
-                "sum_sq_len": num_seqs * prompt_len**2,
-                "latency_s": latency,
-                "steps": max(r[1] for r in runs),
-            }
-        )
-        say(f"prefill {num_seqs}x{prompt_len}: {latency * 1000:.1f} ms")
-
-    decode = []
-    for batch in decode_batch_sizes:
-        for context in context_lens:
-            timings = [
-                t for _ in range(max(repeats, 1)) for t in bench.decode(batch, context, warmup, decode_steps)
-            ]
-            if not timings:
-                say(f"decode {batch}x{context}: no step advanced the whole batch; skipped")
-                continue
-            step = reduce(timings)
-            decode.append(
-                {
-                    "batch_size": batch,
-                    "prompt_len": context,
-                    # the mean context the timed steps attended: prompt + tokens generated so far
-                    "context_len": context + warmup + (decode_steps + 1) / 2,
-                    "step_latency_s": step,
-                    "steps_timed": len(timings),
-                }
-            )
-            say(f"decode {batch}x{context}: {step * 1000:.2f} ms/step")
+    prefill = _measure_prefill(bench, shapes, warmup, repeats, reduce, say)
+    decode_shapes = [(b, c) for b in decode_batch_sizes for c in context_lens]
+    decode = _measure_decode(bench, decode_shapes, warmup, repeats, decode_steps, stat, say)
 
     profile: dict[str, Any] = {
         "schema": SCHEMA,
@@ -332,11 +197,61 @@ def run_profile(
     return profile
 
 
-def _default_engine(options: dict[str, Any]) -> Any:
-    from pdmesh.engine.config import EngineConfig
-    from pdmesh.engine.engine import LLMEngine
+def _measure_prefill(
+    bench: EngineBench, shapes, warmup: int, repeats: int, reduce, say
+) -> list[dict[str, Any]]:
+    """Prefill points. Repeats go round all shapes, so that a burst of load on the machine spoils one
+    run of several shapes rather than every run of one (the minimum then drops it)."""
+    for shape in shapes:
+        for _ in range(warmup):  # each new shape pays one-off costs (allocations, kernel selection)
+            bench.prefill(*shape)
+    runs: dict[tuple[int, int], list[tuple[float, int]]] = {shape: [] for shape in shapes}
+    for _ in range(max(repeats, 1)):
+        for shape in shapes:
+            runs[shape].append(bench.prefill(*shape))
+    points = []
+    for (num_seqs, prompt_len), shape_runs in runs.items():
+        latency = reduce([r[0] for r in shape_runs])
+        points.append(
+            {
+                "batch_tokens": num_seqs * prompt_len,
+                "num_seqs": num_seqs,
+                "prompt_len": prompt_len,
+                "sum_sq_len": num_seqs * prompt_len**2,
+                "latency_s": latency,
+                "steps": max(r[1] for r in shape_runs),
+            }
+        )
+        say(f"prefill {num_seqs}x{prompt_len}: {latency * 1000:.1f} ms")
+    return points
 
-    return LLMEngine(EngineConfig(**options))
+
+def _measure_decode(
+    bench: EngineBench, shapes, warmup: int, repeats: int, steps: int, stat: str, say
+) -> list[dict[str, Any]]:
+    """Decode points (batch size, prompt length); repeats go round all shapes like prefill's."""
+    runs: dict[tuple[int, int], list[list[float]]] = {shape: [] for shape in shapes}
+    for _ in range(max(repeats, 1)):
+        for batch, context in shapes:
+            runs[(batch, context)].append(bench.decode(batch, context, warmup, steps))
+    points = []
+    for (batch, context), shape_runs in runs.items():
+        step = decode_statistic(shape_runs, stat)
+        if step is None:
+            say(f"decode {batch}x{context}: no step advanced the whole batch; skipped")
+            continue
+        points.append(
+            {
+                "batch_size": batch,
+                "prompt_len": context,
+                # the mean context the timed steps attended: prompt + tokens generated so far
+                "context_len": context + warmup + (steps + 1) / 2,
+                "step_latency_s": step,
+                "steps_timed": sum(len(r) for r in shape_runs),
+            }
+        )
+        say(f"decode {batch}x{context}: {step * 1000:.2f} ms/step")
+    return points
 
 
 def _device_name(device: str, torch: Any) -> str:
@@ -467,11 +382,12 @@ def main_profile(argv: list[str] | None = None) -> int:
         print(f"pdmesh profile: error: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
     fit = profile.get("fit", {})
-    pre, dec = fit.get("prefill", {}), fit.get("decode", {})
+    pre_err = fit.get("prefill", {}).get("fit_error", {}).get("mean_rel_error", float("nan"))
+    dec_err = fit.get("decode", {}).get("fit_error", {}).get("mean_rel_error", float("nan"))
     print(
         f"wrote {args.out}: {len(profile['prefill'])} prefill and {len(profile['decode'])} decode points; "
-        f"prefill fit {pre.get('kind', '?')} mean rel. error {pre.get('fit_error', {}).get('mean_rel_error', float('nan')):.1%}, "
-        f"decode fit mean rel. error {dec.get('fit_error', {}).get('mean_rel_error', float('nan')):.1%}"
+        f"prefill fit {fit.get('prefill', {}).get('kind', '?')} mean rel. error {pre_err:.1%}, "
+        f"decode fit mean rel. error {dec_err:.1%}"
     )
     return 0
 

@@ -6,7 +6,8 @@ bisected for the highest rate they sustain; ``np`` prefill and ``nd`` decode ins
 ``min(np*r_p, nd*r_d)`` req/s. Each phase must reach ``1 - (1 - attainment)/2`` so that the joint
 attainment is at least the target (union bound). The best split of each instance count lies at the
 floor or ceiling of the crossing point ``n*r_d/(r_p+r_d)``, so scoring every count up to the budget is
-O(budget).
+O(budget). A rate counts as sustained only when the instance also keeps up with it (``keeps_up``), so
+that a short simulated run cannot pass a loose SLO while its queue grows without bound.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from typing import Any
 import numpy as np
 
 from pdmesh.planner.model import LatencyModel
-from pdmesh.planner.simulate import SLO, Limits, Requests, Workload, decode_tpot, prefill_ttft, run_colocated
+from pdmesh.planner.simulate import (
+    SLO,
+    Limits,
+    Requests,
+    Workload,
+    decode_tpot,
+    keeps_up,
+    prefill_ttft,
+    run_colocated,
+)
 
 REL_TOL = 0.005  # bisection stops when the rate is known to 0.5%
 
@@ -66,8 +76,9 @@ def max_prefill_rate(
     """Highest rate one prefill instance serves with ``target`` of its TTFTs within the SLO."""
 
     def ok(rate: float) -> bool:
-        ttft, _ = prefill_ttft(model, reqs, rate, limits)
-        return float(np.mean(ttft[len(ttft) // 10 :] <= slo.ttft_ms / 1000)) >= target
+        ttft, arr = prefill_ttft(model, reqs, rate, limits)
+        met = float(np.mean(ttft[len(ttft) // 10 :] <= slo.ttft_ms / 1000))
+        return met >= target and keeps_up(arr, arr + ttft, limits.max_prefill_batch_size)
 
     return _bisect(ok, guess)
 
@@ -78,8 +89,10 @@ def max_decode_rate(
     """Highest rate one decode instance serves with ``target`` of its TPOTs within the SLO."""
 
     def ok(rate: float) -> bool:
-        tpot, _ = decode_tpot(model, reqs, rate, limits)
-        return float(np.mean(tpot[len(tpot) // 10 :] <= slo.tpot_ms / 1000)) >= target
+        tpot, finish = decode_tpot(model, reqs, rate, limits)
+        met = float(np.mean(tpot[len(tpot) // 10 :] <= slo.tpot_ms / 1000))
+        stable = keeps_up(reqs.arrivals(rate, "decode"), finish, limits.max_decode_batch_size)
+        return met >= target and stable
 
     return _bisect(ok, guess)
 
@@ -88,9 +101,12 @@ def max_colocated_rate(model: LatencyModel, reqs: Requests, slo: SLO, limits: Li
     """Highest rate one colocated instance serves with ``slo.attainment`` of requests meeting both SLOs."""
 
     def ok(rate: float) -> bool:
-        ttft, tpot, _ = run_colocated(model, reqs.arrivals(rate), reqs.input_len, reqs.output_len, limits)
+        arr = reqs.arrivals(rate)
+        ttft, tpot, finish = run_colocated(model, arr, reqs.input_len, reqs.output_len, limits)
         met = (ttft <= slo.ttft_ms / 1000) & (tpot <= slo.tpot_ms / 1000)
-        return float(np.mean(met[len(met) // 10 :])) >= slo.attainment
+        return float(np.mean(met[len(met) // 10 :])) >= slo.attainment and keeps_up(
+            arr, finish, limits.max_decode_batch_size
+        )
 
     return _bisect(ok, guess)
 

@@ -21,131 +21,32 @@ simulation costs O(requests log requests) whatever the output lengths.
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pdmesh.planner.model import LatencyModel
+from pdmesh.planner.workload import SLO, LengthDist, Limits, Requests, Workload
+
+__all__ = [
+    "SLO",
+    "LengthDist",
+    "Limits",
+    "Requests",
+    "SimResult",
+    "Workload",
+    "keeps_up",
+    "run_colocated",
+    "run_decode",
+    "run_prefill",
+    "simulate_colocated",
+    "simulate_pd",
+]
 
 WARMUP_FRACTION = 0.1  # the first requests see an empty system; they are left out of the statistics
-
-
-@dataclass(frozen=True)
-class LengthDist:
-    """A token-length distribution: ``fixed`` (one value), ``uniform`` (lo, hi inclusive) or ``empirical``."""
-
-    kind: str
-    values: tuple[int, ...]
-
-    @staticmethod
-    def parse(spec: str) -> LengthDist:
-        """``128``, ``fixed:128``, ``uniform:32,512``, ``empirical:10,20,30`` or ``@file`` (JSON list or numbers)."""
-        spec = spec.strip()
-        try:
-            if spec.startswith("@"):
-                return LengthDist("empirical", _read_lengths(Path(spec[1:])))
-            kind, _, rest = spec.partition(":") if ":" in spec else ("fixed", "", spec)
-            values = tuple(int(v) for v in rest.replace(" ", "").split(",") if v)
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"bad length spec {spec!r}: {exc}") from None
-        dist = LengthDist(kind, values)
-        dist.validate(spec)
-        return dist
-
-    def validate(self, spec: str = "") -> None:
-        counts = {"fixed": 1, "uniform": 2}
-        if self.kind not in ("fixed", "uniform", "empirical"):
-            raise ValueError(f"bad length spec {spec!r}: kind must be fixed, uniform or empirical")
-        if self.kind in counts and len(self.values) != counts[self.kind]:
-            raise ValueError(f"bad length spec {spec!r}: {self.kind} takes {counts[self.kind]} value(s)")
-        if not self.values or min(self.values) < 1:
-            raise ValueError(f"bad length spec {spec!r}: lengths must be >= 1")
-        if self.kind == "uniform" and self.values[0] > self.values[1]:
-            raise ValueError(f"bad length spec {spec!r}: uniform needs lo <= hi")
-
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        if self.kind == "fixed":
-            return np.full(n, self.values[0], dtype=np.int64)
-        if self.kind == "uniform":
-            return rng.integers(self.values[0], self.values[1] + 1, size=n, dtype=np.int64)
-        return rng.choice(np.asarray(self.values, dtype=np.int64), size=n, replace=True)
-
-    def mean(self) -> float:
-        if self.kind == "uniform":
-            return (self.values[0] + self.values[1]) / 2
-        return float(np.mean(self.values))
-
-    def __str__(self) -> str:
-        if self.kind == "empirical" and len(self.values) > 4:
-            return f"empirical(n={len(self.values)}, mean={self.mean():.0f})"
-        return f"{self.kind}:{','.join(map(str, self.values))}"
-
-
-def _read_lengths(path: Path) -> tuple[int, ...]:
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-        values = data if isinstance(data, list) else data["lengths"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        values = text.replace(",", " ").split()
-    return tuple(int(v) for v in values)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """Poisson arrivals at ``rate`` req/s with sampled input and output lengths."""
-
-    rate: float
-    input_len: LengthDist
-    output_len: LengthDist
-    num_requests: int = 2000
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_ms: float
-    tpot_ms: float
-    attainment: float = 0.9
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Engine limits and the KV transfer cost between a prefill and a decode instance."""
-
-    max_prefill_tokens: int = 8192
-    max_prefill_batch_size: int = 64
-    max_decode_batch_size: int = 256
-    kv_transfer_s_per_token: float = 0.0
-
-
-@dataclass(frozen=True)
-class Requests:
-    """One sampled request set: unit-rate arrival gaps (two streams) and lengths."""
-
-    gaps_prefill: np.ndarray
-    gaps_decode: np.ndarray
-    input_len: np.ndarray
-    output_len: np.ndarray
-
-    @staticmethod
-    def sample(workload: Workload) -> Requests:
-        rng = np.random.default_rng(workload.seed)
-        n = workload.num_requests
-        return Requests(
-            gaps_prefill=rng.exponential(1.0, n),
-            gaps_decode=rng.exponential(1.0, n),
-            input_len=workload.input_len.sample(rng, n),
-            output_len=workload.output_len.sample(rng, n),
-        )
-
-    def arrivals(self, rate: float, stream: str = "prefill") -> np.ndarray:
-        gaps = self.gaps_prefill if stream == "prefill" else self.gaps_decode
-        return np.cumsum(gaps) / rate
+STABLE_RATIO = 0.98  # an instance completing fewer of the requests arriving meanwhile is overloaded
 
 
 @dataclass
@@ -161,6 +62,7 @@ class SimResult:
     ttft_attainment: float
     tpot_attainment: float
     throughput: float  # completed req/s
+    stable: bool  # every instance keeps up with its arrivals (see ``keeps_up``)
     ttft_ms: dict[str, float]
     tpot_ms: dict[str, float]
 
@@ -339,6 +241,22 @@ def _measured(n: int) -> slice:
     return slice(int(n * WARMUP_FRACTION) if n >= 20 else 0, n)
 
 
+def keeps_up(arrivals: np.ndarray, finish: np.ndarray, slack: int = 0) -> bool:
+    """Whether an instance keeps up with its arrivals (is stable, not just fast enough for a short run).
+
+    Between the end of the warm-up and the last arrival, the number of requests in the instance may
+    grow by at most ``slack`` (a batch still filling up) plus ``1 - STABLE_RATIO`` of the arrivals: a
+    finite run can meet a loose SLO even while its queue grows without bound.
+    """
+    m0 = _measured(len(arrivals)).start
+    t0, t1 = float(arrivals[m0]), float(arrivals[-1])
+    arrived = len(arrivals) - 1 - m0
+    if t1 <= t0 or arrived <= 0:
+        return True
+    completed = int(np.count_nonzero((finish > t0) & (finish <= t1)))
+    return arrived - completed <= (1 - STABLE_RATIO) * arrived + slack
+
+
 def prefill_ttft(
     model: LatencyModel, reqs: Requests, rate: float, limits: Limits
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -356,7 +274,9 @@ def decode_tpot(
     return run_decode(model, arr, reqs.input_len, reqs.output_len, limits)
 
 
-def _result(mode: str, n_p: int, n_d: int, rate: float, slo: SLO, ttft, tpot, thr: float) -> SimResult:
+def _result(
+    mode: str, n_p: int, n_d: int, rate: float, slo: SLO, ttft, tpot, thr: float, stable: bool
+) -> SimResult:
     ttft_ok, tpot_ok = ttft <= slo.ttft_ms / 1000.0, tpot <= slo.tpot_ms / 1000.0
     attainment = float(np.mean(ttft_ok & tpot_ok))
     return SimResult(
@@ -369,6 +289,7 @@ def _result(mode: str, n_p: int, n_d: int, rate: float, slo: SLO, ttft, tpot, th
         ttft_attainment=float(np.mean(ttft_ok)),
         tpot_attainment=float(np.mean(tpot_ok)),
         throughput=min(thr, rate) if thr < float("inf") else rate,
+        stable=stable,
         ttft_ms=_stats_ms(ttft),
         tpot_ms=_stats_ms(tpot),
     )
@@ -396,7 +317,10 @@ def simulate_pd(
         n_prefill * _throughput(arr_p[m], finish_p[m]),
         n_decode * _throughput(arr_d[m], finish_d[m]),
     )
-    return _result("pd", n_prefill, n_decode, workload.rate, slo, ttft[m], tpot[m], thr)
+    stable = keeps_up(arr_p, finish_p, limits.max_prefill_batch_size) and keeps_up(
+        arr_d, finish_d, limits.max_decode_batch_size
+    )
+    return _result("pd", n_prefill, n_decode, workload.rate, slo, ttft[m], tpot[m], thr, stable)
 
 
 def simulate_colocated(
@@ -415,4 +339,5 @@ def simulate_colocated(
     ttft, tpot, finish = run_colocated(model, arr, reqs.input_len, reqs.output_len, limits)
     m = _measured(len(ttft))
     thr = n_instances * _throughput(arr[m], finish[m])
-    return _result("colocated", n_instances, 0, workload.rate, slo, ttft[m], tpot[m], thr)
+    stable = keeps_up(arr, finish, limits.max_decode_batch_size)
+    return _result("colocated", n_instances, 0, workload.rate, slo, ttft[m], tpot[m], thr, stable)

@@ -130,11 +130,13 @@ def test_prefill_copy_decode_equals_mixed(tiny_qwen3, engine, prompt_len) -> Non
     b.kv_pool[dst] = a.kv_pool[out.kv_block_ids]
     a.free_kv(out.kv_block_ids)
     assert a.stats().free_blocks == 64
-    req = EngineRequest("x", p, greedy(20), mode=RequestMode.DECODE, first_token=out.token_ids[0], kv_block_ids=dst)
+    req = EngineRequest(
+        "x", p, greedy(20), mode=RequestMode.DECODE, first_token=out.token_ids[0], kv_block_ids=dst
+    )
     b.add_request(req)
     rest = tokens_of(run_all(b)["x"])
     assert out.token_ids + rest == expected
-    assert b.stats().free_blocks == 64 - 1  # only the block allocated above remains
+    assert b.stats().free_blocks == 64 - 8  # only the blocks allocated above remain
 
 
 def test_prefill_that_ends_at_once_frees_its_blocks(engine) -> None:
@@ -146,9 +148,13 @@ def test_prefill_that_ends_at_once_frees_its_blocks(engine) -> None:
 
 def test_decode_validation_and_immediate_finish(engine) -> None:
     with pytest.raises(ValueError, match="allocate_kv"):
-        engine.add_request(EngineRequest("d", [1, 2, 3], greedy(), mode=RequestMode.DECODE, first_token=5, kv_block_ids=[0]))
+        engine.add_request(
+            EngineRequest("d", [1, 2, 3], greedy(), mode=RequestMode.DECODE, first_token=5, kv_block_ids=[0])
+        )
     ids = engine.allocate_kv(3)
-    engine.add_request(EngineRequest("d", [1, 2, 3], greedy(1), mode=RequestMode.DECODE, first_token=5, kv_block_ids=ids))
+    engine.add_request(
+        EngineRequest("d", [1, 2, 3], greedy(1), mode=RequestMode.DECODE, first_token=5, kv_block_ids=ids)
+    )
     (out,) = run_all(engine)["d"]
     assert out.finished and out.token_ids == [] and out.finish_reason == FinishReason.LENGTH
     assert engine.stats().free_blocks == engine.stats().total_blocks
@@ -186,3 +192,31 @@ def test_runner_delivers_outputs_and_survives_a_failing_step(engine, monkeypatch
         assert runner.stats().free_blocks == runner.stats().total_blocks
     finally:
         runner.stop()
+
+
+def test_prefix_cache_hits_give_the_same_tokens(tiny_qwen3) -> None:
+    shared = prompt(40, 77)
+    prompts = [shared + [5, 6], shared + [7], shared[:20] + [9, 9, 9]]
+    plain = make_engine(tiny_qwen3, enable_prefix_caching=False)
+    cached = make_engine(tiny_qwen3)
+    expected = [reference(plain, p, greedy(10)) for p in prompts]
+    got = [reference(cached, p, greedy(10)) for p in prompts]
+    assert got == expected
+    stats = cached.stats()
+    assert stats.prefix_cache_hit_tokens == 32 + 16  # two full blocks, then one
+    assert stats.prefix_cache_query_tokens == sum(len(p) for p in prompts)
+    assert stats.free_blocks == stats.total_blocks
+
+
+def test_two_prefills_pinning_shared_blocks(tiny_qwen3) -> None:
+    eng = make_engine(tiny_qwen3, num_blocks=32)
+    p = prompt(40, 5)
+    outs = []
+    for rid in ("p1", "p2"):
+        eng.add_request(EngineRequest(rid, p, greedy(5), mode=RequestMode.PREFILL))
+        outs += run_all(eng)[rid]
+    assert set(outs[0].kv_block_ids[:2]) == set(outs[1].kv_block_ids[:2])  # shared
+    eng.free_kv(outs[0].kv_block_ids)
+    assert eng.stats().free_blocks < 32
+    eng.free_kv(outs[1].kv_block_ids)
+    assert eng.stats().free_blocks == 32

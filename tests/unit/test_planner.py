@@ -441,13 +441,14 @@ class FakeEngine:
 
 
 def test_run_profile_measures_a_fake_engine(tmp_path, monkeypatch):
+    from pdmesh.planner import bench as bench_mod
     from pdmesh.planner import profile as profile_mod
 
     (tmp_path / "config.json").write_text(
         json.dumps({"vocab_size": 100, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4})
     )
     clock = _Clock()
-    monkeypatch.setattr(profile_mod, "time", clock)
+    monkeypatch.setattr(bench_mod, "time", clock)
     engines: list[FakeEngine] = []
 
     def factory(options):
@@ -498,3 +499,18 @@ def test_closed_form_splits_match_brute_force(r_p, r_d):
     p, d, rate = best_unit(r_p, r_d, budget)
     assert rate / (p + d) >= top * 0.98 - 1e-12
     assert p + d == min(p + d for p, d, r in every if r / (p + d) >= top * 0.98 - 1e-12)
+
+
+def test_loose_slos_cannot_hide_an_unbounded_queue():
+    from pdmesh.planner.search import max_decode_rate, max_prefill_rate
+
+    model = flat_model(prefill_s=0.1, step_s=0.02)
+    limits = Limits(max_prefill_batch_size=1, max_decode_batch_size=4)  # both phases: 10 req/s
+    reqs = Requests.sample(Workload(1, LengthDist.parse("32"), LengthDist.parse("21"), 2000))
+    loose = SLO(ttft_ms=1e7, tpot_ms=1e7)
+    assert 9.0 < max_prefill_rate(model, reqs, loose, limits, 0.95, guess=1.0) <= 10.6
+    assert 9.0 < max_decode_rate(model, reqs, loose, limits, 0.95, guess=1.0) <= 10.6
+    heavy = simulate_pd(
+        model, Workload(20, LengthDist.parse("32"), LengthDist.parse("21"), 2000), loose, limits, 1, 1
+    )
+    assert heavy.attainment == 1.0 and not heavy.stable

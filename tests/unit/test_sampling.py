@@ -13,7 +13,9 @@ pytestmark = pytest.mark.timeout(20)
 VOCAB = 50
 
 
-def _inp(seed: int | None = None, out: list[int] | None = None, prompt: list[int] | None = None, **kw) -> SampleInput:
+def _inp(
+    seed: int | None = None, out: list[int] | None = None, prompt: list[int] | None = None, **kw
+) -> SampleInput:
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     return SampleInput(SamplingParams(**kw), gen, prompt or [1], out or [])
 
@@ -66,7 +68,8 @@ def test_penalties() -> None:
     rep = apply_penalties(logits, [SampleInput(SamplingParams(repetition_penalty=2.0), None, [0], [1])])
     assert rep.tolist() == [[1.0, -4.0, 1.0, 0.5]]
     freq = apply_penalties(
-        logits, [SampleInput(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), None, [3], [2, 2, 0])]
+        logits,
+        [SampleInput(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), None, [3], [2, 2, 0])],
     )
     assert freq.tolist() == [[2.0 - 0.5 - 0.25, -2.0, 1.0 - 1.0 - 0.25, 0.5]]
     assert logits.tolist() == [[2.0, -2.0, 1.0, 0.5]]  # not modified in place
@@ -79,3 +82,59 @@ def test_logprobs_of_chosen_token() -> None:
     ref = torch.log_softmax(logits[0], -1)
     assert chosen == pytest.approx(float(ref[tokens[0]]))
     assert len(top) == 3 and tokens[0] in top
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    from pdmesh.engine.config import EngineConfig
+    from pdmesh.engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model_dir=tiny_qwen3, num_blocks=64))
+
+
+def _run(engine, sampling: SamplingParams, prompt: list[int] | None = None, rid: str = "x"):
+    from pdmesh.engine.types import EngineRequest
+
+    engine.add_request(EngineRequest(rid, prompt or [5, 6, 7, 8], sampling))
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return [t for o in outs for t in o.token_ids], outs[-1]
+
+
+def test_stop_ids_eos_ignore_eos_and_max_tokens(engine, monkeypatch) -> None:
+    from pdmesh.engine.types import FinishReason
+
+    base, last = _run(engine, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert len(base) == 12 and last.finish_reason == FinishReason.LENGTH
+    stop = base[4]
+    cut = base.index(stop) + 1
+    toks, last = _run(engine, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop]))
+    assert toks == base[:cut] and last.finish_reason == FinishReason.STOP
+    monkeypatch.setattr(engine.model_config, "eos_token_ids", [stop])
+    toks, last = _run(engine, SamplingParams(temperature=0, max_tokens=12))
+    assert toks == base[:cut] and last.finish_reason == FinishReason.STOP
+    toks, last = _run(engine, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert toks == base and last.finish_reason == FinishReason.LENGTH
+    toks, last = _run(engine, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    assert toks == base[:1] and last.finish_reason == FinishReason.LENGTH
+
+
+def test_seeded_request_in_the_engine_ignores_its_neighbours(engine) -> None:
+    from pdmesh.engine.types import EngineRequest
+
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=42, max_tokens=10, ignore_eos=True)
+    alone, _ = _run(engine, seeded, rid="alone")
+    for i in range(3):
+        engine.add_request(
+            EngineRequest(f"n{i}", [9 + i] * (3 + i), SamplingParams(temperature=1.0, max_tokens=8))
+        )
+    together, _ = _run(engine, seeded, rid="seeded")
+    assert together == alone
+
+
+def test_logprobs_in_engine_outputs(engine) -> None:
+    toks, last = _run(engine, SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True))
+    assert last.logprobs is not None and len(last.logprobs) == 1
+    chosen, top = last.logprobs[0]
+    assert chosen <= 0 and len(top) == 2 and toks[-1] in top
