@@ -31,12 +31,18 @@ TOOLS = {
 
 def _up_parser(sub) -> None:
     p = sub.add_parser("up", help="start the whole local stack (Redis, controller, workers, coordinator)")
-    p.add_argument("--model", type=Path, default=None, help=f"checkpoint directory (default: writes {DEFAULT_MODEL_DIR})")
+    p.add_argument(
+        "--model", type=Path, default=None, help=f"checkpoint directory (default: writes {DEFAULT_MODEL_DIR})"
+    )
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
-    p.add_argument("--mode", choices=["pd", "mixed"], default="pd", help="mixed: prefill+decode colocated workers")
+    p.add_argument(
+        "--mode", choices=["pd", "mixed"], default="pd", help="mixed: prefill+decode colocated workers"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address every service binds")
-    p.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP port (default 8000)")
+    p.add_argument(
+        "--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP port (default 8000)"
+    )
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--log-dir", type=Path, default=Path(".pdmesh/logs"), help="where each service logs")
 
@@ -57,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     _make_model_parser(sub)
     for name in [*SERVICES, *WORKER_ROLES]:
         sub.add_parser(name, help=f"run the {name} service (see `pdmesh {name} --help`)", add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks: serve, transfer, engine, compare (see `pdmesh bench X --help`)")
+    bench = sub.add_parser(
+        "bench", help="benchmarks: serve, transfer, engine, compare (see `pdmesh bench X --help`)"
+    )
     bench.add_argument("what", choices=sorted(k[1] for k in TOOLS if k[0] == "bench"))
-    sub.add_parser("profile", help="measure the engine on this hardware (see `pdmesh profile --help`)", add_help=False)
-    sub.add_parser("plan", help="recommend prefill and decode instance counts (see `pdmesh plan --help`)", add_help=False)
+    sub.add_parser(
+        "profile", help="measure the engine on this hardware (see `pdmesh profile --help`)", add_help=False
+    )
+    sub.add_parser(
+        "plan", help="recommend prefill and decode instance counts (see `pdmesh plan --help`)", add_help=False
+    )
     return parser
 
 
@@ -87,7 +99,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"writing the demo model to {model_dir} ...", flush=True)
             write_model("qwen3", model_dir, preset="small")
     elif not (model_dir / "config.json").exists():
-        print(f"pdmesh up: {model_dir} has no config.json (not a Hugging Face checkpoint directory)", file=sys.stderr)
+        print(
+            f"pdmesh up: {model_dir} has no config.json (not a Hugging Face checkpoint directory)",
+            file=sys.stderr,
+        )
         return 2
     try:
         spec = StackSpec(

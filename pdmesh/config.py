@@ -21,7 +21,9 @@ class ControllerConfig(BaseSettings):
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     redis_url: str | None = Field(None, description="Redis for cluster state and KV handle invalidation")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="how often workers send heartbeats")
-    suspect_after_s: float = Field(3.0, gt=0, description="no heartbeat for this long: the instance is suspect")
+    suspect_after_s: float = Field(
+        3.0, gt=0, description="no heartbeat for this long: the instance is suspect"
+    )
     dead_after_s: float = Field(6.0, gt=0, description="no heartbeat for this long: the instance is dead")
 
 
@@ -31,11 +33,15 @@ class CoordinatorConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PDMESH_COORDINATOR_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="address the HTTP and gRPC servers bind")
-    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port for the OpenAI API; 0 picks a free one")
+    http_port: int = Field(
+        8000, ge=0, le=65535, description="HTTP port for the OpenAI API; 0 picks a free one"
+    )
     grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port for Generate; 0 picks a free one")
     controller: str = Field(..., description="controller address host:port")
     model_dir: str = Field(..., description="checkpoint directory (tokenizer, chat template, config)")
-    model_name: str | None = Field(None, description="model id served at /v1/models; default: the directory name")
+    model_name: str | None = Field(
+        None, description="model id served at /v1/models; default: the directory name"
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="a whole request's time limit")
     first_token_timeout_s: float = Field(120.0, gt=0, description="time limit until the first token")
     max_retry: int = Field(2, ge=0, le=10, description="re-prefills on another instance when KV is lost")
@@ -53,13 +59,24 @@ class WorkerConfig(BaseSettings):
     controller: str = Field(..., description="controller address host:port")
     redis_url: str = Field(..., description="Redis holding the KV handle registry")
     model_dir: str = Field(..., description="checkpoint directory in Hugging Face layout")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weight and compute dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weight and compute dtype"
+    )
     device: str = Field("cpu", description="cpu, cuda[:N] or npu[:N]")
-    transfer_backend: Literal["tcp"] = Field("tcp", description="how KV moves between workers")
+    transfer_backend: Literal["tcp", "shm", "device", "cuda_ipc"] = Field(
+        "tcp",
+        description="how KV moves between workers: tcp, shm (same host), device (gloo/nccl/hccl), cuda_ipc",
+    )
     transfer_port: int = Field(0, ge=0, le=65535, description="KV transfer port (prefill side); 0: free")
     kv_cache_memory_mib: int = Field(256, ge=1, description="memory for the paged KV cache")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     max_batch_size: int = Field(64, ge=1, description="maxBatchSize: sequences in one decode batch")
-    max_prefill_batch_size: int = Field(16, ge=1, description="maxPrefillBatchSize: prompts in one prefill batch")
-    max_prefill_tokens: int = Field(4096, ge=1, description="maxPrefillTokens: prompt tokens in one prefill batch")
-    kv_lease_s: float = Field(30.0, gt=0, description="how long a prefilled KV handle waits for its decode worker")
+    max_prefill_batch_size: int = Field(
+        16, ge=1, description="maxPrefillBatchSize: prompts in one prefill batch"
+    )
+    max_prefill_tokens: int = Field(
+        4096, ge=1, description="maxPrefillTokens: prompt tokens in one prefill batch"
+    )
+    kv_lease_s: float = Field(
+        30.0, gt=0, description="how long a prefilled KV handle waits for its decode worker"
+    )

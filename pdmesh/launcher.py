@@ -48,6 +48,7 @@ class StackSpec:
     log_dir: Path | None = None
     worker_args: dict[str, str] = field(default_factory=dict)
     coordinator_args: dict[str, str] = field(default_factory=dict)
+    controller_args: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
@@ -110,7 +111,8 @@ class LocalStack:
     def _start_controller(self) -> None:
         port = free_port(self.spec.host)
         self.controller_address = f"{self.spec.host}:{port}"
-        self._spawn("controller", "services.controller", {"host": self.spec.host, "port": str(port), "redis-url": self.redis_url})
+        args = {"host": self.spec.host, "port": str(port), "redis-url": self.redis_url, **self.spec.controller_args}
+        self._spawn("controller", "services.controller", args)
         asyncio.run(wait_healthy(self.controller_address, timeout_s=self.spec.startup_timeout_s))
 
     def _start_worker(self, name: str, role: str) -> None:
@@ -160,7 +162,9 @@ class LocalStack:
                 if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
                     return
             time.sleep(0.2)
-        raise TimeoutError(f"the stack was not ready within {self.spec.startup_timeout_s:.0f}s; logs in {self.log_dir}")
+        raise TimeoutError(
+            f"the stack was not ready within {self.spec.startup_timeout_s:.0f}s; logs in {self.log_dir}"
+        )
 
     def _check_alive(self) -> None:
         for name, proc in self.processes.items():
@@ -180,7 +184,11 @@ class LocalStack:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every process (coordinator first, controller last), then SIGKILL stragglers."""
-        order = ["coordinator", *[n for n in self.processes if n not in ("coordinator", "controller")], "controller"]
+        order = [
+            "coordinator",
+            *[n for n in self.processes if n not in ("coordinator", "controller")],
+            "controller",
+        ]
         for name in order:
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
@@ -31,13 +32,16 @@ from pdmesh.models import load_model
 
 log = logging.getLogger(__name__)
 
+# (num_blocks, layout) -> a zeroed [num_blocks, *layout.block_shape] tensor on the engine's device
+PoolAllocator = Callable[[int, KVLayout], torch.Tensor]
+
 MAX_AUTO_BLOCKS_PER_SEQ_FACTOR = 1  # auto-sized pools hold at most max_num_seqs full-length sequences
 
 
 class LLMEngine:
     """One model, one KV pool, one scheduler; driven by ``step``."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, pool_allocator: PoolAllocator | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype)
@@ -47,16 +51,6 @@ class LLMEngine:
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
         self.block_shape = (mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim)
-        num_blocks = config.num_blocks or self._auto_num_blocks()
-        self._kv_pool = torch.zeros((num_blocks, *self.block_shape), dtype=self.dtype, device=self.device)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(self.model, self._kv_pool, config.block_size, self.device)
-        self._seqs: dict[str, Sequence] = {}
-        self._pending: list[TokenOutput] = []
-        self._external: Counter[int] = Counter()  # caller-owned block -> references held
-        self._order = 0
-        self._rng = torch.Generator().manual_seed(config.seed)
         self._layout = KVLayout(
             model=mc.fingerprint(),
             kind="mha",
@@ -67,6 +61,19 @@ class LLMEngine:
             dtype=dtype_name(self.dtype),
             block_shape=self.block_shape,
         )
+        num_blocks = config.num_blocks or self._auto_num_blocks()
+        if pool_allocator is None:
+            self._kv_pool = torch.zeros((num_blocks, *self.block_shape), dtype=self.dtype, device=self.device)
+        else:  # e.g. a shared-memory pool that a transfer backend serves
+            self._kv_pool = pool_allocator(num_blocks, self._layout)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(self.model, self._kv_pool, config.block_size, self.device)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[TokenOutput] = []
+        self._external: Counter[int] = Counter()  # caller-owned block -> references held
+        self._order = 0
+        self._rng = torch.Generator().manual_seed(config.seed)
         log.info(
             "engine ready: %s, %d KV blocks of %d tokens", mc.fingerprint(), num_blocks, config.block_size
         )

@@ -54,12 +54,22 @@ class DecodeHandler:
             yield output
 
     async def decode(
-        self, request_id: str, prompt_ids: list[int], first_token: int, sampling: SamplingParams, handle: KVHandle
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        first_token: int,
+        sampling: SamplingParams,
+        handle: KVHandle,
     ) -> AsyncIterator[TokenOutput]:
         """Pulls the KV named by ``handle`` and streams the tokens after ``first_token``."""
         block_ids = await self._fetch_kv(request_id, handle)
         request = EngineRequest(
-            request_id, prompt_ids, sampling, mode=RequestMode.DECODE, first_token=first_token, kv_block_ids=block_ids
+            request_id,
+            prompt_ids,
+            sampling,
+            mode=RequestMode.DECODE,
+            first_token=first_token,
+            kv_block_ids=block_ids,
         )
         async for output in self.bridge.stream(request):
             _raise_on_failure(output)
@@ -67,14 +77,18 @@ class DecodeHandler:
 
     async def _fetch_kv(self, request_id: str, handle: KVHandle) -> list[int]:
         if self.registry is None or self.transfer_client is None:
-            raise WorkerError(ErrorKind.INVALID_ARGUMENT, "this worker cannot pull KV (no registry or transfer)")
+            raise WorkerError(
+                ErrorKind.INVALID_ARGUMENT, "this worker cannot pull KV (no registry or transfer)"
+            )
         mismatch = self.bridge.runner.kv_layout.mismatch(handle.layout)
         if mismatch:
             raise WorkerError(ErrorKind.INVALID_ARGUMENT, mismatch)
         try:
             claimed = await self.registry.claim(handle.handle_id, self.instance_id, self.lease_s)
         except KVError as exc:
-            raise WorkerError(ErrorKind.KV_UNAVAILABLE, f"cannot claim KV handle {handle.handle_id}: {exc}") from exc
+            raise WorkerError(
+                ErrorKind.KV_UNAVAILABLE, f"cannot claim KV handle {handle.handle_id}: {exc}"
+            ) from exc
         block_ids = await self._allocate(handle.num_tokens)
         try:
             await self._pull(request_id, claimed, block_ids)
@@ -100,7 +114,9 @@ class DecodeHandler:
         try:
             await asyncio.to_thread(self.transfer_client.pull, handle, block_ids, PULL_TIMEOUT_S)
         except TransferError as exc:
-            raise WorkerError(ErrorKind.KV_UNAVAILABLE, f"KV pull from {handle.transfer_endpoint} failed: {exc}") from exc
+            raise WorkerError(
+                ErrorKind.KV_UNAVAILABLE, f"KV pull from {handle.transfer_endpoint} failed: {exc}"
+            ) from exc
         finally:
             renewer.cancel()
         log.info("[%s] pulled %d blocks from %s", request_id, len(block_ids), handle.prefill_instance)

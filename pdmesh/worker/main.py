@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 
 from pdmesh.cluster import InstanceInfoData, LoadData, Role
@@ -18,7 +19,8 @@ from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.runner import EngineRunner
 from pdmesh.kv.registry import RedisKVRegistry
-from pdmesh.kv.transfer.base import make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.base import allocate_pool, make_transfer_client, make_transfer_server
+from pdmesh.kv.types import KVLayout
 from pdmesh.logs import setup_logging
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
 from pdmesh.rpc.controller_client import InstanceAgent
@@ -42,6 +44,7 @@ class Worker:
         self.bridge = EngineBridge(runner)
         self.registry = RedisKVRegistry(config.redis_url)
         self.transfer_server = None
+        self.transfer_client = None
         self.prefill: PrefillHandler | None = None
         self.server: RunningServer | None = None
         self.agent: InstanceAgent | None = None
@@ -57,14 +60,18 @@ class Worker:
         self.server = await start_server(self._register, ["pdmesh.v1.Worker"], cfg.host, cfg.port)
         instance_id = cfg.instance_id or f"{cfg.role}-{cfg.host}-{self.server.port}"
         if cfg.role in ("prefill", "mixed"):
-            self.transfer_server = make_transfer_server(cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port)
+            self.transfer_server = make_transfer_server(
+                cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port
+            )
             self.transfer_server.start()
             self.prefill = PrefillHandler(
                 self.bridge, self.registry, self.transfer_server, instance_id, self.address, cfg.kv_lease_s
             )
             self._tasks.append(asyncio.ensure_future(self.prefill.reap_forever()))
-        client = make_transfer_client(cfg.transfer_backend, pool, layout)
-        decode = DecodeHandler(self.bridge, self.registry, client, instance_id, cfg.kv_lease_s, release_remote)
+        self.transfer_client = make_transfer_client(cfg.transfer_backend, pool, layout)
+        decode = DecodeHandler(
+            self.bridge, self.registry, self.transfer_client, instance_id, cfg.kv_lease_s, release_remote
+        )
         self._servicer.prefill_handler = self.prefill
         self._servicer.decode_handler = decode
         info = InstanceInfoData(
@@ -97,6 +104,9 @@ class Worker:
             self.prefill.free_all()
         if self.transfer_server is not None:
             self.transfer_server.stop()
+        close_client = getattr(self.transfer_client, "close", None)
+        if close_client is not None:
+            close_client()
         with contextlib.suppress(Exception):
             await self.registry.close()
         self.runner.stop()
@@ -123,7 +133,14 @@ def build_runner(config: WorkerConfig) -> EngineRunner:
         max_prefill_batch_size=config.max_prefill_batch_size,
         max_prefill_tokens=config.max_prefill_tokens,
     )
-    runner = EngineRunner(LLMEngine(engine_config))
+    pool_name = config.instance_id or f"pdmesh-{os.getpid()}"
+
+    def allocate(num_blocks: int, layout: KVLayout):
+        return allocate_pool(
+            config.transfer_backend, num_blocks, layout, name=pool_name, device=config.device
+        )
+
+    runner = EngineRunner(LLMEngine(engine_config, pool_allocator=allocate))
     runner.start()
     return runner
 

@@ -65,7 +65,9 @@ class PrefillHandler:
     def pinned_handles(self) -> int:
         return len(self._pinned)
 
-    async def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> PrefillResult:
+    async def prefill(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+    ) -> PrefillResult:
         request = EngineRequest(request_id, prompt_ids, sampling, mode=RequestMode.PREFILL)
         output = await self.bridge.run_to_end(request)
         if output.finish_reason == FinishReason.ERROR:
@@ -98,7 +100,13 @@ class PrefillHandler:
         except KVError as exc:
             self.free(handle.handle_id)
             raise WorkerError(ErrorKind.INTERNAL, f"cannot register the KV handle: {exc}") from exc
-        log.info("[%s] prefilled %d tokens into %d blocks, handle %s", request_id, num_tokens, len(block_ids), handle.handle_id)
+        log.info(
+            "[%s] prefilled %d tokens into %d blocks, handle %s",
+            request_id,
+            num_tokens,
+            len(block_ids),
+            handle.handle_id,
+        )
         return handle
 
     def free(self, handle_id: str) -> bool:

@@ -38,7 +38,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Prefill(self, request, context):  # noqa: N802 (gRPC method name)
         if self.prefill_handler is None or self.role == "decode":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this worker's role is {self.role}, not prefill")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"this worker's role is {self.role}, not prefill"
+            )
         prompt_ids, sampling = await _validated(request, context)
         try:
             result = await self.prefill_handler.prefill(request.request_id, prompt_ids, sampling)
@@ -59,15 +61,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Decode(self, request, context) -> AsyncIterator[worker_pb2.DecodeChunk]:  # noqa: N802
         if self.role == "prefill":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker's role is prefill, not decode")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this worker's role is prefill, not decode"
+            )
         prompt_ids, sampling = await _validated(request, context)
         if request.prefill_locally:
             outputs = self.decode_handler.generate_local(request.request_id, prompt_ids, sampling)
         elif request.HasField("handle"):
             handle = handle_from_proto(request.handle)
-            outputs = self.decode_handler.decode(request.request_id, prompt_ids, request.first_token, sampling, handle)
+            outputs = self.decode_handler.decode(
+                request.request_id, prompt_ids, request.first_token, sampling, handle
+            )
         else:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Decode needs a KV handle or prefill_locally")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "Decode needs a KV handle or prefill_locally"
+            )
         try:
             async for output in outputs:
                 yield _chunk(output)

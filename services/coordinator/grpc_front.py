@@ -50,7 +50,9 @@ def sampling_with_defaults(msg: common_pb2.SamplingParams) -> SamplingParams:
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     """Generate: tokenize, route through the mesh, detokenize, stream text deltas."""
 
-    def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, max_model_len: int) -> None:
+    def __init__(
+        self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, max_model_len: int
+    ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -103,7 +105,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     finish_reason=chunk.finish_reason or "",
                 )
                 if chunk.finished:
-                    reply.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens))
+                    reply.usage.CopyFrom(
+                        common_pb2.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens)
+                    )
                 yield reply
         except GenerationError as exc:
             log.warning("[%s] failed: %s", request_id, exc)

@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 
 KV_UNAVAILABLE = common_pb2.ERROR_CODE_KV_UNAVAILABLE
 INVALID_ARGUMENT = common_pb2.ERROR_CODE_INVALID_ARGUMENT
-RETRYABLE_STATUS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+RETRYABLE_STATUS = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
 
 
 class _Retry(Exception):
@@ -71,9 +76,12 @@ class MeshBackend:
         async for chunk in stream:
             yield chunk
 
-    async def _disaggregated(self, request_id, prompt_ids, sampling, deadline) -> AsyncIterator[GenerationChunk]:
+    async def _disaggregated(
+        self, request_id, prompt_ids, sampling, deadline
+    ) -> AsyncIterator[GenerationChunk]:
         tried: set[str] = set()
         first_token: int | None = None
+        last_failure = ""
         for attempt in range(self.config.max_retry + 1):
             prefill = self.router.pick_prefill(exclude=tried)
             decode = self.router.pick_decode()
@@ -87,14 +95,22 @@ class MeshBackend:
                     yield GenerationChunk([first_token], reply.finished, reply.finish_reason or None)
                 if reply.finished:
                     return
-                async for chunk in self._decode(decode, request_id, prompt_ids, first_token, sampling, reply, deadline):
+                async for chunk in self._decode(
+                    decode, request_id, prompt_ids, first_token, sampling, reply, deadline
+                ):
                     yield chunk
                 return
             except _Retry as why:
-                log.warning("[%s] attempt %d lost its KV (%s); prefilling again", request_id, attempt + 1, why)
-        raise GenerationError(f"KV unavailable after {self.config.max_retry + 1} attempts", status_code=503)
+                last_failure = str(why)
+                log.warning("[%s] attempt %d failed (%s); prefilling again", request_id, attempt + 1, why)
+        attempts = self.config.max_retry + 1
+        raise GenerationError(
+            f"request failed after {attempts} attempts; last: {last_failure}", status_code=503
+        )
 
-    async def _prefill(self, instance, request_id, prompt_ids, sampling, deadline) -> worker_pb2.PrefillResponse:
+    async def _prefill(
+        self, instance, request_id, prompt_ids, sampling, deadline
+    ) -> worker_pb2.PrefillResponse:
         request = worker_pb2.PrefillRequest(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -138,9 +154,13 @@ class MeshBackend:
             async for chunk in self._stream_decode(instance, request, deadline, tokens_before=0):
                 yield chunk
         except _Retry as why:
-            raise GenerationError(f"mixed instance {instance.instance_id} failed: {why}", status_code=503) from None
+            raise GenerationError(
+                f"mixed instance {instance.instance_id} failed: {why}", status_code=503
+            ) from None
 
-    async def _stream_decode(self, instance, request, deadline, tokens_before: int) -> AsyncIterator[GenerationChunk]:
+    async def _stream_decode(
+        self, instance, request, deadline, tokens_before: int
+    ) -> AsyncIterator[GenerationChunk]:
         call = self._stub(instance).Decode(request, timeout=_remaining(deadline))
         sent = tokens_before
         try:
@@ -155,15 +175,22 @@ class MeshBackend:
                     return
         except grpc.aio.AioRpcError as exc:
             if sent > tokens_before:
-                raise GenerationError(f"decode instance {instance.instance_id} failed mid-stream: {exc.details()}", status_code=502) from exc
+                raise GenerationError(
+                    f"decode instance {instance.instance_id} failed mid-stream: {exc.details()}",
+                    status_code=502,
+                ) from exc
             _raise_for_status(exc, instance, "decode")
         finally:
             call.cancel()  # the client went away or we are done: the worker aborts and frees blocks
-        raise GenerationError(f"decode stream from {instance.instance_id} ended without finishing", status_code=502)
+        raise GenerationError(
+            f"decode stream from {instance.instance_id} ended without finishing", status_code=502
+        )
 
     async def _abort(self, instance: InstanceInfoData, request_id: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-            await self._stub(instance).Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=DEFAULT_DEADLINE_S)
+            await self._stub(instance).Abort(
+                worker_pb2.AbortRequest(request_id=request_id), timeout=DEFAULT_DEADLINE_S
+            )
 
 
 def _remaining(deadline: float) -> float:
@@ -181,7 +208,9 @@ def _raise_for_status(exc: grpc.aio.AioRpcError, instance: InstanceInfoData, pha
         raise GenerationError(f"{phase} timed out at {instance.instance_id}", status_code=504) from exc
     if code in RETRYABLE_STATUS or code == grpc.StatusCode.FAILED_PRECONDITION:
         raise _Retry(f"{phase} at {instance.instance_id}: {code.name} {exc.details()}") from exc
-    raise GenerationError(f"{phase} failed at {instance.instance_id}: {exc.details()}", status_code=502) from exc
+    raise GenerationError(
+        f"{phase} failed at {instance.instance_id}: {exc.details()}", status_code=502
+    ) from exc
 
 
 def _raise_for_error(error: common_pb2.Error, instance: InstanceInfoData):

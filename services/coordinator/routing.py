@@ -14,7 +14,9 @@ class RoundRobinPolicy:
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def pick(self, candidates: list[InstanceInfoData], exclude: Collection[str] = ()) -> InstanceInfoData | None:
+    def pick(
+        self, candidates: list[InstanceInfoData], exclude: Collection[str] = ()
+    ) -> InstanceInfoData | None:
         usable = [c for c in candidates if c.instance_id not in exclude] or candidates
         if not usable:
             return None

@@ -68,7 +68,9 @@ class Coordinator:
         )
         app = create_app(self.backend, self.model_name, tokenizer, max_model_len)
         await self._start_http(app)
-        log.info("coordinator serving HTTP on %s:%d, gRPC on %d", self.config.host, self.http_port, self.grpc.port)
+        log.info(
+            "coordinator serving HTTP on %s:%d, gRPC on %d", self.config.host, self.http_port, self.grpc.port
+        )
 
     async def _start_http(self, app) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

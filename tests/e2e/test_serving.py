@@ -89,7 +89,13 @@ def test_pd_equals_mixed_equals_transformers(pd_stack, mixed_stack, tiny_qwen3):
 
 
 def test_eight_concurrent_streams_complete(pd_stack):
-    body = {"model": model_id(pd_stack), "messages": MESSAGES, "max_tokens": 16, "ignore_eos": True, "seed": 7}
+    body = {
+        "model": model_id(pd_stack),
+        "messages": MESSAGES,
+        "max_tokens": 16,
+        "ignore_eos": True,
+        "seed": 7,
+    }
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: stream_chat(pd_stack.base_url, {**body, "seed": i}), range(8)))
     for _, chunks, payloads in results:
@@ -127,7 +133,13 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(pd_stack, payload,
 def test_completions_endpoint(pd_stack):
     response = httpx.post(
         f"{pd_stack.base_url}/v1/completions",
-        json={"model": model_id(pd_stack), "prompt": "The sea is", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        json={
+            "model": model_id(pd_stack),
+            "prompt": "The sea is",
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
         timeout=60,
     )
     assert response.status_code == 200, response.text
@@ -160,7 +172,8 @@ def test_grpc_generate_stream(pd_stack):
         async with open_channel(pd_stack.coordinator_grpc) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             request = coordinator_pb2.GenerateRequest(
-                prompt="The sea is", sampling=common_pb2.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+                prompt="The sea is",
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
             )
             return [r async for r in stub.Generate(request, timeout=60)]
 
@@ -175,6 +188,8 @@ def test_no_kv_blocks_leak(pd_stack):
 
 
 def test_streamed_chunks_are_json(pd_stack):
-    _, chunks, _ = stream_chat(pd_stack.base_url, {"model": model_id(pd_stack), "messages": MESSAGES, "max_tokens": 3})
+    _, chunks, _ = stream_chat(
+        pd_stack.base_url, {"model": model_id(pd_stack), "messages": MESSAGES, "max_tokens": 3}
+    )
     assert all(json.dumps(c) for c in chunks)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)

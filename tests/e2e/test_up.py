@@ -54,7 +54,10 @@ def test_up_serves_and_stops_cleanly(tiny_qwen3, tmp_path):
 
 def test_up_rejects_a_directory_without_a_checkpoint(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pdmesh.cli", "up", "--model", str(tmp_path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "pdmesh.cli", "up", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "config.json" in result.stderr
@@ -63,7 +66,18 @@ def test_up_rejects_a_directory_without_a_checkpoint(tmp_path):
 def test_make_model_writes_a_checkpoint(tmp_path):
     out = tmp_path / "m"
     result = subprocess.run(
-        [sys.executable, "-m", "pdmesh.cli", "make-model", "--arch", "qwen3", "--preset", "tiny", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "pdmesh.cli",
+            "make-model",
+            "--arch",
+            "qwen3",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
