@@ -44,7 +44,29 @@ class CoordinatorConfig(BaseSettings):
     )
     request_timeout_s: float = Field(600.0, gt=0, description="a whole request's time limit")
     first_token_timeout_s: float = Field(120.0, gt=0, description="time limit until the first token")
-    max_retry: int = Field(2, ge=0, le=10, description="re-prefills on another instance when KV is lost")
+    max_retry: int = Field(
+        2, ge=0, le=10, description="new attempts on other instances when KV or an instance is lost"
+    )
+    max_inflight: int = Field(256, ge=1, description="requests running at once; more wait in the queue")
+    max_queue: int = Field(
+        1024, ge=0, description="requests waiting for a slot; more get 429 with Retry-After"
+    )
+    queue_timeout_s: float = Field(30.0, gt=0, description="longest wait in the queue before 429")
+    prefill_policy: Literal["round_robin", "least_load", "power_of_two", "cache_aware"] = Field(
+        "cache_aware", description="how a prefill instance is chosen"
+    )
+    decode_policy: Literal["round_robin", "least_load", "power_of_two"] = Field(
+        "least_load", description="how a decode instance is chosen"
+    )
+    cache_imbalance: int = Field(
+        4, ge=0, description="cache_aware: most extra requests the cache holder may have"
+    )
+    block_size: int = Field(16, ge=1, description="cache_aware: tokens per KV block, as the workers use")
+    local_prefill_threshold: int = Field(
+        0,
+        ge=0,
+        description="prompts shorter than this are prefilled by the decode instance itself (0: never)",
+    )
 
 
 class WorkerConfig(BaseSettings):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +36,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def parse_cpus(spec: str) -> set[int]:
+    """The CPUs of a taskset-style list such as ``"0"``, ``"0-3"`` or ``"0,2-3"``; ValueError if bad."""
+    cpus: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"bad CPU list {spec!r} (expected e.g. 0, 0-1 or 0,2)") from None
+    if not cpus or min(cpus) < 0:
+        raise ValueError(f"bad CPU list {spec!r} (expected e.g. 0, 0-1 or 0,2)")
+    return cpus
+
+
 @dataclass
 class StackSpec:
     """What to start. In mixed mode ``prefill + decode`` mixed workers run instead (same total)."""
@@ -50,6 +66,9 @@ class StackSpec:
     coordinator_args: dict[str, str] = field(default_factory=dict)
     controller_args: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 120.0
+    # one CPU list per worker in start order ("0", "0-1", "2,4"): pinned with taskset (or
+    # sched_setaffinity), with OMP_NUM_THREADS/MKL_NUM_THREADS set to its core count. None: no pinning.
+    worker_cpus: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("pd", "mixed"):
@@ -58,6 +77,11 @@ class StackSpec:
             raise ValueError("a PD stack needs at least one prefill and one decode worker")
         if self.prefill < 0 or self.decode < 0 or self.prefill + self.decode < 1:
             raise ValueError("worker counts must be >= 0 and at least one worker must run")
+        if self.worker_cpus is not None:
+            if len(self.worker_cpus) != self.prefill + self.decode:
+                raise ValueError(f"worker_cpus needs one CPU list per worker ({self.prefill + self.decode})")
+            for cpus in self.worker_cpus:
+                parse_cpus(cpus)
 
 
 class LocalStack:
@@ -86,8 +110,9 @@ class LocalStack:
         try:
             self._start_redis()
             self._start_controller()
-            for name, role in self._worker_plan():
-                self._start_worker(name, role)
+            cpus = self.spec.worker_cpus or [None] * len(self._worker_plan())
+            for (name, role), worker_cpus in zip(self._worker_plan(), cpus, strict=True):
+                self._start_worker(name, role, worker_cpus)
             self._start_coordinator()
             self.wait_ready()
         except BaseException:
@@ -111,11 +136,16 @@ class LocalStack:
     def _start_controller(self) -> None:
         port = free_port(self.spec.host)
         self.controller_address = f"{self.spec.host}:{port}"
-        args = {"host": self.spec.host, "port": str(port), "redis-url": self.redis_url, **self.spec.controller_args}
+        args = {
+            "host": self.spec.host,
+            "port": str(port),
+            "redis-url": self.redis_url,
+            **self.spec.controller_args,
+        }
         self._spawn("controller", "services.controller", args)
         asyncio.run(wait_healthy(self.controller_address, timeout_s=self.spec.startup_timeout_s))
 
-    def _start_worker(self, name: str, role: str) -> None:
+    def _start_worker(self, name: str, role: str, cpus: str | None = None) -> None:
         args = {
             "host": self.spec.host,
             "port": str(free_port(self.spec.host)),
@@ -126,7 +156,7 @@ class LocalStack:
             **self.spec.worker_args,
         }
         module = f"services.{role}_worker"
-        self._spawn(name, module, args)
+        self._spawn(name, module, args, cpus)
 
     def _start_coordinator(self) -> None:
         if self.http_port == 0:
@@ -142,14 +172,24 @@ class LocalStack:
         }
         self._spawn("coordinator", "services.coordinator", args)
 
-    def _spawn(self, name: str, module: str, args: dict[str, str]) -> None:
+    def _spawn(self, name: str, module: str, args: dict[str, str], cpus: str | None = None) -> None:
         argv = [sys.executable, "-m", module]
         for key, value in args.items():
             argv += [f"--{key}", value]
         out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process's lifetime
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self.processes[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        preexec = None
+        if cpus is not None:
+            threads = str(len(parse_cpus(cpus)))
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            if shutil.which("taskset"):
+                argv = ["taskset", "-c", cpus, *argv]  # taskset execs: the pid stays the worker's
+            else:
+                preexec = functools.partial(os.sched_setaffinity, 0, parse_cpus(cpus))
+        self.processes[name] = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=preexec
+        )
         out.close()
         log.info("started %s (pid %d)", name, self.processes[name].pid)
 

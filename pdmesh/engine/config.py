@@ -29,3 +29,6 @@ class EngineConfig(BaseModel):
     )
     enable_prefix_caching: bool = Field(True, description="reuse the KV of identical leading prompt blocks")
     seed: int = Field(0, description="seeds the generators of requests without their own seed")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (process-wide); None: leave torch's setting"
+    )

@@ -43,6 +43,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, pool_allocator: PoolAllocator | None = None) -> None:
         self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype)
         self.model, self.model_config = load_model(config.model_dir, self.dtype, self.device)
@@ -50,13 +52,14 @@ class LLMEngine:
         self._max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
-        self.block_shape = (mc.num_layers, 2, config.block_size, mc.num_kv_heads, mc.head_dim)
+        self.block_shape = tuple(self.model.kv_block_shape(config.block_size))
+        kv_heads, kv_dim = self.model.kv_heads_and_dim()
         self._layout = KVLayout(
             model=mc.fingerprint(),
-            kind="mha",
+            kind=self.model.kv_kind,
             num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
+            num_kv_heads=kv_heads,
+            head_dim=kv_dim,
             block_size=config.block_size,
             dtype=dtype_name(self.dtype),
             block_shape=self.block_shape,

@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pdmesh.modelgen import deepseek_v3 as _deepseek_v3  # noqa: F401 - registers the arch
+from pdmesh.modelgen import llama as _llama  # noqa: F401 - registers the arch
+from pdmesh.modelgen import qwen2 as _qwen2  # noqa: F401 - registers the arch
 from pdmesh.modelgen import qwen3 as _qwen3  # noqa: F401 - registers the arch
+from pdmesh.modelgen import qwen3_moe as _qwen3_moe  # noqa: F401 - registers the arch
 from pdmesh.modelgen.registry import get_arch
 from pdmesh.modelgen.tokenizer import tokenizer_vocab_size, write_tokenizer
 

@@ -15,13 +15,21 @@ from torch import nn
 from pdmesh.accelerator import resolve_device, resolve_dtype
 from pdmesh.models.attention import AttentionMetadata
 from pdmesh.models.config import ModelConfig
+from pdmesh.models.deepseek_v3 import DeepseekV3ForCausalLM
+from pdmesh.models.llama import LlamaForCausalLM
 from pdmesh.models.loader import build_and_load
+from pdmesh.models.qwen2 import Qwen2ForCausalLM
 from pdmesh.models.qwen3 import Qwen3ForCausalLM
+from pdmesh.models.qwen3_moe import Qwen3MoeForCausalLM
 
 log = logging.getLogger(__name__)
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 
@@ -41,9 +49,10 @@ def load_model(
         raise ValueError(
             f"architecture {cfg.arch} is not supported; known: {', '.join(sorted(MODEL_REGISTRY))}"
         )
-    if cfg.rope_type != "default":
+    supported = getattr(cls, "rope_types", ("default",))
+    if cfg.rope_type not in supported:
         raise ValueError(
-            f"rope scaling {cfg.rope_type!r} is not supported yet (only the default rotary embedding)"
+            f"rope scaling {cfg.rope_type!r} is not supported for {cfg.arch} (only {', '.join(supported)})"
         )
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     torch_device = resolve_device(device) if isinstance(device, str) else device

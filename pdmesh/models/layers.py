@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from pdmesh.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -21,21 +25,72 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Unscaled rotary inverse frequencies ``theta ** (-2i / head_dim)`` (float32, as transformers)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim
+    return 1.0 / (theta**exponent)
+
+
+def llama3_inv_freq(head_dim: int, theta: float, params: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent rope scaling, as transformers' ``_compute_llama3_parameters``.
+
+    Wavelengths shorter than ``original_max_position_embeddings / high_freq_factor`` stay, those
+    longer than ``original / low_freq_factor`` are divided by ``factor``, and the band between is
+    interpolated smoothly.
+    """
+    inv_freq = default_inv_freq(head_dim, theta)
+    factor = params["factor"]
+    low_freq_factor = params["low_freq_factor"]
+    high_freq_factor = params["high_freq_factor"]
+    old_context_len = params["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """The inverse frequencies ``cfg``'s rope type asks for ("default" or "llama3")."""
+    if cfg.rope_type == "default":
+        return default_inv_freq(cfg.head_dim, cfg.rope_theta)
+    if cfg.rope_type == "llama3":
+        params = cfg.raw.get("rope_parameters") or cfg.raw.get("rope_scaling")
+        return llama3_inv_freq(cfg.head_dim, cfg.rope_theta, params)
+    raise ValueError(f"rope type {cfg.rope_type!r} is not implemented here")
+
+
 class RotaryEmbedding:
-    """Default (unscaled) rotary position embedding with a cos/sin table per position."""
+    """Rotary position embedding with a cos/sin table per position (default inverse frequencies
+    unless ``inv_freq`` is given, e.g. by ``rope_inv_freq`` for a scaled rope)."""
 
     def __init__(
-        self, head_dim: int, theta: float, max_positions: int, device: torch.device, dtype: torch.dtype
+        self,
+        head_dim: int,
+        theta: float,
+        max_positions: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        inv_freq: torch.Tensor | None = None,
     ):
-        exponent = (
-            torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim
-        )
-        inv_freq = 1.0 / (theta**exponent)
+        if inv_freq is None:
+            inv_freq = default_inv_freq(head_dim, theta)
+        inv_freq = inv_freq.to(device=device, dtype=torch.float)
         positions = torch.arange(max_positions, device=device, dtype=torch.float)
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> RotaryEmbedding:
+        """The table for ``cfg``'s head size, theta, context length and rope scaling."""
+        return cls(
+            cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, device, dtype, rope_inv_freq(cfg)
+        )
 
     def __call__(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -52,7 +107,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class MergedLinear(nn.Module):
-    """Several bias-free projections of the same input stored as one weight (e.g. q/k/v, gate/up).
+    """Several projections of the same input stored as one weight (e.g. q/k/v, gate/up), biased or not.
 
     ``weight_loader`` places a checkpoint's separate tensor (``shard_id``) into its rows.
     """
@@ -75,3 +130,17 @@ class MergedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one matmul."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = MergedLinear(hidden, {"gate": inter, "up": inter}, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)

@@ -51,9 +51,15 @@ class GenerationError(Exception):
     """A request the backend could not serve, with the HTTP status and OpenAI error type to answer."""
 
     def __init__(
-        self, message: str, status_code: int = 500, error_type: str | None = None, code: str | None = None
+        self,
+        message: str,
+        status_code: int = 500,
+        error_type: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
+        self.retry_after_s = retry_after_s  # sent as Retry-After (429, 503)
         self.message = message
         self.status_code = status_code
         self.error_type = error_type or OPENAI_ERROR_TYPES.get(status_code, "internal_server_error")

@@ -357,7 +357,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenerationError)
     async def _generation_error(request: Request, exc: GenerationError) -> JSONResponse:
         log.warning("[%s] failed (%d): %s", request.state.request_id, exc.status_code, exc.message)
-        return error_response(exc.status_code, exc.message, exc.error_type, code=exc.code)
+        response = error_response(exc.status_code, exc.message, exc.error_type, code=exc.code)
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

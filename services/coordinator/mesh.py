@@ -1,10 +1,17 @@
 """The coordinator's backend: drives one request through a prefill and a decode instance.
 
 Flow (decode pulls): Prefill on a prefill instance -> first token and KV handle -> stream the first
-token -> Decode on a decode instance with the handle -> stream the rest. KV_UNAVAILABLE (or a
-prefill or decode instance that fails before any decoded token) -> prefill again on another
-instance, at most ``max_retry`` times. With only mixed instances healthy, a mixed instance serves
-the whole request.
+token -> Decode on a decode instance with the handle -> stream the rest.
+
+Failures: KV_UNAVAILABLE, or a prefill or decode instance that fails or dies, starts a new attempt
+on other instances, at most ``max_retry`` times. An attempt continues from what the client already
+has: its prompt is the original prompt plus every token already sent, so a decode instance that dies
+mid-stream is replaced by prefilling that on another instance (migration) and the client sees one
+unbroken stream (at temperature 0, the same text as an uninterrupted run; a seeded sampler restarts
+its random stream at the migration point).
+
+Prompts shorter than ``local_prefill_threshold`` tokens are prefilled by the decode instance itself
+(conditional disaggregation). With only mixed instances healthy, a mixed instance serves it whole.
 """
 
 from __future__ import annotations
@@ -14,32 +21,54 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 
 import grpc
 
-from pdmesh.cluster import InstanceInfoData
+from pdmesh.cluster import InstanceInfoData, Role
 from pdmesh.config import CoordinatorConfig
 from pdmesh.engine.types import SamplingParams
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
 from pdmesh.rpc.convert import sampling_to_proto
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.coordinator.admission import AdmissionGate
 from services.coordinator.backend import GenerationChunk, GenerationError
 from services.coordinator.routing import Router
 
 log = logging.getLogger(__name__)
 
-KV_UNAVAILABLE = common_pb2.ERROR_CODE_KV_UNAVAILABLE
-INVALID_ARGUMENT = common_pb2.ERROR_CODE_INVALID_ARGUMENT
 RETRYABLE_STATUS = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.FAILED_PRECONDITION,  # the instance changed role under us
 }
 
 
 class _Retry(Exception):
-    """This attempt lost its KV or its instance; prefill again elsewhere."""
+    """This attempt lost its KV or its instance; start another on other instances."""
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    deadline: float
+    sent: list[int] = field(default_factory=list)  # tokens the client already has
+    attempt: int = 0
+    tried: set[str] = field(default_factory=set)
+
+    @property
+    def attempt_id(self) -> str:
+        """Worker-side id: a retry never collides with what an earlier attempt left behind."""
+        return self.request_id if self.attempt == 0 else f"{self.request_id}-r{self.attempt}"
+
+    def continuation(self) -> tuple[list[int], SamplingParams]:
+        """The prompt and sampling that continue this request from what was already sent."""
+        remaining = self.sampling.max_tokens - len(self.sent)
+        return self.prompt_ids + self.sent, replace(self.sampling, max_tokens=remaining)
 
 
 class MeshBackend:
@@ -48,6 +77,7 @@ class MeshBackend:
     def __init__(self, router: Router, config: CoordinatorConfig) -> None:
         self.router = router
         self.config = config
+        self.gate = AdmissionGate(config.max_inflight, config.max_queue, config.queue_timeout_s)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def ready(self) -> bool:
@@ -66,125 +96,122 @@ class MeshBackend:
     async def generate(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
-        deadline = time.monotonic() + self.config.request_timeout_s
-        if self.router.can_disaggregate():
-            stream = self._disaggregated(request_id, prompt_ids, sampling, deadline)
-        elif self.router.pick_mixed() is not None:
-            stream = self._colocated(request_id, prompt_ids, sampling, deadline)
-        else:
-            raise GenerationError("no healthy prefill and decode instances", status_code=503)
-        async for chunk in stream:
-            yield chunk
+        if not self.router.ready():
+            raise GenerationError("no healthy prefill and decode instances", status_code=503, retry_after_s=1)
+        async with self.gate.admit():
+            request = _Request(
+                request_id, prompt_ids, sampling, time.monotonic() + self.config.request_timeout_s
+            )
+            async for chunk in self._with_retries(request):
+                yield chunk
 
-    async def _disaggregated(
-        self, request_id, prompt_ids, sampling, deadline
-    ) -> AsyncIterator[GenerationChunk]:
-        tried: set[str] = set()
-        first_token: int | None = None
-        last_failure = ""
-        for attempt in range(self.config.max_retry + 1):
-            prefill = self.router.pick_prefill(exclude=tried)
-            decode = self.router.pick_decode()
-            if prefill is None or decode is None:
-                raise GenerationError("no healthy prefill and decode instances", status_code=503)
-            tried.add(prefill.instance_id)
+    async def _with_retries(self, request: _Request) -> AsyncIterator[GenerationChunk]:
+        while True:
             try:
-                reply = await self._prefill(prefill, request_id, prompt_ids, sampling, deadline)
-                if first_token is None:
-                    first_token = reply.first_token
-                    yield GenerationChunk([first_token], reply.finished, reply.finish_reason or None)
-                if reply.finished:
-                    return
-                async for chunk in self._decode(
-                    decode, request_id, prompt_ids, first_token, sampling, reply, deadline
-                ):
+                async for chunk in self._attempt(request):
+                    request.sent.extend(chunk.token_ids)
                     yield chunk
                 return
             except _Retry as why:
-                last_failure = str(why)
-                log.warning("[%s] attempt %d failed (%s); prefilling again", request_id, attempt + 1, why)
-        attempts = self.config.max_retry + 1
-        raise GenerationError(
-            f"request failed after {attempts} attempts; last: {last_failure}", status_code=503
-        )
+                request.attempt += 1
+                if request.attempt > self.config.max_retry:
+                    raise GenerationError(
+                        f"request failed after {request.attempt} attempts; last: {why}", status_code=503
+                    ) from None
+                log.warning("[%s] attempt %d failed (%s); retrying", request.request_id, request.attempt, why)
 
-    async def _prefill(
-        self, instance, request_id, prompt_ids, sampling, deadline
-    ) -> worker_pb2.PrefillResponse:
-        request = worker_pb2.PrefillRequest(
-            request_id=request_id,
+    async def _attempt(self, request: _Request) -> AsyncIterator[GenerationChunk]:
+        prompt_ids, sampling = request.continuation()
+        if not self.router.can_disaggregate():
+            mixed = self._pick(Role.MIXED, request)
+            async for chunk in self._local(mixed, request, prompt_ids, sampling):
+                yield chunk
+            return
+        decode = self._pick(Role.DECODE, request)
+        if len(prompt_ids) < self.config.local_prefill_threshold:
+            async for chunk in self._local(decode, request, prompt_ids, sampling):
+                yield chunk
+            return
+        prefill = self._pick(Role.PREFILL, request, prompt_ids)
+        reply = await self._prefill(prefill, request, prompt_ids, sampling)
+        yield GenerationChunk([reply.first_token], reply.finished, reply.finish_reason or None)
+        if reply.finished:
+            return
+        decode_request = worker_pb2.DecodeRequest(
+            request_id=request.attempt_id,
             prompt_ids=prompt_ids,
-            sampling=sampling_to_proto(sampling),
-            deadline=time.time() + _remaining(deadline),
-        )
-        timeout = min(self.config.first_token_timeout_s, _remaining(deadline))
-        try:
-            reply = await self._stub(instance).Prefill(request, timeout=timeout)
-        except asyncio.CancelledError:
-            await self._abort(instance, request_id)
-            raise
-        except grpc.aio.AioRpcError as exc:
-            _raise_for_status(exc, instance, "prefill")
-        if reply.HasField("error") and reply.error.code:
-            _raise_for_error(reply.error, instance)
-        return reply
-
-    async def _decode(self, instance, request_id, prompt_ids, first_token, sampling, reply, deadline):
-        request = worker_pb2.DecodeRequest(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            first_token=first_token,
+            first_token=reply.first_token,
             sampling=sampling_to_proto(sampling),
             handle=reply.handle,
-            deadline=time.time() + _remaining(deadline),
+            deadline=time.time() + _remaining(request.deadline),
         )
-        async for chunk in self._stream_decode(instance, request, deadline, tokens_before=1):
+        async for chunk in self._stream(decode, decode_request, request):
             yield chunk
 
-    async def _colocated(self, request_id, prompt_ids, sampling, deadline) -> AsyncIterator[GenerationChunk]:
-        instance = self.router.pick_mixed()
-        request = worker_pb2.DecodeRequest(
-            request_id=request_id,
+    def _pick(self, role: Role, request: _Request, prompt_ids: list[int] | None = None) -> InstanceInfoData:
+        instance = self.router.pick(role, exclude=request.tried, prompt_ids=prompt_ids)
+        if instance is None:
+            raise GenerationError(f"no healthy {role.value} instance", status_code=503, retry_after_s=1)
+        return instance
+
+    async def _local(
+        self, instance, request: _Request, prompt_ids, sampling
+    ) -> AsyncIterator[GenerationChunk]:
+        """The whole (continued) request on one instance, which prefills it itself."""
+        decode_request = worker_pb2.DecodeRequest(
+            request_id=request.attempt_id,
             prompt_ids=prompt_ids,
             sampling=sampling_to_proto(sampling),
             prefill_locally=True,
-            deadline=time.time() + _remaining(deadline),
+            deadline=time.time() + _remaining(request.deadline),
         )
-        try:
-            async for chunk in self._stream_decode(instance, request, deadline, tokens_before=0):
-                yield chunk
-        except _Retry as why:
-            raise GenerationError(
-                f"mixed instance {instance.instance_id} failed: {why}", status_code=503
-            ) from None
+        async for chunk in self._stream(instance, decode_request, request):
+            yield chunk
 
-    async def _stream_decode(
-        self, instance, request, deadline, tokens_before: int
-    ) -> AsyncIterator[GenerationChunk]:
-        call = self._stub(instance).Decode(request, timeout=_remaining(deadline))
-        sent = tokens_before
+    async def _prefill(self, instance, request: _Request, prompt_ids, sampling) -> worker_pb2.PrefillResponse:
+        prefill_request = worker_pb2.PrefillRequest(
+            request_id=request.attempt_id,
+            prompt_ids=prompt_ids,
+            sampling=sampling_to_proto(sampling),
+            deadline=time.time() + _remaining(request.deadline),
+        )
+        timeout = min(self.config.first_token_timeout_s, _remaining(request.deadline))
+        self.router.inflight[instance.instance_id] += 1
+        try:
+            reply = await self._stub(instance).Prefill(prefill_request, timeout=timeout)
+        except asyncio.CancelledError:
+            await self._abort(instance, request.attempt_id)
+            raise
+        except grpc.aio.AioRpcError as exc:
+            request.tried.add(instance.instance_id)
+            _raise_for_status(exc, instance, "prefill")
+        finally:
+            self.router.inflight[instance.instance_id] -= 1
+        if reply.HasField("error") and reply.error.code:
+            request.tried.add(instance.instance_id)
+            _raise_for_error(reply.error, instance)
+        return reply
+
+    async def _stream(self, instance, decode_request, request: _Request) -> AsyncIterator[GenerationChunk]:
+        """Streams a Decode call; a failure raises _Retry (migration) or GenerationError."""
+        call = self._stub(instance).Decode(decode_request, timeout=_remaining(request.deadline))
+        self.router.inflight[instance.instance_id] += 1
         try:
             async for chunk in call:
                 if chunk.HasField("error") and chunk.error.code:
-                    if sent > tokens_before:
-                        raise GenerationError(f"decode failed: {chunk.error.message}", status_code=502)
+                    request.tried.add(instance.instance_id)
                     _raise_for_error(chunk.error, instance)
-                sent += len(chunk.token_ids)
                 yield GenerationChunk(list(chunk.token_ids), chunk.finished, chunk.finish_reason or None)
                 if chunk.finished:
                     return
         except grpc.aio.AioRpcError as exc:
-            if sent > tokens_before:
-                raise GenerationError(
-                    f"decode instance {instance.instance_id} failed mid-stream: {exc.details()}",
-                    status_code=502,
-                ) from exc
+            request.tried.add(instance.instance_id)
             _raise_for_status(exc, instance, "decode")
         finally:
+            self.router.inflight[instance.instance_id] -= 1
             call.cancel()  # the client went away or we are done: the worker aborts and frees blocks
-        raise GenerationError(
-            f"decode stream from {instance.instance_id} ended without finishing", status_code=502
-        )
+        request.tried.add(instance.instance_id)
+        raise _Retry(f"decode stream from {instance.instance_id} ended without finishing")
 
     async def _abort(self, instance: InstanceInfoData, request_id: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
@@ -206,7 +233,7 @@ def _raise_for_status(exc: grpc.aio.AioRpcError, instance: InstanceInfoData, pha
         raise GenerationError(exc.details() or "invalid request", status_code=400) from exc
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise GenerationError(f"{phase} timed out at {instance.instance_id}", status_code=504) from exc
-    if code in RETRYABLE_STATUS or code == grpc.StatusCode.FAILED_PRECONDITION:
+    if code in RETRYABLE_STATUS:
         raise _Retry(f"{phase} at {instance.instance_id}: {code.name} {exc.details()}") from exc
     raise GenerationError(
         f"{phase} failed at {instance.instance_id}: {exc.details()}", status_code=502
@@ -214,8 +241,6 @@ def _raise_for_status(exc: grpc.aio.AioRpcError, instance: InstanceInfoData, pha
 
 
 def _raise_for_error(error: common_pb2.Error, instance: InstanceInfoData):
-    if error.code == INVALID_ARGUMENT:
+    if error.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT:
         raise GenerationError(error.message, status_code=400)
-    if error.code == common_pb2.ERROR_CODE_OVERLOADED:
-        raise GenerationError(f"{instance.instance_id} is overloaded: {error.message}", status_code=503)
     raise _Retry(f"{common_pb2.ErrorCode.Name(error.code)} at {instance.instance_id}: {error.message}")

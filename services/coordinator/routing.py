@@ -1,44 +1,148 @@
-"""Instance selection for the coordinator: which prefill and which decode instance serves a request."""
+"""Instance selection: which prefill and which decode instance serves a request.
+
+Policies, chosen separately for prefill and decode: ``round_robin``, ``least_load``,
+``power_of_two`` (two random candidates, the less loaded wins) and, for prefill, ``cache_aware``
+(the instance that already holds the longest prefix of the prompt's KV blocks, unless it is more
+than ``imbalance`` requests busier than the least loaded one).
+
+Load is what the coordinator itself has in flight at the instance plus what the instance last
+reported (running and waiting requests): the first reacts at once, the second sees other coordinators.
+"""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
 from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
 
+POLICIES = ("round_robin", "least_load", "power_of_two", "cache_aware")
+
+
+@dataclass
+class PickContext:
+    """What a policy may look at besides the candidates."""
+
+    inflight: Counter
+    block_hashes: list[int] = field(default_factory=list)
+
+    def load(self, instance: InstanceInfoData) -> int:
+        return self.inflight[instance.instance_id] + instance.load.running + instance.load.waiting
+
 
 class RoundRobinPolicy:
-    """Takes healthy instances of a role in turn, skipping those a request already tried."""
+    """Takes instances in turn."""
 
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def pick(
-        self, candidates: list[InstanceInfoData], exclude: Collection[str] = ()
-    ) -> InstanceInfoData | None:
-        usable = [c for c in candidates if c.instance_id not in exclude] or candidates
-        if not usable:
-            return None
-        usable = sorted(usable, key=lambda c: c.instance_id)
-        return usable[next(self._counter) % len(usable)]
+    def pick(self, candidates: list[InstanceInfoData], ctx: PickContext) -> InstanceInfoData:
+        return candidates[next(self._counter) % len(candidates)]
+
+
+class LeastLoadPolicy:
+    """The least loaded instance (ties: the first by id)."""
+
+    def pick(self, candidates: list[InstanceInfoData], ctx: PickContext) -> InstanceInfoData:
+        return min(candidates, key=ctx.load)
+
+
+class PowerOfTwoPolicy:
+    """Two random candidates; the less loaded one wins (cheap, and avoids herding on stale loads)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def pick(self, candidates: list[InstanceInfoData], ctx: PickContext) -> InstanceInfoData:
+        if len(candidates) == 1:
+            return candidates[0]
+        return min(self._rng.sample(candidates, 2), key=ctx.load)
+
+
+class CacheAwarePolicy:
+    """Prefix affinity by block hashes, bounded by a load-imbalance threshold."""
+
+    def __init__(self, imbalance: int = 4, capacity: int = 100_000) -> None:
+        self.imbalance = imbalance
+        self.capacity = capacity
+        self._holders: OrderedDict[int, set[str]] = OrderedDict()  # block hash -> instances, LRU
+
+    def matched_blocks(self, instance_id: str, block_hashes: list[int]) -> int:
+        count = 0
+        for h in block_hashes:
+            if instance_id not in self._holders.get(h, ()):
+                break
+            count += 1
+        return count
+
+    def pick(self, candidates: list[InstanceInfoData], ctx: PickContext) -> InstanceInfoData:
+        least = min(candidates, key=ctx.load)
+        best = max(
+            candidates, key=lambda c: (self.matched_blocks(c.instance_id, ctx.block_hashes), -ctx.load(c))
+        )
+        matched = self.matched_blocks(best.instance_id, ctx.block_hashes)
+        chosen = best if matched and ctx.load(best) <= ctx.load(least) + self.imbalance else least
+        self._remember(chosen.instance_id, ctx.block_hashes)
+        return chosen
+
+    def _remember(self, instance_id: str, block_hashes: list[int]) -> None:
+        for h in block_hashes:
+            self._holders.setdefault(h, set()).add(instance_id)
+            self._holders.move_to_end(h)
+        while len(self._holders) > self.capacity:
+            self._holders.popitem(last=False)
+
+
+def make_policy(name: str, imbalance: int = 4):
+    if name == "round_robin":
+        return RoundRobinPolicy()
+    if name == "least_load":
+        return LeastLoadPolicy()
+    if name == "power_of_two":
+        return PowerOfTwoPolicy()
+    if name == "cache_aware":
+        return CacheAwarePolicy(imbalance)
+    raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+def prompt_block_hashes(prompt_ids: list[int], block_size: int) -> list[int]:
+    """A hash chain over the prompt's full blocks (as the engine's prefix cache keys them)."""
+    hashes, previous = [], 0
+    for start in range(0, len(prompt_ids) - block_size + 1, block_size):
+        previous = hash((previous, tuple(prompt_ids[start : start + block_size])))
+        hashes.append(previous)
+    return hashes
 
 
 class Router:
-    """Chooses instances from the controller's latest cluster view."""
+    """Chooses instances from the controller's latest cluster view and tracks what it sent where."""
 
-    def __init__(self, view_fn) -> None:
-        self._view_fn = view_fn  # () -> ClusterViewData
-        self.prefill_policy = RoundRobinPolicy()
-        self.decode_policy = RoundRobinPolicy()
-        self.mixed_policy = RoundRobinPolicy()
+    def __init__(
+        self,
+        view_fn: Callable[[], ClusterViewData],
+        prefill_policy: str = "round_robin",
+        decode_policy: str = "round_robin",
+        block_size: int = 16,
+        imbalance: int = 4,
+    ) -> None:
+        self._view_fn = view_fn
+        self.block_size = block_size
+        self.policies = {
+            Role.PREFILL: make_policy(prefill_policy, imbalance),
+            Role.DECODE: make_policy(decode_policy, imbalance),
+            Role.MIXED: make_policy(decode_policy, imbalance),
+        }
+        self.inflight: Counter = Counter()
 
     @property
     def view(self) -> ClusterViewData:
         return self._view_fn()
 
     def _healthy(self, role: Role) -> list[InstanceInfoData]:
-        return list(self.view.healthy(role))
+        return sorted(self.view.healthy(role), key=lambda i: i.instance_id)
 
     def can_disaggregate(self) -> bool:
         return bool(self._healthy(Role.PREFILL)) and bool(self._healthy(Role.DECODE))
@@ -47,11 +151,13 @@ class Router:
         """True while a request can be served: one prefill and one decode instance, or a mixed one."""
         return self.can_disaggregate() or bool(self._healthy(Role.MIXED))
 
-    def pick_prefill(self, exclude: Collection[str] = ()) -> InstanceInfoData | None:
-        return self.prefill_policy.pick(self._healthy(Role.PREFILL), exclude)
-
-    def pick_decode(self, exclude: Collection[str] = ()) -> InstanceInfoData | None:
-        return self.decode_policy.pick(self._healthy(Role.DECODE), exclude)
-
-    def pick_mixed(self, exclude: Collection[str] = ()) -> InstanceInfoData | None:
-        return self.mixed_policy.pick(self._healthy(Role.MIXED), exclude)
+    def pick(
+        self, role: Role, exclude: Collection[str] = (), prompt_ids: list[int] | None = None
+    ) -> InstanceInfoData | None:
+        """A healthy instance of ``role``, avoiding ``exclude`` while others exist; None if none."""
+        healthy = self._healthy(role)
+        candidates = [c for c in healthy if c.instance_id not in exclude] or healthy
+        if not candidates:
+            return None
+        hashes = prompt_block_hashes(prompt_ids, self.block_size) if prompt_ids else []
+        return self.policies[role].pick(candidates, PickContext(self.inflight, hashes))

@@ -48,7 +48,13 @@ class Coordinator:
         self.model_dir = Path(config.model_dir)
         self.model_name = config.model_name or self.model_dir.name
         self.watcher = ClusterWatcher(config.controller)
-        self.router = Router(lambda: self.watcher.view)
+        self.router = Router(
+            lambda: self.watcher.view,
+            prefill_policy=config.prefill_policy,
+            decode_policy=config.decode_policy,
+            block_size=config.block_size,
+            imbalance=config.cache_imbalance,
+        )
         self.backend = MeshBackend(self.router, config)
         self.grpc: RunningServer | None = None
         self.http: _QuietSignalsServer | None = None

@@ -15,7 +15,9 @@ def start_stack(model_dir, tmp_path_factory, worker_args: dict | None = None, **
     """Starts a stack (1 prefill + 1 decode unless told otherwise) with small KV pools; the caller stops it."""
     log_dir = tmp_path_factory.mktemp("stack-logs")
     worker_args = {**SMALL_WORKER, **(worker_args or {})}
-    stack = LocalStack(StackSpec(model_dir=model_dir, http_port=0, log_dir=log_dir, worker_args=worker_args, **spec))
+    stack = LocalStack(
+        StackSpec(model_dir=model_dir, http_port=0, log_dir=log_dir, worker_args=worker_args, **spec)
+    )
     stack.start()
     return stack
 

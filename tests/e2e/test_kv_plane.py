@@ -24,7 +24,9 @@ from tests.e2e.helpers import list_instances, wait_blocks_idle
 pytestmark = pytest.mark.timeout(180)
 
 PROMPT_IDS = [5, 77, 300, 12, 640, 41, 9, 18, 250, 3, 99, 410, 27, 8, 512, 66, 71, 2, 45, 130]
-SAMPLING = common_pb2.SamplingParams(temperature=0, top_p=1, repetition_penalty=1, max_tokens=8, ignore_eos=True)
+SAMPLING = common_pb2.SamplingParams(
+    temperature=0, top_p=1, repetition_penalty=1, max_tokens=8, ignore_eos=True
+)
 FAST_HEALTH = {"heartbeat-interval-s": "0.2", "suspect-after-s": "0.6", "dead-after-s": "1.2"}
 
 

@@ -1,0 +1,262 @@
+"""``pdmesh bench engine``: offline throughput of the engine, against transformers, with a roofline.
+
+One batch of ``--batch-size`` random prompts of ``--input-len`` tokens, greedy, exactly
+``--output-len`` new tokens each (``ignore_eos``). The engine's output tokens/s is ``B * O`` over the
+wall time from adding the requests to the last token (prefill included). With ``--reference hf``,
+transformers' ``generate`` runs the same prompts on the same checkpoint in the same process (greedy,
+``min_new_tokens = max_new_tokens = O``, its DynamicCache) and ``ratio`` is engine over HF.
+
+Roofline: a decode step must at least read every weight once (the embedding table only for the
+batch's rows) and the K/V of every cached token; at the mean decode context ``I + O/2`` that is
+``bytes_per_decode_step``. Over the measured mean decode step time it gives the achieved GB/s; over
+this machine's copy bandwidth (a large tensor copy measured in this run, counted as bytes read plus
+bytes written) it gives the memory-bound upper limit ``roofline_tokens_per_s``.
+
+Prints one JSON object; bad flags give a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from pdmesh.accelerator import resolve_device, synchronize
+
+MEMCPY_BYTES = 256 * 2**20
+MEMCPY_REPEATS = 5
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def build_parser(prog: str = "pdmesh bench engine") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Offline engine throughput against transformers, with a roofline.")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--batch-size", type=_positive, required=True, help="prompts decoded together")
+    p.add_argument("--input-len", type=_positive, required=True, help="prompt tokens per request")
+    p.add_argument("--output-len", type=_positive, required=True, help="new tokens per request")
+    p.add_argument("--reference", choices=["hf"], default=None, help="also time transformers' generate")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or npu[:N]")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (the only format)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
+    p.add_argument("--warmup", action="store_true", help="run each side once untimed first")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
+    return p
+
+
+def make_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(batch)]
+
+
+def measure_memcpy(device: torch.device, nbytes: int = MEMCPY_BYTES, repeats: int = MEMCPY_REPEATS) -> float:
+    """Best of ``repeats`` large tensor copies, in GB/s counting bytes read plus bytes written."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def run_engine(engine: Any, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
+    """Generates for every prompt at once; wall times of the whole run and of each decode step."""
+    from pdmesh.engine.types import EngineRequest, SamplingParams
+
+    sampling = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    outputs: dict[str, list[int]] = {}
+    synchronize(engine.device)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(EngineRequest(f"bench-{i}", p, sampling))
+    steps: list[tuple[int, float]] = []  # (sequences advanced, seconds) once all have a first token
+    while engine.has_unfinished():
+        s0 = time.perf_counter()
+        outs = engine.step()
+        synchronize(engine.device)
+        if len(outputs) == len(prompts):
+            steps.append((len(outs), time.perf_counter() - s0))
+        for out in outs:
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    total = time.perf_counter() - t0
+    full = [t for n, t in steps if n == len(prompts)] or [t for _, t in steps] or [total]
+    return {
+        "total_s": total,
+        "decode_step_s": statistics.mean(full),
+        "tokens": [outputs[f"bench-{i}"] for i in range(len(prompts))],
+    }
+
+
+def run_hf(model: Any, prompts: list[list[int]], output_len: int, device: torch.device) -> dict[str, Any]:
+    """transformers' greedy ``generate`` over the same prompts; its wall time and tokens."""
+    ids = torch.tensor(prompts, device=device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            min_new_tokens=output_len,
+            max_new_tokens=output_len,
+            pad_token_id=0,
+        )
+    synchronize(device)
+    return {"total_s": time.perf_counter() - t0, "tokens": out[:, ids.shape[1] :].tolist()}
+
+
+def decode_step_bytes(engine: Any, batch: int, mean_context: float) -> tuple[int, int]:
+    """(weight bytes, KV bytes) one decode step must read at least, at ``mean_context`` tokens."""
+    model = engine.model
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed = embed if embed is not None else getattr(getattr(model, "model", None), "embed_tokens", None)
+    seen: set[int] = set()
+    weights = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            weights += p.numel() * p.element_size()
+    if embed is not None and not any(p is embed.weight for p in _lm_head_params(model)):
+        row = embed.weight[0]
+        weights += -embed.weight.numel() * embed.weight.element_size() + batch * row.numel() * row.element_size()
+    elem = torch.empty((), dtype=engine.dtype).element_size()
+    per_token = torch.Size(engine.block_shape).numel() // engine.config.block_size * elem
+    return weights, int(batch * mean_context * per_token)
+
+
+def _lm_head_params(model: Any) -> list[torch.Tensor]:
+    head = getattr(model, "lm_head", None)
+    return list(head.parameters()) if head is not None else []
+
+
+def engine_side(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[Any, dict[str, Any]]:
+    from pdmesh.engine.config import EngineConfig
+    from pdmesh.engine.engine import LLMEngine
+
+    b, total_len = args.batch_size, args.input_len + args.output_len
+    config = EngineConfig(
+        model_dir=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=b,
+        max_prefill_batch_size=b,
+        max_prefill_tokens=max(b * args.input_len, 1),
+        num_blocks=b * (-(-total_len // 16) + 1) + 1,
+        max_model_len=total_len,
+        enable_prefix_caching=False,
+        threads=args.threads,
+    )
+    engine = LLMEngine(config)
+    if args.warmup:
+        run_engine(engine, prompts, min(args.output_len, 4))
+    return engine, run_engine(engine, prompts, args.output_len)
+
+
+def hf_side(args: argparse.Namespace, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from pdmesh.accelerator import resolve_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).to(device).eval()
+    if args.warmup:
+        run_hf(model, prompts, min(args.output_len, 4), device)
+    result = run_hf(model, prompts, args.output_len, device)
+    del model
+    return result
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the engine (and the reference) and returns the JSON report."""
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    vocab = int(json.loads((args.model / "config.json").read_text())["vocab_size"])
+    prompts = make_prompts(args.batch_size, args.input_len, vocab, args.seed)
+    b, o = args.batch_size, args.output_len
+    engine, eng = engine_side(args, prompts)
+    weights, kv = decode_step_bytes(engine, b, args.input_len + o / 2)
+    del engine
+    report: dict[str, Any] = {
+        "model": str(args.model),
+        "batch_size": b,
+        "input_len": args.input_len,
+        "output_len": o,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "engine_total_s": eng["total_s"],
+        "engine_output_tokens_per_s": b * o / eng["total_s"],
+        "engine_decode_step_ms": eng["decode_step_s"] * 1e3,
+    }
+    if args.reference == "hf":
+        hf = hf_side(args, prompts, device)
+        same = sum(a == h for a, h in zip(eng["tokens"], hf["tokens"], strict=True))
+        report |= {
+            "hf_total_s": hf["total_s"],
+            "hf_output_tokens_per_s": b * o / hf["total_s"],
+            "ratio": hf["total_s"] / eng["total_s"],
+            "greedy_sequences_equal_to_hf": f"{same}/{b}",
+        }
+    else:
+        report |= {"hf_total_s": None, "hf_output_tokens_per_s": None, "ratio": None}
+    report |= roofline(weights, kv, eng["decode_step_s"], b, measure_memcpy(device))
+    return report
+
+
+def roofline(weights: int, kv: int, step_s: float, batch: int, memcpy_gbs: float) -> dict[str, Any]:
+    """The memory-bandwidth view of one decode step."""
+    step_bytes = weights + kv
+    return {
+        "weight_bytes": weights,
+        "kv_bytes_per_decode_step": kv,
+        "bytes_per_decode_step": step_bytes,
+        "achieved_gbytes_per_s": step_bytes / step_s / 1e9,
+        "memcpy_gbytes_per_s": memcpy_gbs,
+        "roofline_step_ms": step_bytes / (memcpy_gbs * 1e9) * 1e3,
+        "roofline_tokens_per_s": batch * memcpy_gbs * 1e9 / step_bytes,
+        "engine_decode_tokens_per_s": batch / step_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark and prints its JSON; 2 on bad usage."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        print(f"{parser.prog}: error: {args.model} has no config.json", file=sys.stderr)
+        return 2
+    try:
+        report = benchmark(args)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=None if not args.json else 1, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Failures during real traffic (real processes, real Redis): a client that goes away, a prefill
+worker killed with SIGKILL, a decode worker killed mid-stream. Every accepted request completes,
+every KV block returns to its pool and no KV handle key outlives its lease."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import redis
+
+from tests.e2e.conftest import start_stack
+from tests.e2e.helpers import stream_chat, wait_blocks_idle
+
+pytestmark = pytest.mark.timeout(240)
+
+FAST_HEALTH = {"heartbeat-interval-s": "0.2", "suspect-after-s": "0.6", "dead-after-s": "1.2"}
+LEASE_S = 10
+MESSAGES = [{"role": "user", "content": "Write a long story about rain on a tin roof."}]
+
+
+def body(stack, max_tokens: int) -> dict:
+    model = httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+    return {
+        "model": model,
+        "messages": MESSAGES,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+
+
+def assert_handles_within_lease(stack) -> None:
+    client = redis.Redis.from_url(stack.redis_url)
+    for key in client.scan_iter("pdmesh:kv:*"):
+        ttl_ms = client.pttl(key)
+        assert 0 < ttl_ms <= LEASE_S * 1000, f"{key!r} has TTL {ttl_ms} ms"
+
+
+def burst(stack, n: int, max_tokens: int, during=None) -> list[tuple[str, list[dict], list[str]]]:
+    """n concurrent streams; ``during()`` runs once the streams are under way."""
+    payload = body(stack, max_tokens)
+    with ThreadPoolExecutor(n + 1) as pool:
+        futures = [pool.submit(stream_chat, stack.base_url, payload, 120) for _ in range(n)]
+        if during is not None:
+            time.sleep(0.5)
+            during()
+        return [f.result() for f in futures]
+
+
+def test_client_disconnect_frees_blocks_within_a_second(model_factory, tmp_path_factory):
+    stack = start_stack(model_factory("qwen3", "small"), tmp_path_factory, controller_args=FAST_HEALTH)
+    try:
+        with httpx.Client(timeout=60) as client:
+            payload = {**body(stack, 1500), "stream": True}
+            with client.stream("POST", f"{stack.base_url}/v1/chat/completions", json=payload) as response:
+                lines = response.iter_lines()
+                for _ in range(5):
+                    next(lines)
+        gone = time.monotonic()
+        wait_blocks_idle(stack.controller_address, timeout_s=3)
+        assert time.monotonic() - gone < 1.5
+        assert "aborting in the engine" in stack.log_tail("decode-0", 200)
+    finally:
+        stack.stop()
+
+
+def test_prefill_worker_killed_during_burst(tiny_qwen3, tmp_path_factory):
+    stack = start_stack(tiny_qwen3, tmp_path_factory, prefill=2, decode=1, controller_args=FAST_HEALTH)
+    try:
+        results = burst(stack, 8, 48, during=lambda: stack.kill("prefill-0", signal.SIGKILL))
+        for _, chunks, payloads in results:
+            assert payloads[-1] == "[DONE]"
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        wait_blocks_idle(stack.controller_address)
+        assert_handles_within_lease(stack)
+    finally:
+        stack.stop()
+
+
+def test_decode_worker_killed_mid_stream_migrates(tiny_qwen3, tmp_path_factory):
+    stack = start_stack(tiny_qwen3, tmp_path_factory, prefill=1, decode=2, controller_args=FAST_HEALTH)
+    try:
+        killed = threading.Event()
+
+        def kill_decode():
+            stack.kill("decode-0", signal.SIGKILL)
+            killed.set()
+
+        results = burst(stack, 6, 200, during=kill_decode)
+        assert killed.is_set()
+        reference, _, _ = stream_chat(stack.base_url, body(stack, 200))
+        for text, chunks, payloads in results:
+            assert payloads[-1] == "[DONE]"
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert text == reference
+        assert "retrying" in stack.log_tail("coordinator", 400)
+        wait_blocks_idle(stack.controller_address)
+        assert_handles_within_lease(stack)
+    finally:
+        stack.stop()

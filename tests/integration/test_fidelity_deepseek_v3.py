@@ -1,0 +1,175 @@
+"""Our DeepSeek-V3 (MLA + group-limited MoE, YaRN rope) against transformers on the same random checkpoint.
+
+Prefill logits and greedy tokens (alone, batched, from the prefix cache, and across a PREFILL ->
+block copy -> DECODE hand-over), plus the point of MLA: the KV pool holds one latent row of
+``kv_lora_rank + qk_rope_head_dim`` values per token per layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.engine import LLMEngine
+from pdmesh.engine.types import EngineRequest, RequestMode, SamplingParams, TokenOutput
+from pdmesh.models import AttentionMetadata, load_model
+
+pytestmark = pytest.mark.timeout(120)
+
+NEW_TOKENS = 32
+BLOCK = 8
+PROMPTS = [
+    "The network is",
+    "Salt is the most important seasoning in the kitchen, and",
+    "Clouds",
+    "A router reads the destination of each packet, looks it up in a table, and then the weather",
+]
+# The no-q-lora path, rotate-half (non-interleaved) rope, default rope, one expert group.
+VARIANT = dict(q_lora_rank=None, rope_interleave=False, rope_scaling=None, n_group=1, topk_group=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dsv3(model_factory):
+    return model_factory("deepseek_v3", "tiny")
+
+
+def load_hf(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # 32 tokens whatever comes out
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_dsv3):
+    return load_hf(tiny_dsv3)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_dsv3) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dsv3)
+    return [tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def expected(hf_model, prompt_ids) -> list[list[int]]:
+    """HF's greedy continuation of every prompt."""
+    outs = []
+    for ids in prompt_ids:
+        with torch.inference_mode():
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        outs.append(out[0, len(ids) :].tolist())
+    return outs
+
+
+def make_engine(model_dir) -> LLMEngine:
+    return LLMEngine(EngineConfig(model_dir=model_dir, block_size=BLOCK, num_blocks=128))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dsv3) -> LLMEngine:
+    return make_engine(tiny_dsv3)
+
+
+def greedy(n: int = NEW_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def run_all(engine: LLMEngine) -> dict[str, list[TokenOutput]]:
+    outs: dict[str, list[TokenOutput]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    return outs
+
+
+def tokens(outs: list[TokenOutput]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def prefill_logits_diff(model_dir, hf, prompt_ids: list[list[int]]) -> float:
+    """Max |ours - HF| over the prefill logits of every prompt (float32, no engine)."""
+    model, _ = load_model(model_dir, "float32", "cpu")
+    pool = torch.zeros((16, *model.kv_block_shape(BLOCK)))
+    model.bind_kv_cache(pool)
+    worst = 0.0
+    for ids in prompt_ids:
+        n = len(ids)
+        slots = torch.arange(n)
+        table = torch.arange(-(-n // BLOCK))[None, :]
+        meta = AttentionMetadata(True, slots // BLOCK, slots % BLOCK, table, [n], [n])
+        with torch.inference_mode():
+            ours = model.compute_logits(model(torch.tensor(ids), torch.arange(n), meta))
+            ref = hf(torch.tensor([ids])).logits[0]
+        worst = max(worst, (ours - ref).abs().max().item())
+    return worst
+
+
+def test_prefill_logits_match_transformers(tiny_dsv3, hf_model, prompt_ids) -> None:
+    assert prefill_logits_diff(tiny_dsv3, hf_model, prompt_ids) <= 1e-4
+
+
+def test_variant_prefill_logits_match_transformers(model_factory, prompt_ids) -> None:
+    model_dir = model_factory("deepseek_v3", "tiny", **VARIANT)
+    assert prefill_logits_diff(model_dir, load_hf(model_dir), prompt_ids) <= 1e-4
+
+
+def test_kv_pool_holds_one_latent_row_per_token_and_layer(engine) -> None:
+    layout = engine.kv_layout
+    width = 32 + 8  # kv_lora_rank + qk_rope_head_dim of the tiny preset
+    assert layout.kind == "mla" and layout.num_kv_heads == 1 and layout.head_dim == width
+    assert layout.block_shape == (3, BLOCK, width)
+    assert engine.kv_pool.shape[1:] == layout.block_shape
+    assert engine.kv_pool[0].numel() // BLOCK == width * 3
+
+
+def test_greedy_tokens_match_transformers(engine, prompt_ids, expected) -> None:
+    engine.add_request(EngineRequest("solo", prompt_ids[0], greedy()))
+    assert tokens(run_all(engine)["solo"]) == expected[0]
+    for i, ids in enumerate(prompt_ids):  # mixed lengths, run concurrently
+        engine.add_request(EngineRequest(f"b{i}", ids, greedy()))
+    got = run_all(engine)
+    for i in range(len(prompt_ids)):
+        assert tokens(got[f"b{i}"]) == expected[i], PROMPTS[i]
+    assert engine.stats().free_blocks == engine.stats().total_blocks
+
+
+def test_prefix_cache_hits_give_the_same_tokens(tiny_dsv3, prompt_ids, expected) -> None:
+    engine = make_engine(tiny_dsv3)
+    ids = prompt_ids[3]
+    assert len(ids) > BLOCK
+    engine.add_request(EngineRequest("first", ids, greedy()))
+    outs = {"first": engine.step()}  # its prefill caches the prompt's full blocks
+    engine.add_request(EngineRequest("again", ids, greedy()))  # decoded alongside "first"
+    for rid, more in run_all(engine).items():
+        outs.setdefault(rid, []).extend(more)
+    assert tokens(outs["first"]) == tokens(outs["again"]) == expected[3]
+    # the second prompt reuses every full block but the one holding its last token
+    assert engine.stats().prefix_cache_hit_tokens == (len(ids) - 1) // BLOCK * BLOCK > 0
+
+
+def test_prefill_decode_hand_over(engine, tiny_dsv3, prompt_ids, expected) -> None:
+    decoder = make_engine(tiny_dsv3)
+    decoder.allocate_kv(BLOCK * 5)  # so that the decoder's block ids differ from the prefiller's
+    picked = (1, 3)
+    for i in picked:  # prefilled together in one step
+        engine.add_request(EngineRequest(f"r{i}", prompt_ids[i], greedy(), mode=RequestMode.PREFILL))
+    prefilled = run_all(engine)
+    for i in picked:
+        (out,) = prefilled[f"r{i}"]
+        dst = decoder.allocate_kv(len(prompt_ids[i]))
+        decoder.kv_pool[dst] = engine.kv_pool[out.kv_block_ids]
+        engine.free_kv(out.kv_block_ids)
+        decoder.add_request(
+            EngineRequest(
+                f"r{i}", prompt_ids[i], greedy(), RequestMode.DECODE, out.token_ids[0], kv_block_ids=dst
+            )
+        )
+    decoded = run_all(decoder)  # decoded together
+    for i in picked:
+        assert tokens(prefilled[f"r{i}"] + decoded[f"r{i}"]) == expected[i], PROMPTS[i]
+    assert engine.stats().free_blocks == engine.stats().total_blocks
