@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pdmesh.modelgen.common import decoder_config, decoder_weights, norm_weight, normal, swiglu_weights
 from pdmesh.modelgen.registry import ArchWriter, register_arch
 
 # A YaRN-extended context like DeepSeek-V3's (factor 40 over 4096), scaled down. The tiny preset's
@@ -80,106 +81,69 @@ PRESETS: dict[str, dict] = {
 }
 
 
+FAMILY = {
+    "attention_bias": False,
+    "ep_size": 1,
+    "moe_layer_freq": 1,
+    "norm_topk_prob": True,
+    "num_nextn_predict_layers": 0,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+}
+
+
 def build_config(fields: dict, special_ids: dict[str, int], dtype: str) -> dict:
     """A config.json like DeepSeek-V3's, with the preset's sizes."""
-    fields = dict(fields)
-    fields.pop("init_std", None)
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": special_ids["<|endoftext|>"],
-        "eos_token_id": special_ids["<|im_end|>"],
-        "ep_size": 1,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "model_type": "deepseek_v3",
-        "moe_layer_freq": 1,
-        "norm_topk_prob": True,
-        "num_nextn_predict_layers": 0,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "scoring_func": "sigmoid",
-        "tie_word_embeddings": False,
-        "topk_method": "noaux_tc",
-        "torch_dtype": dtype,
-        "dtype": dtype,
-        "transformers_version": "4.51.0",
-        "use_cache": True,
-        **fields,
-    }
-
-
-def _normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=gen) * std
-
-
-def _norm_weight(dim: int, gen: torch.Generator) -> torch.Tensor:
-    return 1.0 + 0.1 * torch.randn(dim, generator=gen)
+    return decoder_config("DeepseekV3ForCausalLM", "deepseek_v3", FAMILY, fields, special_ids, dtype)
 
 
 def _attention_weights(cfg: dict, std: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """MLA's ``self_attn.*`` tensors (q through ``q_a``/``q_b`` when ``q_lora_rank`` is set)."""
     h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
     lora, q_lora = cfg["kv_lora_rank"], cfg.get("q_lora_rank")
     w: dict[str, torch.Tensor] = {}
     if q_lora:
-        w["q_a_proj.weight"] = _normal((q_lora, h), std, gen)
-        w["q_a_layernorm.weight"] = _norm_weight(q_lora, gen)
-        w["q_b_proj.weight"] = _normal((nh * qk, q_lora), std, gen)
+        w["q_a_proj.weight"] = normal((q_lora, h), std, gen)
+        w["q_a_layernorm.weight"] = norm_weight(q_lora, gen)
+        w["q_b_proj.weight"] = normal((nh * qk, q_lora), std, gen)
     else:
-        w["q_proj.weight"] = _normal((nh * qk, h), std, gen)
-    w["kv_a_proj_with_mqa.weight"] = _normal((lora + cfg["qk_rope_head_dim"], h), std, gen)
-    w["kv_a_layernorm.weight"] = _norm_weight(lora, gen)
-    w["kv_b_proj.weight"] = _normal((nh * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), lora), std, gen)
-    w["o_proj.weight"] = _normal((h, nh * cfg["v_head_dim"]), std, gen)
-    return w
-
-
-def _swiglu_weights(h: int, inter: int, std: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {
-        "gate_proj.weight": _normal((inter, h), std, gen),
-        "up_proj.weight": _normal((inter, h), std, gen),
-        "down_proj.weight": _normal((h, inter), std, gen),
-    }
+        w["q_proj.weight"] = normal((nh * qk, h), std, gen)
+    w["kv_a_proj_with_mqa.weight"] = normal((lora + cfg["qk_rope_head_dim"], h), std, gen)
+    w["kv_a_layernorm.weight"] = norm_weight(lora, gen)
+    w["kv_b_proj.weight"] = normal((nh * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), lora), std, gen)
+    w["o_proj.weight"] = normal((h, nh * cfg["v_head_dim"]), std, gen)
+    return {f"self_attn.{name}": t for name, t in w.items()}
 
 
 def _moe_weights(cfg: dict, std: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Router (with its choice bias), per-expert SwiGLUs and the shared experts, under ``mlp.``."""
     h, inter, experts = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["n_routed_experts"]
     w = {
-        "gate.weight": _normal((experts, h), std, gen),
-        "gate.e_score_correction_bias": _normal((experts,), 0.1, gen),
+        "mlp.gate.weight": normal((experts, h), std, gen),
+        "mlp.gate.e_score_correction_bias": normal((experts,), 0.1, gen),
     }
     for j in range(experts):
-        for name, t in _swiglu_weights(h, inter, std, gen).items():
-            w[f"experts.{j}.{name}"] = t
-    shared = inter * cfg.get("n_shared_experts", 1)
-    for name, t in _swiglu_weights(h, shared, std, gen).items():
-        w[f"shared_experts.{name}"] = t
+        w.update(swiglu_weights(f"mlp.experts.{j}.", h, inter, std, gen))
+    shared = inter * (cfg.get("n_shared_experts") or 1)
+    w.update(swiglu_weights("mlp.shared_experts.", h, shared, std, gen))
+    return w
+
+
+def _layer_tensors(cfg: dict, layer: int, std: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    w = _attention_weights(cfg, std, gen)
+    if layer < (cfg.get("first_k_dense_replace") or 0):
+        w.update(swiglu_weights("mlp.", cfg["hidden_size"], cfg["intermediate_size"], std, gen))
+    else:
+        w.update(_moe_weights(cfg, std, gen))
     return w
 
 
 def build_weights(cfg: dict, gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every parameter of DeepseekV3ForCausalLM under its Hugging Face checkpoint name."""
-    std = cfg.get("_init_std", 0.05)
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _normal((v, h), 1.0, gen)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = _norm_weight(h, gen)
-        w[p + "post_attention_layernorm.weight"] = _norm_weight(h, gen)
-        for name, t in _attention_weights(cfg, std, gen).items():
-            w[p + "self_attn." + name] = t
-        if i < cfg.get("first_k_dense_replace", 0):
-            mlp = _swiglu_weights(h, cfg["intermediate_size"], std, gen)
-        else:
-            mlp = _moe_weights(cfg, std, gen)
-        for name, t in mlp.items():
-            w[p + "mlp." + name] = t
-    w["model.norm.weight"] = _norm_weight(h, gen)
-    if not cfg.get("tie_word_embeddings", False):
-        w["lm_head.weight"] = _normal((v, h), std, gen)
-    return {k: t.to(dtype).contiguous() for k, t in w.items()}
+    return decoder_weights(cfg, gen, dtype, _layer_tensors)
 
 
 register_arch(ArchWriter("deepseek_v3", PRESETS, build_config, build_weights))

@@ -202,7 +202,7 @@ class OpenAIServer:
 
     def _generate(self, job: Job) -> AsyncIterator[GenerationChunk]:
         if not self.backend.ready():
-            raise GenerationError("no healthy prefill and decode instances", status_code=503)
+            raise GenerationError("no healthy prefill and decode instances", status_code=503, retry_after_s=1)
         log.info(
             "[%s] %s: %d prompt tokens, max_tokens %d%s",
             job.request_id,
