@@ -37,6 +37,12 @@ class LoadData:
     free_blocks: int = 0
     total_blocks: int = 0
     queued_prefill_tokens: int = 0
+    pinned_handles: int = 0  # prefilled KV handles still pinned (a role flip waits for none)
+    prompt_tokens_total: int = 0  # prompt tokens prefilled since start; rates come from deltas
+
+    def idle(self) -> bool:
+        """Nothing running, waiting or pinned: the instance may switch its role."""
+        return self.running == 0 and self.waiting == 0 and self.pinned_handles == 0
 
 
 @dataclass

@@ -25,6 +25,27 @@ class ControllerConfig(BaseSettings):
         3.0, gt=0, description="no heartbeat for this long: the instance is suspect"
     )
     dead_after_s: float = Field(6.0, gt=0, description="no heartbeat for this long: the instance is dead")
+    probe_interval_s: float = Field(
+        1.0, gt=0, le=60, description="how often each instance's gRPC health service is probed"
+    )
+    advertise_address: str | None = Field(
+        None, description="host:port that standbys hand to clients; default: host and the bound port"
+    )
+    lease_ttl_s: float = Field(
+        3.0, gt=0, le=300, description="HA: the active controller's Redis lease; a standby takes over within 2x"
+    )
+    pd_ratio: str = Field(
+        "off", description="target prefill:decode ratio: 'P:D' (e.g. 2:1), 'auto' (from demand) or 'off'"
+    )
+    ratio_interval_s: float = Field(2.0, gt=0, description="how often the ratio is checked")
+    flip_cooldown_s: float = Field(30.0, ge=0, description="least time between two automatic role flips")
+    drain_timeout_s: float = Field(60.0, gt=0, description="longest wait for a flipping worker to drain")
+    prefill_capacity_tokens_per_s: float = Field(
+        4000.0, gt=0, description="auto ratio: prompt tokens/s one prefill instance handles"
+    )
+    decode_batch_capacity: int = Field(
+        64, ge=1, description="auto ratio: running sequences one decode instance handles well"
+    )
 
 
 class CoordinatorConfig(BaseSettings):
@@ -37,7 +58,9 @@ class CoordinatorConfig(BaseSettings):
         8000, ge=0, le=65535, description="HTTP port for the OpenAI API; 0 picks a free one"
     )
     grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port for Generate; 0 picks a free one")
-    controller: str = Field(..., description="controller address host:port")
+    controller: str = Field(
+        ..., description="controller address host:port, or several (comma-separated) for HA"
+    )
     model_dir: str = Field(..., description="checkpoint directory (tokenizer, chat template, config)")
     model_name: str | None = Field(
         None, description="model id served at /v1/models; default: the directory name"
@@ -78,7 +101,9 @@ class WorkerConfig(BaseSettings):
     instance_id: str | None = Field(None, description="unique id; default: role-host-port")
     host: str = Field("127.0.0.1", description="address the gRPC and transfer servers bind")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-    controller: str = Field(..., description="controller address host:port")
+    controller: str = Field(
+        ..., description="controller address host:port, or several (comma-separated) for HA"
+    )
     redis_url: str = Field(..., description="Redis holding the KV handle registry")
     model_dir: str = Field(..., description="checkpoint directory in Hugging Face layout")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(

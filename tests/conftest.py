@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The suite runs many processes (workers, engines) on few cores: one math thread each keeps them from
+# fighting over the cores. Set before torch is imported anywhere; child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,10 @@ def llama3_rope(factor: float, original_max_position_embeddings: int) -> dict:
     }
 
 
-# Llama 3.2-1B's shape, scaled down: tied embeddings, theta 500000, llama3 rope. The tiny preset's
-# original context of 256 puts its 8 head_dim/2 frequencies in all three llama3 bands (kept,
-# smoothed, divided by ``factor``).
+# Llama 3.1-8B's shape, scaled down: GQA, theta 500000, llama3 rope, untied embeddings (tied random
+# embeddings of std 1 make greedy decoding repeat one token). The tiny preset's original context of
+# 256 puts its 8 head_dim/2 frequencies in all three llama3 bands (kept, smoothed, divided by
+# ``factor``); its max_position_embeddings stays small to keep the engine's tables small.
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         hidden_size=64,
@@ -30,9 +31,8 @@ PRESETS: dict[str, dict] = {
         num_key_value_heads=2,
         head_dim=16,
         intermediate_size=128,
-        max_position_embeddings=2048,
+        max_position_embeddings=512,
         rope_scaling=llama3_rope(8.0, 256),
-        tie_word_embeddings=True,
         vocab_size=None,  # the tokenizer's
         init_std=0.1,
     ),
@@ -45,7 +45,6 @@ PRESETS: dict[str, dict] = {
         intermediate_size=768,
         max_position_embeddings=8192,
         rope_scaling=llama3_rope(8.0, 1024),
-        tie_word_embeddings=True,
         vocab_size=None,
         init_std=0.05,
     ),
@@ -61,7 +60,7 @@ FAMILY = {
 
 
 def build_config(fields: dict, special_ids: dict[str, int], dtype: str) -> dict:
-    """A config.json like Llama-3.2-1B's, with the preset's sizes."""
+    """A config.json like Llama-3.1-8B's, with the preset's sizes."""
     return decoder_config("LlamaForCausalLM", "llama", FAMILY, fields, special_ids, dtype)
 
 

@@ -1,7 +1,8 @@
 """Clients of the controller: ``InstanceAgent`` (a worker's membership) and ``ClusterWatcher`` (the view).
 
 Both outlive the controller: when it is away they log a warning, back off and try again, and the
-watcher keeps serving its last view meanwhile.
+watcher keeps serving its last view meanwhile. Both take one address or several (comma-separated, for
+active/standby controllers) and follow the active one (``pdmesh.rpc.controller_endpoints``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from pdmesh.cluster import ClusterViewData, InstanceInfoData, LoadData
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
+from pdmesh.rpc.controller_endpoints import ControllerEndpoints
 from pdmesh.rpc.convert_cluster import instance_to_proto, load_to_proto, view_from_proto
 from pdmesh.v1 import controller_pb2, controller_pb2_grpc
 
@@ -64,7 +66,7 @@ class InstanceAgent:
         call_timeout_s: float = 2.0,
         backoff: Backoff | None = None,
     ) -> None:
-        self.controller_address = controller_address
+        self.endpoints = ControllerEndpoints(controller_address)
         self.info = info
         self._load_fn = load_fn
         self._call_timeout_s = min(call_timeout_s, DEFAULT_DEADLINE_S)
@@ -77,8 +79,19 @@ class InstanceAgent:
         self._failures = 0
 
     @property
+    def controller_address(self) -> str:
+        """The controller this agent talks to now (the active one, as far as it knows)."""
+        return self.endpoints.current
+
+    @property
     def registered(self) -> bool:
         return self._registered.is_set()
+
+    async def update_info(self, info: InstanceInfoData) -> bool:
+        """Replaces this instance's record (a role flip) and registers it again at once; True when
+        the controller took it (otherwise the loop keeps trying)."""
+        self.info = info
+        return await self._register()
 
     async def start(self, register_timeout_s: float | None = None) -> None:
         """Starts the loop and waits until the first Register succeeded (or the timeout passed)."""
@@ -195,8 +208,11 @@ class InstanceAgent:
             exc.code().name,
             exc.details(),
         )
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        moved = self.endpoints.follow(exc)
+        if moved or exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             await self._close_channel()  # a fresh channel skips gRPC's own reconnect backoff
+        if moved:
+            self._backoff.reset()
 
     def _load(self) -> LoadData:
         try:
@@ -221,7 +237,7 @@ class ClusterWatcher:
     def __init__(
         self, controller_address: str, watcher_id: str = "", *, backoff: Backoff | None = None
     ) -> None:
-        self.controller_address = controller_address
+        self.endpoints = ControllerEndpoints(controller_address)
         self.watcher_id = watcher_id
         self._backoff = backoff or Backoff()
         self._view = ClusterViewData()
@@ -231,6 +247,11 @@ class ClusterWatcher:
         self.connected = False
         self.views_received = 0
         self._failures = 0
+
+    @property
+    def controller_address(self) -> str:
+        """The controller followed now (the active one, as far as this watcher knows)."""
+        return self.endpoints.current
 
     @property
     def view(self) -> ClusterViewData:
@@ -297,6 +318,8 @@ class ClusterWatcher:
                     exc.details(),
                     self._view.summary(),
                 )
+                if self.endpoints.follow(exc):
+                    self._backoff.reset()
             except ValueError as exc:
                 log.error("bad cluster view from %s: %s; reconnecting", self.controller_address, exc)
             self._set_connected(False)

@@ -49,6 +49,8 @@ def load_to_proto(load: LoadData) -> common_pb2.InstanceLoad:
         free_blocks=load.free_blocks,
         total_blocks=load.total_blocks,
         queued_prefill_tokens=load.queued_prefill_tokens,
+        pinned_handles=load.pinned_handles,
+        prompt_tokens_total=load.prompt_tokens_total,
     )
 
 
@@ -59,6 +61,8 @@ def load_from_proto(msg: common_pb2.InstanceLoad) -> LoadData:
         free_blocks=msg.free_blocks,
         total_blocks=msg.total_blocks,
         queued_prefill_tokens=msg.queued_prefill_tokens,
+        pinned_handles=msg.pinned_handles,
+        prompt_tokens_total=msg.prompt_tokens_total,
     )
 
 

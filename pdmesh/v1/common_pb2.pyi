@@ -129,18 +129,22 @@ class KVHandle(_message.Message):
     def __init__(self, handle_id: _Optional[str] = ..., request_id: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., expires_at: _Optional[float] = ..., version: _Optional[int] = ..., prefill_address: _Optional[str] = ...) -> None: ...
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "queued_prefill_tokens")
+    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "queued_prefill_tokens", "pinned_handles", "prompt_tokens_total")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_blocks: int
     total_blocks: int
     queued_prefill_tokens: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ...) -> None: ...
+    pinned_handles: int
+    prompt_tokens_total: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_handles: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
     __slots__ = ("instance_id", "role", "address", "transfer_endpoint", "state", "load", "model", "last_heartbeat")

@@ -62,7 +62,51 @@ class ListInstancesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListInstancesResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "ratio", "active", "fencing_token")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[_common_pb2.InstanceInfo]
-    def __init__(self, instances: _Optional[_Iterable[_Union[_common_pb2.InstanceInfo, _Mapping]]] = ...) -> None: ...
+    ratio: str
+    active: str
+    fencing_token: int
+    def __init__(self, instances: _Optional[_Iterable[_Union[_common_pb2.InstanceInfo, _Mapping]]] = ..., ratio: _Optional[str] = ..., active: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
+
+class SetRatioRequest(_message.Message):
+    __slots__ = ("ratio",)
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    ratio: str
+    def __init__(self, ratio: _Optional[str] = ...) -> None: ...
+
+class SetRatioResponse(_message.Message):
+    __slots__ = ("ratio",)
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    ratio: str
+    def __init__(self, ratio: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: _common_pb2.InstanceInfo
+    def __init__(self, instance: _Optional[_Union[_common_pb2.InstanceInfo, _Mapping]] = ...) -> None: ...
+
+class FlipRoleRequest(_message.Message):
+    __slots__ = ("instance_id", "role")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    role: _common_pb2.Role
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ...) -> None: ...
+
+class FlipRoleResponse(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: _common_pb2.InstanceInfo
+    def __init__(self, instance: _Optional[_Union[_common_pb2.InstanceInfo, _Mapping]] = ...) -> None: ...

@@ -59,6 +59,26 @@ class ControllerStub:
                 request_serializer=pdmesh_dot_v1_dot_controller__pb2.ListInstancesRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_controller__pb2.ListInstancesResponse.FromString,
                 _registered_method=True)
+        self.SetRatio = channel.unary_unary(
+                '/pdmesh.v1.Controller/SetRatio',
+                request_serializer=pdmesh_dot_v1_dot_controller__pb2.SetRatioRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_controller__pb2.SetRatioResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdmesh.v1.Controller/Drain',
+                request_serializer=pdmesh_dot_v1_dot_controller__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_controller__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/pdmesh.v1.Controller/Undrain',
+                request_serializer=pdmesh_dot_v1_dot_controller__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_controller__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.FlipRole = channel.unary_unary(
+                '/pdmesh.v1.Controller/FlipRole',
+                request_serializer=pdmesh_dot_v1_dot_controller__pb2.FlipRoleRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_controller__pb2.FlipRoleResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -95,6 +115,35 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRatio(self, request, context):
+        """Administration. SetRatio: "P:D" (e.g. "2:1"), "auto" or "off"; INVALID_ARGUMENT otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Takes an instance offline at the coordinators (DRAINING) until Undrain; NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undrain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlipRole(self, request, context):
+        """Drains the instance, switches its role in place and puts it back online; answers when done.
+        FAILED_PRECONDITION when it would leave no prefill or no decode instance, or while another
+        flip runs; DEADLINE_EXCEEDED when its work did not drain in time (it is put back online).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +171,26 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ListInstances,
                     request_deserializer=pdmesh_dot_v1_dot_controller__pb2.ListInstancesRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_controller__pb2.ListInstancesResponse.SerializeToString,
+            ),
+            'SetRatio': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRatio,
+                    request_deserializer=pdmesh_dot_v1_dot_controller__pb2.SetRatioRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_controller__pb2.SetRatioResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=pdmesh_dot_v1_dot_controller__pb2.DrainRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_controller__pb2.DrainResponse.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=pdmesh_dot_v1_dot_controller__pb2.DrainRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_controller__pb2.DrainResponse.SerializeToString,
+            ),
+            'FlipRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlipRole,
+                    request_deserializer=pdmesh_dot_v1_dot_controller__pb2.FlipRoleRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_controller__pb2.FlipRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +328,114 @@ class Controller:
             '/pdmesh.v1.Controller/ListInstances',
             pdmesh_dot_v1_dot_controller__pb2.ListInstancesRequest.SerializeToString,
             pdmesh_dot_v1_dot_controller__pb2.ListInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRatio(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Controller/SetRatio',
+            pdmesh_dot_v1_dot_controller__pb2.SetRatioRequest.SerializeToString,
+            pdmesh_dot_v1_dot_controller__pb2.SetRatioResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Controller/Drain',
+            pdmesh_dot_v1_dot_controller__pb2.DrainRequest.SerializeToString,
+            pdmesh_dot_v1_dot_controller__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Controller/Undrain',
+            pdmesh_dot_v1_dot_controller__pb2.DrainRequest.SerializeToString,
+            pdmesh_dot_v1_dot_controller__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlipRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Controller/FlipRole',
+            pdmesh_dot_v1_dot_controller__pb2.FlipRoleRequest.SerializeToString,
+            pdmesh_dot_v1_dot_controller__pb2.FlipRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

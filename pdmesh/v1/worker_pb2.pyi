@@ -88,3 +88,17 @@ class AbortResponse(_message.Message):
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("role",)
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    role: _common_pb2.Role
+    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ("previous_role", "transfer_endpoint")
+    PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    previous_role: _common_pb2.Role
+    transfer_endpoint: str
+    def __init__(self, previous_role: _Optional[_Union[_common_pb2.Role, str]] = ..., transfer_endpoint: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/pdmesh.v1.Worker/SetRole',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -87,6 +92,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Switches this worker's role inside the running process (the controller calls it on a drained
+        worker). FAILED_PRECONDITION while requests or pinned KV handles remain; INVALID_ARGUMENT for
+        ROLE_UNSPECIFIED. The worker registers again with its new role before answering.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +123,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.SetRoleRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.SetRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +238,33 @@ class Worker:
             '/pdmesh.v1.Worker/Abort',
             pdmesh_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
             pdmesh_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Worker/SetRole',
+            pdmesh_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.SetRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

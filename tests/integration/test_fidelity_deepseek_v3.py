@@ -164,11 +164,9 @@ def test_prefill_decode_hand_over(engine, tiny_dsv3, prompt_ids, expected) -> No
         dst = decoder.allocate_kv(len(prompt_ids[i]))
         decoder.kv_pool[dst] = engine.kv_pool[out.kv_block_ids]
         engine.free_kv(out.kv_block_ids)
-        decoder.add_request(
-            EngineRequest(
-                f"r{i}", prompt_ids[i], greedy(), RequestMode.DECODE, out.token_ids[0], kv_block_ids=dst
-            )
-        )
+        request = EngineRequest(f"r{i}", prompt_ids[i], greedy(), mode=RequestMode.DECODE)
+        request.first_token, request.kv_block_ids = out.token_ids[0], dst
+        decoder.add_request(request)
     decoded = run_all(decoder)  # decoded together
     for i in picked:
         assert tokens(prefilled[f"r{i}"] + decoded[f"r{i}"]) == expected[i], PROMPTS[i]

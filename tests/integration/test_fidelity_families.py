@@ -39,10 +39,10 @@ HF_NAMES = {
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 # What the tiny presets leave off: Llama without rope scaling but with q/k/v/o and MLP biases and
-# untied embeddings; Qwen2 with tied embeddings; Qwen3-MoE without top-k renormalisation and with
+# tied embeddings; Qwen2 with tied embeddings; Qwen3-MoE without top-k renormalisation and with
 # every second layer sparse (decoder_sparse_step=2, no mlp_only_layers).
 VARIANTS = {
-    "llama": dict(rope_scaling=None, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    "llama": dict(rope_scaling=None, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "qwen2": dict(tie_word_embeddings=True),
     "qwen3_moe": dict(norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=()),
 }

@@ -1,0 +1,107 @@
+"""The cluster state in Redis, written only by the lease holder (every write is fenced in Lua).
+
+Keys (prefix ``pdmesh:``): ``ctl:instances`` (hash: instance id -> JSON record with its role, address,
+endpoint, model and draining mark), ``ctl:meta`` (hash: ``ratio``, ``version``). Loads and heartbeat
+times are not stored: they come again with the next heartbeats, and a controller that takes over
+gives every stored instance a fresh grace period.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from pdmesh.cluster import InstanceInfoData, Role
+
+_FENCE_CHECK = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current ~= tonumber(ARGV[1]) then
+  return redis.error_reply('FENCED stale fencing token ' .. ARGV[1] .. ', current ' .. current)
+end
+"""
+
+_HSET = _FENCE_CHECK + "redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) return 1"
+_HDEL = _FENCE_CHECK + "return redis.call('HDEL', KEYS[2], ARGV[2])"
+
+
+class FencedOut(RuntimeError):
+    """A write was refused: a newer controller holds the lease."""
+
+
+@dataclass
+class StoredState:
+    """What a controller taking over loads."""
+
+    instances: list[InstanceInfoData]
+    draining: set[str]
+    ratio: str | None
+    version: int
+
+
+def encode_instance(info: InstanceInfoData, draining: bool) -> str:
+    return json.dumps(
+        {
+            "role": info.role.value,
+            "address": info.address,
+            "transfer_endpoint": info.transfer_endpoint,
+            "model": info.model,
+            "draining": draining,
+        }
+    )
+
+
+def decode_instance(instance_id: str, raw: str) -> tuple[InstanceInfoData, bool]:
+    fields = json.loads(raw)
+    info = InstanceInfoData(
+        instance_id=instance_id,
+        role=Role(fields["role"]),
+        address=fields["address"],
+        transfer_endpoint=fields.get("transfer_endpoint", ""),
+        model=fields.get("model", ""),
+    )
+    return info, bool(fields.get("draining"))
+
+
+class ClusterStore:
+    """Fenced reads and writes of the controller's state."""
+
+    def __init__(self, redis: aioredis.Redis, fence_key: str, prefix: str = "pdmesh:") -> None:
+        self.redis = redis
+        self.fence_key = fence_key
+        self.instances_key = f"{prefix}ctl:instances"
+        self.meta_key = f"{prefix}ctl:meta"
+        self._hset = redis.register_script(_HSET)
+        self._hdel = redis.register_script(_HDEL)
+
+    async def _fenced(self, script, key: str, token: int, *args: str) -> int:
+        try:
+            return int(await script(keys=[self.fence_key, key], args=[token, *args]))
+        except aioredis.ResponseError as exc:
+            if "FENCED" in str(exc):
+                raise FencedOut(str(exc)) from None
+            raise
+
+    async def put_instance(self, token: int, info: InstanceInfoData, draining: bool) -> None:
+        await self._fenced(
+            self._hset, self.instances_key, token, info.instance_id, encode_instance(info, draining)
+        )
+
+    async def delete_instance(self, token: int, instance_id: str) -> None:
+        await self._fenced(self._hdel, self.instances_key, token, instance_id)
+
+    async def set_meta(self, token: int, name: str, value: str) -> None:
+        await self._fenced(self._hset, self.meta_key, token, name, value)
+
+    async def load(self) -> StoredState:
+        """Everything stored (empty on a fresh Redis)."""
+        raw = await self.redis.hgetall(self.instances_key)
+        meta = await self.redis.hgetall(self.meta_key)
+        instances, draining = [], set()
+        for instance_id in sorted(raw):
+            info, drained = decode_instance(instance_id, raw[instance_id])
+            instances.append(info)
+            if drained:
+                draining.add(instance_id)
+        return StoredState(instances, draining, meta.get("ratio"), int(meta.get("version", "0")))
