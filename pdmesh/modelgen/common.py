@@ -52,7 +52,13 @@ def decoder_config(
 
 
 def attention_weights(
-    cfg: dict, std: float, gen: torch.Generator, *, qk_norm: bool = False, qkv_bias: bool = False, o_bias: bool = False
+    cfg: dict,
+    std: float,
+    gen: torch.Generator,
+    *,
+    qk_norm: bool = False,
+    qkv_bias: bool = False,
+    o_bias: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``self_attn.*`` tensors: q/k/v/o projections, then optional QK-norm weights and biases."""
     h, nh, nkv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)

@@ -89,7 +89,9 @@ class DecoderForCausalLM(KVCacheMixin, nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        layers = [DecoderLayer(cfg, self.make_attention(cfg), self.make_mlp(cfg, i)) for i in range(cfg.num_layers)]
+        layers = [
+            DecoderLayer(cfg, self.make_attention(cfg), self.make_mlp(cfg, i)) for i in range(cfg.num_layers)
+        ]
         self.model = DecoderModel(cfg, layers)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None

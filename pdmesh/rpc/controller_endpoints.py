@@ -10,7 +10,11 @@ from __future__ import annotations
 import grpc
 
 ACTIVE_METADATA_KEY = "pdmesh-active-controller"
-_MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION)
+_MOVE_ON = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
 
 
 def parse_addresses(spec: str) -> list[str]:

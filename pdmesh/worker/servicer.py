@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from pdmesh.engine.types import TokenOutput
 from pdmesh.rpc.convert import handle_from_proto, handle_to_proto, sampling_from_proto
+from pdmesh.rpc.convert_cluster import role_from_proto, role_to_proto
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pdmesh.worker.decode import DecodeHandler
 from pdmesh.worker.errors import ErrorKind, WorkerError
@@ -27,14 +28,45 @@ def _chunk(output: TokenOutput) -> worker_pb2.DecodeChunk:
     return worker_pb2.DecodeChunk(token_ids=output.token_ids, finished=output.finished, finish_reason=reason)
 
 
-class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Prefill, Decode, Release and Abort for whichever phases this worker's role allows."""
+# Switches the worker's role in place: (new role) -> transfer endpoint; WorkerBusy while work remains.
+RoleSwitch = Callable[[str], Awaitable[str]]
 
-    def __init__(self, role: str, prefill: PrefillHandler | None, decode: DecodeHandler, bridge) -> None:
+
+class WorkerBusy(RuntimeError):
+    """The worker still runs requests or holds pinned KV handles; it cannot switch its role yet."""
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Prefill, Decode, Release, Abort and SetRole for whichever phases this worker's role allows."""
+
+    def __init__(
+        self,
+        role: str,
+        prefill: PrefillHandler | None,
+        decode: DecodeHandler,
+        bridge,
+        switch_role: RoleSwitch | None = None,
+    ) -> None:
         self.role = role
         self.prefill_handler = prefill
         self.decode_handler = decode
         self.bridge = bridge
+        self.switch_role = switch_role
+        self.prompt_tokens_total = 0  # prompt tokens prefilled here (reported in heartbeats)
+
+    async def SetRole(self, request, context):  # noqa: N802
+        try:
+            role = role_from_proto(request.role).value
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad SetRole: {exc}")
+        if self.switch_role is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this worker cannot switch roles")
+        previous = self.role
+        try:
+            endpoint = await self.switch_role(role)
+        except WorkerBusy as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return worker_pb2.SetRoleResponse(previous_role=role_to_proto(previous), transfer_endpoint=endpoint)
 
     async def Prefill(self, request, context):  # noqa: N802 (gRPC method name)
         if self.prefill_handler is None or self.role == "decode":
@@ -42,6 +74,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 grpc.StatusCode.FAILED_PRECONDITION, f"this worker's role is {self.role}, not prefill"
             )
         prompt_ids, sampling = await _validated(request, context)
+        self.prompt_tokens_total += len(prompt_ids)
         try:
             result = await self.prefill_handler.prefill(request.request_id, prompt_ids, sampling)
         except ValueError as exc:
@@ -66,6 +99,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
         prompt_ids, sampling = await _validated(request, context)
         if request.prefill_locally:
+            self.prompt_tokens_total += len(prompt_ids)
             outputs = self.decode_handler.generate_local(request.request_id, prompt_ids, sampling)
         elif request.HasField("handle"):
             handle = handle_from_proto(request.handle)
@@ -113,4 +147,4 @@ async def _validated(request, context):
     return list(request.prompt_ids), sampling
 
 
-__all__ = ["WorkerServicer", "ErrorKind"]
+__all__ = ["WorkerServicer", "WorkerBusy", "ErrorKind"]

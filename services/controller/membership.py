@@ -207,6 +207,10 @@ class Membership:
         self.dirty.add(instance_id)
         return True
 
+    def touch(self) -> None:
+        """Wakes every view stream (say, on stepping down) by moving the version on."""
+        self._bump()
+
     def _bump(self) -> None:
         self._version += 1
         event, self._changed = self._changed, asyncio.Event()

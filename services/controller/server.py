@@ -1,4 +1,5 @@
-"""Assembles the controller: membership, the gRPC servicer with the health service, and the sweep loop.
+"""Assembles the controller: membership, the gRPC servicer with the health service, leadership (HA),
+health probes, the role manager, and the loops that drive them (sweep, probe, ratio, state flush).
 
 ``create_controller`` is apart from ``main`` so that tests bind port 0 and run it in-process.
 """
@@ -14,7 +15,11 @@ from collections.abc import Awaitable, Callable
 from pdmesh.config import ControllerConfig
 from pdmesh.rpc.server import RunningServer, start_server
 from pdmesh.v1 import controller_pb2_grpc
+from services.controller.ha import Leadership
 from services.controller.membership import Membership
+from services.controller.probe import HealthProber
+from services.controller.ratio import Capacity, RatioPolicy, parse_ratio
+from services.controller.roles import LocalGrpcActuator, RoleActuator, RoleManager
 from services.controller.servicer import ControllerServicer
 
 log = logging.getLogger(__name__)
@@ -43,14 +48,35 @@ class ControllerService:
         membership: Membership,
         servicer: ControllerServicer,
         on_instance_dead: DeadHook,
+        actuator: RoleActuator | None = None,
     ) -> None:
         self.config = config
         self.membership = membership
         self.servicer = servicer
         self.on_instance_dead = on_instance_dead
         self.server: RunningServer | None = None
+        self.leadership = Leadership(
+            membership, "", config.redis_url, config.lease_ttl_s, on_transition=self._on_transition
+        )
+        self.prober = HealthProber(membership, config.probe_interval_s)
+        capacity = Capacity(config.prefill_capacity_tokens_per_s, config.decode_batch_capacity)
+        self.roles = RoleManager(
+            membership,
+            actuator or LocalGrpcActuator(timeout_s=config.drain_timeout_s),
+            RatioPolicy(capacity, config.flip_cooldown_s),
+            parse_ratio(config.pd_ratio),
+            self.leadership.flush,
+            drain_timeout_s=config.drain_timeout_s,
+            settle_s=min(1.0, config.heartbeat_interval_s * 1.5),
+        )
+        servicer.leadership, servicer.roles = self.leadership, self.roles
         self._sweep_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._hook_tasks: set[asyncio.Task] = set()
+
+    @property
+    def active(self) -> bool:
+        return self.leadership.active
 
     @property
     def port(self) -> int:
@@ -58,30 +84,83 @@ class ControllerService:
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        return self.config.advertise_address or f"{self.config.host}:{self.port}"
 
     async def start(self) -> None:
+        """Binds, tries for the lease once (so that the first controller up is active at once), then
+        starts the loops."""
         register = lambda s: controller_pb2_grpc.add_ControllerServicer_to_server(self.servicer, s)  # noqa: E731
         self.server = await start_server(register, [SERVICE_NAME], self.config.host, self.config.port)
+        self.leadership.address = self.address
+        if self.leadership.lease is not None:
+            self.leadership.lease.address = self.address
+        else:
+            self.leadership.active_address = self.address
         self._sweep_task = asyncio.ensure_future(self._sweep_forever(sweep_interval_s(self.config)))
+        is_active = lambda: self.leadership.active  # noqa: E731
+        self._tasks = [
+            asyncio.ensure_future(self.leadership.run_forever()),
+            asyncio.ensure_future(self.prober.run_forever(is_active)),
+            asyncio.ensure_future(self.roles.run_forever(self.config.ratio_interval_s, is_active)),
+            asyncio.ensure_future(self._flush_forever()),
+        ]
         log.info(
-            "controller serving on %s (heartbeat %.2fs, suspect after %.2fs, dead after %.2fs)",
+            "controller serving on %s (heartbeat %.2fs, suspect after %.2fs, dead after %.2fs, ratio %s)",
             self.address,
             self.config.heartbeat_interval_s,
             self.config.suspect_after_s,
             self.config.dead_after_s,
+            self.roles.target,
         )
+
+    def _on_transition(self, active: bool) -> None:
+        """Becoming active: take the stored ratio (or store ours); either way wake the view streams."""
+        if active:
+            stored = self.leadership.stored_ratio
+            try:
+                self.roles.target = parse_ratio(stored) if stored else self.roles.target
+            except ValueError:
+                log.warning("ignoring the stored ratio %r", stored)
+            if not stored:
+                self._spawn(self.leadership.set_ratio(str(self.roles.target)))
+        self.membership.touch()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._hook_tasks.add(task)
+        task.add_done_callback(self._hook_tasks.discard)
+
+    async def _flush_forever(self) -> None:
+        """Writes membership changes to Redis (fenced) as they happen."""
+        version = self.membership.version
+        while True:
+            version = await self.membership.wait_for_change(version)
+            try:
+                await self.leadership.flush()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad write
+                log.exception("storing the cluster state failed")
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful stop: NOT_SERVING, watch streams ended, then the server stops within ``grace_s``."""
         self.servicer.close()
         if self._sweep_task is not None:
             self._sweep_task.cancel()
-        for task in list(self._hook_tasks):
+        for task in [*self._tasks, *self._hook_tasks]:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.leadership.close()
         if self.server is not None:
             await self.server.stop(grace_s)
         log.info("controller stopped")
+
+    async def abandon(self) -> None:
+        """Stops every loop and the server without releasing the lease (a crash, for tests)."""
+        self.servicer.close()
+        for task in [self._sweep_task, *self._tasks, *self._hook_tasks]:
+            if task is not None:
+                task.cancel()
+        if self.server is not None:
+            await self.server.server.stop(0)
 
     def sweep_once(self, now: float | None = None) -> list[str]:
         """One sweep; runs the dead-instance hook for each instance that died."""
@@ -95,6 +174,8 @@ class ControllerService:
     async def _sweep_forever(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
+            if not self.leadership.active:
+                continue
             try:
                 self.sweep_once()
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad sweep
@@ -113,14 +194,16 @@ async def create_controller(
     config: ControllerConfig,
     on_instance_dead: DeadHook | None = None,
     clock: Callable[[], float] = time.time,
+    actuator: RoleActuator | None = None,
 ) -> ControllerService:
     """Starts a controller on ``config.host:config.port`` (port 0: a free one) with its sweep loop.
 
     ``on_instance_dead`` runs for every instance that dies (KV handle invalidation hooks in here);
-    by default nothing runs. Raises ValueError for inconsistent timings, OSError when the port is taken.
+    by default nothing runs. With ``config.redis_url`` it competes for the lease (active or standby);
+    ``actuator`` switches roles (default: the worker's own SetRole over gRPC). Raises ValueError for inconsistent timings, OSError when the port is taken.
     """
     membership = Membership(config.suspect_after_s, config.dead_after_s, clock=clock)
     servicer = ControllerServicer(membership, config.heartbeat_interval_s)
-    service = ControllerService(config, membership, servicer, on_instance_dead or _no_op)
+    service = ControllerService(config, membership, servicer, on_instance_dead or _no_op, actuator)
     await service.start()
     return service

@@ -46,7 +46,11 @@ def test_llama3_rope_matches_transformers(preset) -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"decoder_sparse_step": 2, "mlp_only_layers": []}, {"decoder_sparse_step": 3, "mlp_only_layers": [2]}],
+    [
+        {},
+        {"decoder_sparse_step": 2, "mlp_only_layers": []},
+        {"decoder_sparse_step": 3, "mlp_only_layers": [2]},
+    ],
 )
 def test_sparse_layers_as_transformers_decides(overrides) -> None:
     from transformers import Qwen3MoeConfig
