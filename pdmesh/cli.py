@@ -45,6 +45,12 @@ def _up_parser(sub) -> None:
     )
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--log-dir", type=Path, default=Path(".pdmesh/logs"), help="where each service logs")
+    p.add_argument(
+        "--transfer-backend",
+        choices=["tcp", "shm", "device", "cuda_ipc"],
+        default=None,
+        help="how KV moves (default tcp)",
+    )
 
 
 def _make_model_parser(sub) -> None:
@@ -114,6 +120,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             redis_url=args.redis_url,
             log_dir=args.log_dir,
+            worker_args={"transfer-backend": args.transfer_backend} if args.transfer_backend else {},
         )
     except ValueError as exc:
         print(f"pdmesh up: {exc}", file=sys.stderr)

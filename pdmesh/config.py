@@ -32,7 +32,10 @@ class ControllerConfig(BaseSettings):
         None, description="host:port that standbys hand to clients; default: host and the bound port"
     )
     lease_ttl_s: float = Field(
-        3.0, gt=0, le=300, description="HA: the active controller's Redis lease; a standby takes over within 2x"
+        3.0,
+        gt=0,
+        le=300,
+        description="HA: the active controller's Redis lease; a standby takes over within 2x",
     )
     pd_ratio: str = Field(
         "off", description="target prefill:decode ratio: 'P:D' (e.g. 2:1), 'auto' (from demand) or 'off'"

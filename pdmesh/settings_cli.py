@@ -9,15 +9,21 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 
-def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], skip: tuple[str, ...] = ()) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, model: type[BaseSettings], skip: tuple[str, ...] = ()
+) -> None:
     """One ``--field-name`` flag per field (default: unset, so the environment and defaults apply)."""
     for name, field in model.model_fields.items():
         if name not in skip:
-            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=field.description)
+            parser.add_argument(
+                "--" + name.replace("_", "-"), dest=name, default=None, help=field.description
+            )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
-def config_from_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], args: argparse.Namespace, **fixed):
+def config_from_flags(
+    parser: argparse.ArgumentParser, model: type[BaseSettings], args: argparse.Namespace, **fixed
+):
     """The validated settings; on bad values exits 2 with one line naming each bad field."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in model.model_fields}
     given.update(fixed)

@@ -142,7 +142,9 @@ def decode_step_bytes(engine: Any, batch: int, mean_context: float) -> tuple[int
             weights += p.numel() * p.element_size()
     if embed is not None and not any(p is embed.weight for p in _lm_head_params(model)):
         row = embed.weight[0]
-        weights += -embed.weight.numel() * embed.weight.element_size() + batch * row.numel() * row.element_size()
+        weights += (
+            -embed.weight.numel() * embed.weight.element_size() + batch * row.numel() * row.element_size()
+        )
     elem = torch.empty((), dtype=engine.dtype).element_size()
     per_token = torch.Size(engine.block_shape).numel() // engine.config.block_size * elem
     return weights, int(batch * mean_context * per_token)
@@ -181,7 +183,9 @@ def hf_side(args: argparse.Namespace, prompts: list[list[int]], device: torch.de
 
     from pdmesh.accelerator import resolve_dtype
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).to(device).eval()
+    )
     if args.warmup:
         run_hf(model, prompts, min(args.output_len, 4), device)
     result = run_hf(model, prompts, args.output_len, device)

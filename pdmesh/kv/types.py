@@ -32,7 +32,16 @@ class KVLayout:
 
     def mismatch(self, other: KVLayout) -> str | None:
         """None when the layouts match, else a message naming the first field that differs."""
-        for name in ("model", "kind", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "block_shape"):
+        for name in (
+            "model",
+            "kind",
+            "dtype",
+            "block_size",
+            "num_layers",
+            "num_kv_heads",
+            "head_dim",
+            "block_shape",
+        ):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 return f"KV layout mismatch: {name} is {mine!r} here but {theirs!r} at the peer"

@@ -2,6 +2,10 @@
 
 ``python -m services.prefill_worker`` / ``services.decode_worker`` and ``pdmesh mixed-worker`` all
 end up in ``run_worker``; ``create_worker`` is apart from it so that tests can bind port 0.
+
+One process holds what every phase needs, so that the controller can flip its role in place
+(``Worker.switch_role``, behind the ``SetRole`` RPC): the prefill handler, its reaper and the KV
+transfer server exist while the role is prefill or mixed and are created or stopped on a flip.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -30,7 +35,7 @@ from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from pdmesh.worker.bridge import EngineBridge
 from pdmesh.worker.decode import DecodeHandler
 from pdmesh.worker.prefill import PrefillHandler
-from pdmesh.worker.servicer import WorkerServicer
+from pdmesh.worker.servicer import WorkerBusy, WorkerServicer
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ class Worker:
 
     def __init__(self, config: WorkerConfig, runner: EngineRunner) -> None:
         self.config = config
+        self.role = config.role
+        self.instance_id = ""
         self.runner = runner
         self.bridge = EngineBridge(runner)
         self.registry = RedisKVRegistry(config.redis_url)
@@ -49,6 +56,8 @@ class Worker:
         self.server: RunningServer | None = None
         self.agent: InstanceAgent | None = None
         self._tasks: list[asyncio.Task] = []
+        self._reaper: asyncio.Task | None = None
+        self._switch_lock = asyncio.Lock()
 
     @property
     def address(self) -> str:
@@ -58,21 +67,13 @@ class Worker:
         cfg = self.config
         pool, layout = self.runner.kv_pool, self.runner.kv_layout
         self.server = await start_server(self._register, ["pdmesh.v1.Worker"], cfg.host, cfg.port)
-        instance_id = cfg.instance_id or f"{cfg.role}-{cfg.host}-{self.server.port}"
+        instance_id = self.instance_id = cfg.instance_id or f"{cfg.role}-{cfg.host}-{self.server.port}"
         if cfg.role in ("prefill", "mixed"):
-            self.transfer_server = make_transfer_server(
-                cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port
-            )
-            self.transfer_server.start()
-            self.prefill = PrefillHandler(
-                self.bridge, self.registry, self.transfer_server, instance_id, self.address, cfg.kv_lease_s
-            )
-            self._tasks.append(asyncio.ensure_future(self.prefill.reap_forever()))
+            self._start_prefill()
         self.transfer_client = make_transfer_client(cfg.transfer_backend, pool, layout)
         decode = DecodeHandler(
             self.bridge, self.registry, self.transfer_client, instance_id, cfg.kv_lease_s, release_remote
         )
-        self._servicer.prefill_handler = self.prefill
         self._servicer.decode_handler = decode
         info = InstanceInfoData(
             instance_id=instance_id,
@@ -86,18 +87,85 @@ class Worker:
         log.info("%s worker %s serving on %s", cfg.role, instance_id, self.address)
 
     def _register(self, server) -> None:
-        self._servicer = WorkerServicer(self.config.role, None, None, self.bridge)
+        self._servicer = WorkerServicer(self.config.role, None, None, self.bridge, self.switch_role)
         worker_pb2_grpc.add_WorkerServicer_to_server(self._servicer, server)
+
+    def _start_prefill(self) -> None:
+        """The transfer server, the prefill handler and its reaper (prefill and mixed roles)."""
+        cfg = self.config
+        pool, layout = self.runner.kv_pool, self.runner.kv_layout
+        self.transfer_server = make_transfer_server(
+            cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port
+        )
+        self.transfer_server.start()
+        self.prefill = PrefillHandler(
+            self.bridge, self.registry, self.transfer_server, self.instance_id, self.address, cfg.kv_lease_s
+        )
+        self._reaper = asyncio.ensure_future(self.prefill.reap_forever())
+        self._servicer.prefill_handler = self.prefill
+
+    def _stop_prefill(self) -> None:
+        """Stops what only the prefill phase needs (its pinned handles are already gone)."""
+        self._servicer.prefill_handler = None
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        if self.prefill is not None:
+            self.prefill.free_all()
+            self.prefill = None
+        if self.transfer_server is not None:
+            self.transfer_server.stop()
+            self.transfer_server = None
+
+    def _busy(self) -> str | None:
+        s = self.runner.stats()
+        pinned = self.prefill.pinned_handles() if self.prefill is not None else 0
+        if s.running or s.waiting or pinned:
+            return f"{s.running} running, {s.waiting} waiting, {pinned} pinned KV handles"
+        return None
+
+    async def switch_role(self, role: str) -> str:
+        """Switches this worker's role in place and registers again; returns the transfer endpoint.
+
+        Raises ``WorkerBusy`` while requests run or KV handles are pinned (the controller drains first).
+        """
+        async with self._switch_lock:
+            if role != self.role:
+                busy = self._busy()
+                if busy:
+                    raise WorkerBusy(f"{self.instance_id} is busy: {busy}")
+                needs_prefill = role in ("prefill", "mixed")
+                if needs_prefill and self.prefill is None:
+                    self._start_prefill()
+                elif not needs_prefill and self.prefill is not None:
+                    self._stop_prefill()
+                log.warning("%s switched role: %s -> %s", self.instance_id, self.role, role)
+                self.role = self._servicer.role = role
+            endpoint = self.transfer_server.endpoint if self.transfer_server else ""
+            if self.agent is not None:
+                info = dataclasses.replace(self.agent.info, role=Role(role), transfer_endpoint=endpoint)
+                await self.agent.update_info(info)
+            return endpoint
 
     def _load(self) -> LoadData:
         s = self.runner.stats()
-        return LoadData(s.running, s.waiting, s.free_blocks, s.total_blocks, s.queued_prefill_tokens)
+        pinned = self.prefill.pinned_handles() if self.prefill is not None else 0
+        return LoadData(
+            s.running,
+            s.waiting,
+            s.free_blocks,
+            s.total_blocks,
+            s.queued_prefill_tokens,
+            pinned_handles=pinned,
+            prompt_tokens_total=self._servicer.prompt_tokens_total,
+        )
 
     async def stop(self) -> None:
         if self.agent is not None:
             await self.agent.stop()
-        for task in self._tasks:
-            task.cancel()
+        for task in [*self._tasks, self._reaper]:
+            if task is not None:
+                task.cancel()
         if self.server is not None:
             await self.server.stop(grace_s=2.0)
         if self.prefill is not None:
