@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     _make_model_parser(sub)
+    sub.add_parser(
+        "ctl", help="administer the controller: list, set-ratio, drain, undrain, flip", add_help=False
+    )
     for name in [*SERVICES, *WORKER_ROLES]:
         sub.add_parser(name, help=f"run the {name} service (see `pdmesh {name} --help`)", add_help=False)
     bench = sub.add_parser(
@@ -167,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
 
         module, function, rest = tool
         return getattr(importlib.import_module(module), function)(rest) or 0
+    if argv and argv[0] == "ctl":
+        from services.controller.ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     if argv and argv[0] in SERVICES:
         import importlib
 

@@ -65,6 +65,9 @@ class StackSpec:
     worker_args: dict[str, str] = field(default_factory=dict)
     coordinator_args: dict[str, str] = field(default_factory=dict)
     controller_args: dict[str, str] = field(default_factory=dict)
+    controllers: int = (
+        1  # more than one: active/standby over the Redis lease ("controller", "controller-1", ...)
+    )
     startup_timeout_s: float = 120.0
     # one CPU list per worker in start order ("0", "0-1", "2,4"): pinned with taskset (or
     # sched_setaffinity), with OMP_NUM_THREADS/MKL_NUM_THREADS set to its core count. None: no pinning.
@@ -75,6 +78,8 @@ class StackSpec:
             raise ValueError(f"mode must be 'pd' or 'mixed', not {self.mode!r}")
         if self.mode == "pd" and (self.prefill < 1 or self.decode < 1):
             raise ValueError("a PD stack needs at least one prefill and one decode worker")
+        if self.controllers < 1:
+            raise ValueError("at least one controller must run")
         if self.prefill < 0 or self.decode < 0 or self.prefill + self.decode < 1:
             raise ValueError("worker counts must be >= 0 and at least one worker must run")
         if self.worker_cpus is not None:
@@ -133,17 +138,26 @@ class LocalStack:
             self.redis.start()
             self.redis_url = self.redis.url
 
+    @property
+    def controller_names(self) -> list[str]:
+        return ["controller", *(f"controller-{i}" for i in range(1, self.spec.controllers))]
+
     def _start_controller(self) -> None:
-        port = free_port(self.spec.host)
-        self.controller_address = f"{self.spec.host}:{port}"
-        args = {
-            "host": self.spec.host,
-            "port": str(port),
-            "redis-url": self.redis_url,
-            **self.spec.controller_args,
-        }
-        self._spawn("controller", "services.controller", args)
-        asyncio.run(wait_healthy(self.controller_address, timeout_s=self.spec.startup_timeout_s))
+        """Starts every controller (the first one up takes the lease); ``controller_address`` lists them."""
+        addresses = []
+        for name in self.controller_names:
+            port = free_port(self.spec.host)
+            address = f"{self.spec.host}:{port}"
+            args = {
+                "host": self.spec.host,
+                "port": str(port),
+                "redis-url": self.redis_url,
+                **self.spec.controller_args,
+            }
+            self._spawn(name, "services.controller", args)
+            asyncio.run(wait_healthy(address, timeout_s=self.spec.startup_timeout_s))
+            addresses.append(address)
+        self.controller_address = ",".join(addresses)
 
     def _start_worker(self, name: str, role: str, cpus: str | None = None) -> None:
         args = {
@@ -224,10 +238,11 @@ class LocalStack:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every process (coordinator first, controller last), then SIGKILL stragglers."""
+        controllers = [n for n in self.processes if n.startswith("controller")]
         order = [
             "coordinator",
-            *[n for n in self.processes if n not in ("coordinator", "controller")],
-            "controller",
+            *[n for n in self.processes if n != "coordinator" and n not in controllers],
+            *controllers,
         ]
         for name in order:
             proc = self.processes.get(name)

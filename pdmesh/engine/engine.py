@@ -192,6 +192,10 @@ class LLMEngine:
         if batch is None:
             return outputs
         try:
+            if batch.partial:  # a non-final chunk of a long prompt: it only writes KV
+                self.runner.run(batch.seqs, True, logits=False)
+                self._advance_chunk(batch.seqs[0])
+                return outputs
             logits = self.runner.run(batch.seqs, batch.is_prefill)
             tokens, logprobs = sample(logits, [s.sample_input() for s in batch.seqs])
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the engine alive
@@ -211,6 +215,13 @@ class LLMEngine:
                 self._release(seq)
                 outputs.append(self._output(seq, [], FinishReason.ERROR, error=error))
         return outputs
+
+    def _advance_chunk(self, seq: Sequence) -> None:
+        seq.num_computed, seq.chunk_end = seq.prefill_end, None
+        if seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
+            self.blocks.cache_full_blocks(
+                seq.block_table, seq.token_ids[: seq.num_computed], seq.block_hashes
+            )
 
     def _update(self, seq: Sequence, token: int, lp, was_prefill: bool) -> TokenOutput:
         seq.num_computed = seq.num_tokens

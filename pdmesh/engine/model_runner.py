@@ -1,10 +1,16 @@
-"""Turns a scheduled batch into model inputs (token ids, positions, slots, block tables) and logits."""
+"""Turns a scheduled batch into model inputs (token ids, positions, slots, block tables) and logits.
+
+On CPU the model's linears use the decode-friendly product layout (``cpu_linear``); prefill
+projects only each sequence's last position through the LM head, and a non-final prompt chunk
+none at all.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from pdmesh.engine.cpu_linear import use_decode_products
 from pdmesh.engine.sequence import Sequence
 from pdmesh.models import AttentionMetadata
 
@@ -18,6 +24,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         model.bind_kv_cache(pool)
+        if device.type == "cpu":
+            use_decode_products(model)
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -33,7 +41,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         ids, pos, rows, query_lens, context_lens = [], [], [], [], []
         for i, s in enumerate(seqs):
-            start, end = s.num_computed, s.num_tokens
+            start, end = s.num_computed, s.prefill_end
             ids.extend(s.token_ids[start:end])
             pos.extend(range(start, end))
             rows.extend([i] * (end - start))
@@ -49,21 +57,25 @@ class ModelRunner:
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         width = max(len(s.block_table) for s in seqs)
         tables = self._block_tables(seqs, width)
-        lens = self._tensor([s.num_tokens for s in seqs])
+        context_lens = [s.num_tokens for s in seqs]
+        lens = self._tensor(context_lens)
         positions = lens - 1
         blocks, offsets = self._slots(tables, torch.arange(len(seqs), device=self.device), positions)
         mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lens[:, None]
         meta = AttentionMetadata(
-            False, blocks, offsets, tables, [1] * len(seqs), lens.tolist(), mask[:, None, None, :]
+            False, blocks, offsets, tables, [1] * len(seqs), context_lens, mask[:, None, None, :]
         )
         return self._tensor([s.last_token for s in seqs]), positions, meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """float32 logits ``[len(seqs), vocab]`` of each sequence's next token."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, logits: bool = True) -> torch.Tensor | None:
+        """float32 logits ``[len(seqs), vocab]`` of each sequence's next token (None: not asked)."""
         if is_prefill:
             ids, positions, meta, last = self.prepare_prefill(seqs)
-            hidden = self.model(ids, positions, meta)[last]
+            hidden = self.model(ids, positions, meta)
+            if not logits:
+                return None
+            hidden = hidden[last]
         else:
             ids, positions, meta = self.prepare_decode(seqs)
             hidden = self.model(ids, positions, meta)

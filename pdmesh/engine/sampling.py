@@ -107,7 +107,9 @@ def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[int], 
     processed = apply_penalties(logits, inputs)
     tokens = [0] * len(inputs)
     greedy = [i for i, inp in enumerate(inputs) if inp.params.greedy]
-    if greedy:
+    if len(greedy) == len(inputs):  # all greedy: one argmax, no row copy
+        tokens = processed.argmax(dim=-1).tolist()
+    elif greedy:
         chosen = processed[greedy].argmax(dim=-1).tolist()
         for i, t in zip(greedy, chosen, strict=True):
             tokens[i] = int(t)

@@ -1,7 +1,9 @@
 """Continuous batching: which sequences run in the next step.
 
 Prefill first: waiting prompts are admitted in arrival order while the prefill batch, the prefill
-token budget, the running-sequence cap and the free blocks allow. Otherwise one decode step for the
+token budget, the running-sequence cap and the free blocks allow. A prompt longer than the budget
+runs alone and in chunks of ``max_prefill_tokens``: each step computes the next chunk over the KV the
+earlier chunks wrote, and only the last chunk samples a token. Otherwise one decode step for the
 running sequences; when a sequence needs a block and none is free, the newest running sequence is
 preempted (its blocks freed; it is recomputed from its tokens later).
 """
@@ -25,6 +27,7 @@ class ScheduledBatch:
 
     seqs: list[Sequence]
     is_prefill: bool
+    partial: bool = False  # a non-final prefill chunk: no token is sampled
 
 
 class Scheduler:
@@ -35,20 +38,26 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.chunking: Sequence | None = None  # a long prompt between its prefill chunks
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.chunking)
 
     def queued_prefill_tokens(self) -> int:
-        return sum(s.num_tokens - s.num_computed for s in self.waiting)
+        chunking = [self.chunking] if self.chunking is not None else []
+        return sum(s.num_tokens - s.num_computed for s in [*chunking, *self.waiting])
 
     def schedule(self) -> ScheduledBatch | None:
+        if self.chunking is not None:
+            return self._next_chunk(self.chunking)
         prefill = self._schedule_prefill()
         if prefill:
+            if prefill[0].chunk_end is not None:
+                return ScheduledBatch(prefill, True, partial=True)
             return ScheduledBatch(prefill, True)
         decode = self._schedule_decode()
         return ScheduledBatch(decode, False) if decode else None
@@ -71,8 +80,22 @@ class Scheduler:
             seq.block_table, seq.num_computed = self.blocks.allocate_prompt(token_ids)
             batch.append(self.waiting.popleft())
             tokens += n - seq.num_computed
+            if n - seq.num_computed > cfg.max_prefill_tokens:  # alone (batch rule above): chunk it
+                seq.chunk_end = seq.num_computed + cfg.max_prefill_tokens
+                self.chunking = seq
+                return batch
         self.running.extend(batch)
         return batch
+
+    def _next_chunk(self, seq: Sequence) -> ScheduledBatch:
+        """The next chunk of the prompt being prefilled in chunks; the last one joins ``running``."""
+        seq.chunk_end = min(seq.num_computed + self.config.max_prefill_tokens, seq.num_tokens)
+        if seq.chunk_end < seq.num_tokens:
+            return ScheduledBatch([seq], True, partial=True)
+        seq.chunk_end = None
+        self.chunking = None
+        self.running.append(seq)
+        return ScheduledBatch([seq], True)
 
     def _schedule_decode(self) -> list[Sequence]:
         queue = deque(sorted(self.running, key=lambda s: s.order))
@@ -105,7 +128,10 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Takes ``seq`` out of whichever queue holds it (its blocks are the caller's business)."""
-        if seq in self.running:
+        if seq is self.chunking:
+            self.chunking = None
+            seq.chunk_end = None
+        elif seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)

@@ -22,6 +22,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # prefix-cache names of the full blocks computed so far
         self.order = order  # admission order: the newest is preempted first
         self.generator = generator
+        self.chunk_end: int | None = None  # chunked prefill: compute tokens up to here this step
         if request.mode == RequestMode.DECODE:
             self.output_ids.append(int(request.first_token))
             self.block_table = list(request.kv_block_ids or [])
@@ -38,6 +39,11 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def prefill_end(self) -> int:
+        """Where this step's prefill stops: the chunk's end, or all tokens."""
+        return self.num_tokens if self.chunk_end is None else self.chunk_end
 
     @property
     def last_token(self) -> int:

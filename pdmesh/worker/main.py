@@ -119,7 +119,7 @@ class Worker:
 
     def _busy(self) -> str | None:
         s = self.runner.stats()
-        pinned = self.prefill.pinned_handles() if self.prefill is not None else 0
+        pinned = self.prefill.pinned_handles if self.prefill is not None else 0
         if s.running or s.waiting or pinned:
             return f"{s.running} running, {s.waiting} waiting, {pinned} pinned KV handles"
         return None
@@ -149,7 +149,7 @@ class Worker:
 
     def _load(self) -> LoadData:
         s = self.runner.stats()
-        pinned = self.prefill.pinned_handles() if self.prefill is not None else 0
+        pinned = self.prefill.pinned_handles if self.prefill is not None else 0
         return LoadData(
             s.running,
             s.waiting,

@@ -62,13 +62,19 @@ class Leadership:
         if self.lease is None:
             return
         while True:
-            try:
-                await (self._renew() if self.active else self._try_acquire())
-            except RedisError as exc:
-                log.warning("Redis unreachable for the lease: %s", exc)
-            if self.active and time.monotonic() - self._last_renewal > self.lease_ttl_s:
-                self.step_down("the lease could not be renewed in time")
             await asyncio.sleep(self.lease_ttl_s / 3)
+            await self.try_once()
+
+    async def try_once(self) -> None:
+        """One renewal (active) or one attempt to take the lease (standby)."""
+        if self.lease is None:
+            return
+        try:
+            await (self._renew() if self.active else self._try_acquire())
+        except RedisError as exc:
+            log.warning("Redis unreachable for the lease: %s", exc)
+        if self.active and time.monotonic() - self._last_renewal > self.lease_ttl_s:
+            self.step_down("the lease could not be renewed in time")
 
     async def _try_acquire(self) -> None:
         token = await self.lease.acquire()

@@ -96,6 +96,7 @@ class ControllerService:
             self.leadership.lease.address = self.address
         else:
             self.leadership.active_address = self.address
+        await self.leadership.try_once()
         self._sweep_task = asyncio.ensure_future(self._sweep_forever(sweep_interval_s(self.config)))
         is_active = lambda: self.leadership.active  # noqa: E731
         self._tasks = [
@@ -147,7 +148,7 @@ class ControllerService:
             self._sweep_task.cancel()
         for task in [*self._tasks, *self._hook_tasks]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.wait(self._tasks, timeout=1.0)
         await self.leadership.close()
         if self.server is not None:
             await self.server.stop(grace_s)

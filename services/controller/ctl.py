@@ -1,0 +1,139 @@
+"""`pdmesh ctl`: administer the controller over gRPC (follows the active one among several).
+
+    pdmesh ctl --controller HOST:PORT[,HOST:PORT...] list
+    pdmesh ctl --controller ... set-ratio 2:1|auto|off
+    pdmesh ctl --controller ... drain ID | undrain ID
+    pdmesh ctl --controller ... flip ID prefill|decode|mixed
+
+Exit codes: 0 done, 1 the controller refused or could not be reached, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+import grpc
+
+from pdmesh.cluster import Role
+from pdmesh.rpc.client import open_channel
+from pdmesh.rpc.controller_endpoints import ControllerEndpoints
+from pdmesh.rpc.convert_cluster import instance_from_proto, role_to_proto
+from pdmesh.v1 import controller_pb2, controller_pb2_grpc
+from services.controller.ratio import parse_ratio
+
+PROG = "pdmesh ctl"
+
+
+class CtlError(Exception):
+    """A one-line error for the user, with the exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="administer the pdmesh controller")
+    parser.add_argument(
+        "--controller",
+        default=os.environ.get("PDMESH_CONTROLLER", ""),
+        help="controller address(es) host:port[,host:port]; default: $PDMESH_CONTROLLER",
+    )
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of the call (flips wait)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="instances, roles, states and loads")
+    sub.add_parser("set-ratio", help="target P:D ratio").add_argument(
+        "ratio", help="P:D (e.g. 2:1), auto or off"
+    )
+    sub.add_parser("drain", help="take an instance offline").add_argument("instance_id")
+    sub.add_parser("undrain", help="put a drained instance back online").add_argument("instance_id")
+    flip = sub.add_parser("flip", help="drain an instance, switch its role, put it back online")
+    flip.add_argument("instance_id")
+    flip.add_argument("role", help="prefill, decode or mixed")
+    return parser
+
+
+def request_for(args: argparse.Namespace) -> tuple[str, object]:
+    """(RPC name, request) for the parsed command; CtlError(code 2) for bad input."""
+    if args.command == "list":
+        return "ListInstances", controller_pb2.ListInstancesRequest()
+    if args.command == "set-ratio":
+        try:
+            parse_ratio(args.ratio)
+        except ValueError as exc:
+            raise CtlError(str(exc), 2) from None
+        return "SetRatio", controller_pb2.SetRatioRequest(ratio=args.ratio)
+    if not args.instance_id.strip():
+        raise CtlError("instance id is empty", 2)
+    if args.command == "flip":
+        try:
+            role = Role(args.role.lower())
+        except ValueError:
+            raise CtlError(f"bad role {args.role!r}: want prefill, decode or mixed", 2) from None
+        return "FlipRole", controller_pb2.FlipRoleRequest(
+            instance_id=args.instance_id, role=role_to_proto(role)
+        )
+    method = "Drain" if args.command == "drain" else "Undrain"
+    return method, controller_pb2.DrainRequest(instance_id=args.instance_id)
+
+
+async def call(endpoints: ControllerEndpoints, method: str, request, timeout_s: float):
+    """Calls ``method`` at the active controller, following standbys' redirects (a few hops)."""
+    last: grpc.aio.AioRpcError | None = None
+    for _ in range(2 * len(endpoints.addresses) + 1):
+        async with open_channel(endpoints.current) as channel:
+            stub = controller_pb2_grpc.ControllerStub(channel)
+            try:
+                return await getattr(stub, method)(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                movable = exc.code() == grpc.StatusCode.UNAVAILABLE or endpoints.is_standby_refusal(exc)
+                if not movable or not endpoints.follow(exc):
+                    break
+    code = 2 if last.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    raise CtlError(f"{method} at {endpoints.current}: {last.code().name}: {last.details()}", code)
+
+
+def render(method: str, reply) -> str:
+    """What the command prints."""
+    if method == "ListInstances":
+        lines = [f"active {reply.active or '-'} (fencing token {reply.fencing_token}), ratio {reply.ratio}"]
+        lines.append(f"{'ID':<20} {'ROLE':<8} {'STATE':<9} {'ADDRESS':<22} RUN WAIT KV-FREE")
+        for msg in reply.instances:
+            i = instance_from_proto(msg)
+            load = i.load
+            lines.append(
+                f"{i.instance_id:<20} {i.role.value:<8} {i.state.value:<9} {i.address:<22} "
+                f"{load.running:>3} {load.waiting:>4} {load.free_blocks}/{load.total_blocks}"
+            )
+        return "\n".join(lines)
+    if method == "SetRatio":
+        return f"ratio {reply.ratio}"
+    info = instance_from_proto(reply.instance)
+    return f"{info.instance_id}: {info.role.value} {info.state.value}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if not args.controller:
+            raise CtlError("--controller is required (or set PDMESH_CONTROLLER)", 2)
+        try:
+            endpoints = ControllerEndpoints(args.controller)
+        except ValueError as exc:
+            raise CtlError(str(exc), 2) from None
+        method, request = request_for(args)
+        reply = asyncio.run(call(endpoints, method, request, args.timeout_s))
+    except CtlError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.code
+    print(render(method, reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
