@@ -39,6 +39,8 @@ class LoadData:
     queued_prefill_tokens: int = 0
     pinned_handles: int = 0  # prefilled KV handles still pinned (a role flip waits for none)
     prompt_tokens_total: int = 0  # prompt tokens prefilled since start; rates come from deltas
+    prefix_cache_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
+    prefix_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
 
     def idle(self) -> bool:
         """Nothing running, waiting or pinned: the instance may switch its role."""

@@ -51,6 +51,8 @@ def load_to_proto(load: LoadData) -> common_pb2.InstanceLoad:
         queued_prefill_tokens=load.queued_prefill_tokens,
         pinned_handles=load.pinned_handles,
         prompt_tokens_total=load.prompt_tokens_total,
+        prefix_cache_hit_tokens=load.prefix_cache_hit_tokens,
+        prefix_cache_query_tokens=load.prefix_cache_query_tokens,
     )
 
 
@@ -63,6 +65,8 @@ def load_from_proto(msg: common_pb2.InstanceLoad) -> LoadData:
         queued_prefill_tokens=msg.queued_prefill_tokens,
         pinned_handles=msg.pinned_handles,
         prompt_tokens_total=msg.prompt_tokens_total,
+        prefix_cache_hit_tokens=msg.prefix_cache_hit_tokens,
+        prefix_cache_query_tokens=msg.prefix_cache_query_tokens,
     )
 
 

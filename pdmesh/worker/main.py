@@ -158,6 +158,8 @@ class Worker:
             s.queued_prefill_tokens,
             pinned_handles=pinned,
             prompt_tokens_total=self._servicer.prompt_tokens_total,
+            prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+            prefix_cache_query_tokens=s.prefix_cache_query_tokens,
         )
 
     async def stop(self) -> None:
