@@ -47,3 +47,28 @@ def test_cache_aware_sends_a_repeated_prefix_to_its_holder(tiny_qwen3, tmp_path_
         assert other.load.prefix_cache_query_tokens == 0  # the other instance never saw the prompt
     finally:
         stack.stop()
+
+
+def test_short_prompts_are_prefilled_by_the_decode_instance(tiny_qwen3, tmp_path_factory):
+    stack = start_stack(
+        tiny_qwen3,
+        tmp_path_factory,
+        coordinator_args={"local-prefill-threshold": "24"},
+        controller_args={"heartbeat-interval-s": "0.2"},
+    )
+    try:
+        model = httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        short = {"model": model, "prompt": [5, 6, 7, 8], "max_tokens": 4, "temperature": 0}
+        long = {**short, "prompt": list(range(10, 60))}
+        for body in (short, long):
+            assert httpx.post(f"{stack.base_url}/v1/completions", json=body, timeout=60).status_code == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            loads = {i.instance_id: i.load for i in list_instances(stack.controller_address)}
+            if loads["prefill-0"].prompt_tokens_total and loads["decode-0"].prompt_tokens_total:
+                break
+            time.sleep(0.2)
+        assert loads["prefill-0"].prompt_tokens_total == 50  # only the long prompt went to prefill
+        assert loads["decode-0"].prompt_tokens_total == 4  # the short one was prefilled locally
+    finally:
+        stack.stop()
