@@ -49,6 +49,14 @@ class ControllerConfig(BaseSettings):
     decode_batch_capacity: int = Field(
         64, ge=1, description="auto ratio: running sequences one decode instance handles well"
     )
+    planner_profile: str | None = Field(
+        None,
+        description="auto ratio: a `pdmesh profile` JSON; capacities then come from the planner's model",
+    )
+    planner_tpot_ms: float = Field(50.0, gt=0, description="auto ratio with a profile: the TPOT target")
+    planner_context_len: int = Field(
+        1024, ge=1, description="auto ratio with a profile: typical context length"
+    )
 
 
 class CoordinatorConfig(BaseSettings):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from pdmesh.config import ControllerConfig
+from pdmesh.planner.capacity import capacity_from_profile
 from pdmesh.rpc.server import RunningServer, start_server
 from pdmesh.v1 import controller_pb2_grpc
 from services.controller.ha import Leadership
@@ -39,6 +40,22 @@ def sweep_interval_s(config: ControllerConfig) -> float:
     return max(0.01, min(config.heartbeat_interval_s, config.suspect_after_s) / 2)
 
 
+def instance_capacity(config: ControllerConfig) -> Capacity:
+    """From the planner's latency model when a profile is given, else from configuration."""
+    if config.planner_profile is None:
+        return Capacity(config.prefill_capacity_tokens_per_s, config.decode_batch_capacity)
+    measured = capacity_from_profile(
+        config.planner_profile, config.planner_tpot_ms, config.planner_context_len
+    )
+    log.info(
+        "auto ratio capacities from %s: %.0f prompt tokens/s per prefill instance, decode batch %d",
+        config.planner_profile,
+        measured.prefill_tokens_per_s,
+        measured.decode_batch,
+    )
+    return Capacity(measured.prefill_tokens_per_s, measured.decode_batch)
+
+
 class ControllerService:
     """A running controller; ``stop()`` ends the watch streams, the sweep loop and the gRPC server."""
 
@@ -59,7 +76,7 @@ class ControllerService:
             membership, "", config.redis_url, config.lease_ttl_s, on_transition=self._on_transition
         )
         self.prober = HealthProber(membership, config.probe_interval_s)
-        capacity = Capacity(config.prefill_capacity_tokens_per_s, config.decode_batch_capacity)
+        capacity = instance_capacity(config)
         self.roles = RoleManager(
             membership,
             actuator or LocalGrpcActuator(timeout_s=config.drain_timeout_s),
