@@ -24,7 +24,9 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def instance(name: str, role: Role = Role.PREFILL, running: int = 0, state=InstanceState.HEALTHY):
-    return InstanceInfoData(name, role, f"127.0.0.1:{hash(name) % 1000 + 1}", state=state, load=LoadData(running=running))
+    return InstanceInfoData(
+        name, role, f"127.0.0.1:{hash(name) % 1000 + 1}", state=state, load=LoadData(running=running)
+    )
 
 
 def test_least_load_counts_own_inflight_and_reported_load():
