@@ -47,7 +47,7 @@ def _up_parser(sub) -> None:
     p.add_argument("--log-dir", type=Path, default=Path(".pdmesh/logs"), help="where each service logs")
     p.add_argument(
         "--transfer-backend",
-        choices=["tcp", "shm", "device", "cuda_ipc"],
+        choices=["tcp", "shm", "device", "cuda_ipc", "mooncake"],
         default=None,
         help="how KV moves (default tcp)",
     )

@@ -121,9 +121,12 @@ class WorkerConfig(BaseSettings):
         "float32", description="weight and compute dtype"
     )
     device: str = Field("cpu", description="cpu, cuda[:N] or npu[:N]")
-    transfer_backend: Literal["tcp", "shm", "device", "cuda_ipc"] = Field(
+    transfer_backend: Literal["tcp", "shm", "device", "cuda_ipc", "mooncake"] = Field(
         "tcp",
-        description="how KV moves between workers: tcp, shm (same host), device (gloo/nccl/hccl), cuda_ipc",
+        description=(
+            "how KV moves between workers: tcp, shm (same host), device (gloo/nccl/hccl), cuda_ipc, "
+            "mooncake (Mooncake Transfer Engine; needs mooncake-transfer-engine-non-cuda)"
+        ),
     )
     transfer_port: int = Field(0, ge=0, le=65535, description="KV transfer port (prefill side); 0: free")
     kv_cache_memory_mib: int = Field(256, ge=1, description="memory for the paged KV cache")

@@ -5,8 +5,11 @@ K/V into its slice of the block pool through the slot mapping, then attends:
 
 - prefill: per sequence, causal SDPA over the new tokens (plus any cached prefix read back from
   the sequence's blocks);
-- decode: one new token per sequence; the batch's K/V are gathered from the block tables into a
-  padded ``[B, KVH, S, D]`` tensor and attended with a length mask in one SDPA call.
+- decode: one new token per sequence. Small batches (gathered K/V up to ``SMALL_DECODE_ELEMENTS``
+  values, e.g. batch 1) read each sequence's exact blocks, trim them to its length and attend
+  without a mask, on one thread (``single_thread``); larger ones gather the batch's K/V from the
+  block tables into a padded ``[B, KVH, S, D]`` tensor and attend with a length mask in one SDPA
+  call on the configured threads.
 
 Gathers use ``index_select`` over whole blocks (a row copy per block), which on CPU is tens of times
 faster than advanced indexing of the strided per-layer cache view.
@@ -19,6 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pdmesh.models.threads import single_thread
+
+# decode batches gathering at most this many K+V values per layer attend per sequence on one thread
+SMALL_DECODE_ELEMENTS = 1 << 19
 
 
 @dataclass
@@ -91,6 +99,27 @@ class PagedAttention(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        b = q.shape[0]
+        gathered = 2 * meta.block_tables.numel() * self.k_cache[0].numel()
+        if gathered <= SMALL_DECODE_ELEMENTS:
+            with single_thread(q.device.type == "cpu"):
+                return self._decode_exact(q, meta)
+        return self._decode_padded(q, meta)
+
+    def _decode_exact(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Per sequence: its own blocks trimmed to its length, SDPA without a mask."""
+        outs = []
+        for i, ctx in enumerate(meta.context_lens):
+            k = self._gather(self.k_cache, meta.block_tables[i], ctx)
+            v = self._gather(self.v_cache, meta.block_tables[i], ctx)
+            o = F.scaled_dot_product_attention(
+                q[i : i + 1].unsqueeze(2), k, v, scale=self.scale, enable_gqa=True
+            )
+            outs.append(o.squeeze(2))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _decode_padded(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The batch's blocks gathered into a padded ``[B, KVH, S, D]`` and one masked SDPA."""
         b = q.shape[0]
         flat = meta.block_tables.reshape(-1)
         k = self._gather_blocks(self.k_cache, flat, b)

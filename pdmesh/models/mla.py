@@ -195,7 +195,8 @@ class MLAttention(nn.Module):
     def _gather(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
         """One sequence's first ``length`` cached latent rows ``[length, L+R]``."""
         num_blocks = -(-length // self.cache.shape[1])
-        return self.cache[block_table[:num_blocks]].reshape(-1, self.cache.shape[-1])[:length]
+        blocks = self.cache.index_select(0, block_table[:num_blocks])
+        return blocks.reshape(-1, self.cache.shape[-1])[:length]
 
     def _prefill(self, q: torch.Tensor, rows: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Per sequence: up-projected causal attention over its cached prefix and new tokens."""
@@ -221,7 +222,8 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         q_latent = torch.einsum("bhd,hdl->bhl", q_nope, w_uk)
         query = torch.cat([q_latent, q_pe], dim=-1).unsqueeze(2)  # [B, H, 1, L+R]
-        keys = self.cache[meta.block_tables].reshape(b, 1, -1, self.cache.shape[-1])  # [B, 1, S, L+R]
+        blocks = self.cache.index_select(0, meta.block_tables.reshape(-1))  # row copies, not indexing
+        keys = blocks.view(b, 1, -1, self.cache.shape[-1])  # [B, 1, S, L+R]
         values = keys[..., : self.kv_lora_rank]
         o = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
 import httpx
 
 from pdmesh.rpc.client import open_channel
@@ -45,7 +46,11 @@ def wait_blocks_idle(controller: str, timeout_s: float = 15.0) -> list:
     deadline = time.monotonic() + timeout_s
     instances = []
     while time.monotonic() < deadline:
-        instances = list_instances(controller)
+        try:
+            instances = list_instances(controller)
+        except grpc.aio.AioRpcError:  # e.g. a controller regaining its lease after a Redis restart
+            time.sleep(0.3)
+            continue
         if instances and all(
             i.load.total_blocks > 0 and i.load.free_blocks == i.load.total_blocks and i.load.running == 0
             for i in instances

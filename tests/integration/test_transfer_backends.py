@@ -1,6 +1,7 @@
 """Every transfer backend this host can run, with its server in another process (spawn).
 
-Parametrized over ``tcp``, ``shm`` and ``device`` (gloo): exact bytes into scattered destination
+Parametrized over ``tcp``, ``shm``, ``device`` (gloo) and ``mooncake`` (Mooncake TCP; ``make test``
+installs its wheel and ``libibverbs1``): exact bytes into scattered destination
 blocks, a layout mismatch refused naming the field, and a server killed mid-transfer failing the
 pull within a bound. ``device``/nccl and ``cuda_ipc`` need GPUs and are skipped with the reason.
 Speed is the benchmark's business; the last test only checks that it runs and what it reports.
@@ -30,7 +31,8 @@ NUM_BLOCKS = 48
 LAYOUT = KVLayout("tiny", "mha", 2, 2, 8, 16, "float32", (2, 2, 16, 2, 8))
 SCATTERED = [5, 6, 7, 20, 3, 40, 41, 47]
 SLOW_IDS = list(range(0, 40, 2))  # 20 separate runs
-BACKENDS = ["tcp", "shm", "device"]
+BACKENDS = ["tcp", "shm", "device", "mooncake"]
+ACK_DELAYED = ("shm", "mooncake")  # the copy or read is not in Python: the server delays its ack instead
 
 
 def seeded(num_blocks: int) -> torch.Tensor:
@@ -39,11 +41,12 @@ def seeded(num_blocks: int) -> torch.Tensor:
 
 
 def _slow_down(backend: str, delay_s: float) -> None:
-    """Makes the server pause ``delay_s`` per run of blocks (tcp, device) or before its ack (shm)."""
-    if backend == "shm":
-        import pdmesh.kv.transfer.shm as mod
+    """Makes the server pause ``delay_s`` per run of blocks (tcp, device) or before its ack (shm, mooncake)."""
+    if backend in ACK_DELAYED:
+        import pdmesh.kv.transfer.mooncake as mooncake
+        import pdmesh.kv.transfer.shm as shm
 
-        mod.before_ack = lambda: time.sleep(delay_s)
+        (shm if backend == "shm" else mooncake).before_ack = lambda: time.sleep(delay_s)
         return
     import pdmesh.kv.transfer.device as device
     import pdmesh.kv.transfer.tcp as tcp
@@ -104,7 +107,7 @@ def servers():
     for backend in BACKENDS:
         procs[backend] = Server(backend, {"h-scattered": SCATTERED, "h-single": [0]})
         procs[f"{backend}-slow"] = Server(
-            backend, {"h-slow": SLOW_IDS}, delay_s=0.1 if backend != "shm" else 5
+            backend, {"h-slow": SLOW_IDS}, delay_s=0.1 if backend not in ACK_DELAYED else 5
         )
     try:
         yield procs
@@ -234,3 +237,24 @@ def test_bench_smoke(capsys) -> None:
     assert result["backend"] == "tcp" and result["mib"] == 8 and result["gbytes_per_s"] > 0
     assert main(["--backend", "nope"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_bench_mooncake_smoke(capsys) -> None:
+    from pdmesh.kv.transfer.bench import main
+
+    assert main(["--backend", "mooncake", "--mib", "4", "--reps", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert result["backend"] == "mooncake" and result["gbytes_per_s"] > 0
+
+
+def test_mooncake_without_the_wheel_names_the_package(monkeypatch) -> None:
+    import pdmesh.kv.transfer.base as base
+
+    monkeypatch.setattr(base, "BACKENDS", tuple(b for b in base.BACKENDS if b != "mooncake"))
+    monkeypatch.setattr(base, "MOONCAKE_MISSING", "the mooncake transfer backend needs the "
+                        f"{base.MOONCAKE_PACKAGE} package")  # fmt: skip
+    pool = torch.zeros((4, *LAYOUT.block_shape))
+    with pytest.raises(ValueError, match="mooncake-transfer-engine-non-cuda"):
+        base.make_transfer_client("mooncake", pool, LAYOUT)
+    with pytest.raises(ValueError, match="mooncake-transfer-engine-non-cuda"):
+        base.allocate_pool("mooncake", 4, LAYOUT)

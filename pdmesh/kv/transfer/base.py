@@ -8,7 +8,8 @@ frees those blocks: their contents are undefined).
 
 Backends (see ``docs/transfer.md``): ``tcp`` (portable, across hosts), ``shm`` (same host; the
 prefill pool must come from ``allocate_pool("shm", ...)``), ``device`` (torch.distributed point to
-point: gloo, nccl or hccl after the pool's device) and ``cuda_ipc`` (GPUs of one node).
+point: gloo, nccl or hccl after the pool's device), ``cuda_ipc`` (GPUs of one node) and
+``mooncake`` (the Mooncake Transfer Engine over TCP; listed only where ``mooncake.engine`` imports).
 """
 
 from __future__ import annotations
@@ -19,7 +20,23 @@ import torch
 
 from pdmesh.kv.types import KVHandle, KVLayout
 
-BACKENDS = ("tcp", "shm", "device", "cuda_ipc")
+MOONCAKE_PACKAGE = "mooncake-transfer-engine-non-cuda"
+
+
+def _mooncake_missing() -> str | None:
+    """Why the ``mooncake`` backend cannot load here, or None when ``mooncake.engine`` imports."""
+    try:
+        import mooncake.engine  # noqa: F401
+    except ImportError as exc:  # no wheel, or its engine misses a shared library (libibverbs.so.1)
+        return (
+            f"the mooncake transfer backend needs the {MOONCAKE_PACKAGE} package "
+            f"(pip install {MOONCAKE_PACKAGE}; on Debian its engine also needs libibverbs1): {exc}"
+        )
+    return None
+
+
+MOONCAKE_MISSING = _mooncake_missing()
+BACKENDS = ("tcp", "shm", "device", "cuda_ipc") + (("mooncake",) if MOONCAKE_MISSING is None else ())
 
 
 class TransferError(Exception):
@@ -59,6 +76,8 @@ def check_pool(kv_pool: torch.Tensor, layout: KVLayout) -> None:
 
 
 def _unknown(backend: str) -> ValueError:
+    if backend == "mooncake" and MOONCAKE_MISSING is not None:
+        return ValueError(MOONCAKE_MISSING)
     return ValueError(f"unknown KV transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -87,7 +106,7 @@ def make_transfer_server(
 ) -> KVTransferServer:
     """The prefill-side server of ``backend`` over ``kv_pool`` (call ``start()`` on it).
 
-    ``host``/``port`` bind the control socket of ``tcp``, ``device`` and ``cuda_ipc``; ``shm``
+    ``host``/``port`` bind the control socket of ``tcp``, ``device``, ``cuda_ipc`` and ``mooncake``; ``shm``
     listens on a Unix socket named after its pool's segment and ignores them.
     """
     if backend == "tcp":
@@ -106,6 +125,10 @@ def make_transfer_server(
         from pdmesh.kv.transfer.cuda_ipc import CudaIpcTransferServer
 
         return CudaIpcTransferServer(kv_pool, layout, host, port)
+    if backend == "mooncake" and backend in BACKENDS:
+        from pdmesh.kv.transfer.mooncake import MooncakeTransferServer
+
+        return MooncakeTransferServer(kv_pool, layout, host, port)
     raise _unknown(backend)
 
 
@@ -127,4 +150,8 @@ def make_transfer_client(backend: str, kv_pool: torch.Tensor, layout: KVLayout) 
         from pdmesh.kv.transfer.cuda_ipc import CudaIpcTransferClient
 
         return CudaIpcTransferClient(kv_pool, layout)
+    if backend == "mooncake" and backend in BACKENDS:
+        from pdmesh.kv.transfer.mooncake import MooncakeTransferClient
+
+        return MooncakeTransferClient(kv_pool, layout)
     raise _unknown(backend)
