@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(argv[1:], role=WORKER_ROLES[argv[0]])
     args = build_parser().parse_args(argv)
     setup_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the launcher's health polls are not news
     if args.command == "make-model":
         return cmd_make_model(args)
     return cmd_up(args)
