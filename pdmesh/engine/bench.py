@@ -4,7 +4,9 @@ One batch of ``--batch-size`` random prompts of ``--input-len`` tokens, greedy, 
 ``--output-len`` new tokens each (``ignore_eos``). The engine's output tokens/s is ``B * O`` over the
 wall time from adding the requests to the last token (prefill included). With ``--reference hf``,
 transformers' ``generate`` runs the same prompts on the same checkpoint in the same process (greedy,
-``min_new_tokens = max_new_tokens = O``, its DynamicCache) and ``ratio`` is engine over HF.
+``min_new_tokens = max_new_tokens = O``, its DynamicCache) and ``ratio`` is engine over HF. Both sides
+run with the same torch intra-op thread count (``--threads``, else torch's default), reported as
+``threads``.
 
 Roofline: a decode step must at least read every weight once (the embedding table only for the
 batch's rows) and the K/V of every cached token; at the mean decode context ``I + O/2`` that is
@@ -196,8 +198,8 @@ def hf_side(args: argparse.Namespace, prompts: list[list[int]], device: torch.de
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the engine (and the reference) and returns the JSON report."""
     device = resolve_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()  # both sides run with exactly this many
+    torch.set_num_threads(threads)
     vocab = int(json.loads((args.model / "config.json").read_text())["vocab_size"])
     prompts = make_prompts(args.batch_size, args.input_len, vocab, args.seed)
     b, o = args.batch_size, args.output_len
@@ -211,12 +213,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "output_len": o,
         "device": args.device,
         "dtype": args.dtype,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "engine_total_s": eng["total_s"],
         "engine_output_tokens_per_s": b * o / eng["total_s"],
         "engine_decode_step_ms": eng["decode_step_s"] * 1e3,
     }
     if args.reference == "hf":
+        torch.set_num_threads(threads)
         hf = hf_side(args, prompts, device)
         same = sum(a == h for a, h in zip(eng["tokens"], hf["tokens"], strict=True))
         report |= {

@@ -99,7 +99,6 @@ class PagedAttention(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        b = q.shape[0]
         gathered = 2 * meta.block_tables.numel() * self.k_cache[0].numel()
         if gathered <= SMALL_DECODE_ELEMENTS:
             with single_thread(q.device.type == "cpu"):
