@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
 
+from pdmesh.planner.plan import main_plan
+from pdmesh.planner.profile import load_profile, main_profile
+
 pytestmark = pytest.mark.timeout(180)
-
-pytest.importorskip("pdmesh.engine.engine", reason="the engine (pdmesh/engine/engine.py) is not there yet")
-if not hasattr(importlib.import_module("pdmesh.modelgen"), "write_model"):
-    pytest.skip("pdmesh.modelgen.write_model is not there yet", allow_module_level=True)
-
-from pdmesh.planner.plan import main_plan  # noqa: E402
-from pdmesh.planner.profile import load_profile, main_profile  # noqa: E402
 
 
 def test_quick_profile_writes_valid_monotone_json(tiny_qwen3, tmp_path, capsys):
