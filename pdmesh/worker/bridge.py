@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from pdmesh.engine.runner import EngineRunner
-from pdmesh.engine.types import EngineRequest, FinishReason, TokenOutput
+from pdmesh.engine.types import EngineRequest, TokenOutput
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,3 @@ class EngineBridge:
         assert last is not None
         last.token_ids = tokens
         return last
-
-
-def is_failure(output: TokenOutput) -> bool:
-    return output.finish_reason == FinishReason.ERROR

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams, TokenOutput
 from pdmesh.kv.registry import KVError, KVRegistry
@@ -34,14 +34,14 @@ class DecodeHandler:
         transfer_client: KVTransferClient | None,
         instance_id: str,
         lease_s: float,
-        release_remote,
+        release_remote: Callable[[str, str], Awaitable[None]],
     ) -> None:
         self.bridge = bridge
         self.registry = registry
         self.transfer_client = transfer_client
         self.instance_id = instance_id
         self.lease_s = lease_s
-        # async (address, handle_id) -> None: tells the prefill worker to free its blocks now
+        # (prefill address, handle_id): tells the prefill worker to free its blocks now
         self.release_remote = release_remote
 
     async def generate_local(
