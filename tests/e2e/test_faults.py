@@ -82,12 +82,18 @@ def test_prefill_worker_killed_during_burst(tiny_qwen3, tmp_path_factory):
         stack.stop()
 
 
-def test_decode_worker_killed_mid_stream_migrates(tiny_qwen3, tmp_path_factory):
-    stack = start_stack(tiny_qwen3, tmp_path_factory, prefill=1, decode=2, controller_args=FAST_HEALTH)
+def test_decode_worker_killed_mid_stream_migrates(model_factory, tmp_path_factory):
+    # the small model decodes slowly enough here that the streams are still running at the kill
+    stack = start_stack(
+        model_factory("qwen3", "small"), tmp_path_factory, prefill=1, decode=2, controller_args=FAST_HEALTH
+    )
     try:
         killed = threading.Event()
 
         def kill_decode():
+            deadline = time.monotonic() + 30
+            while "pulled" not in stack.log_tail("decode-0", 50) and time.monotonic() < deadline:
+                time.sleep(0.01)  # decode-0 holds a stream once it has pulled a request's KV
             stack.kill("decode-0", signal.SIGKILL)
             killed.set()
 
