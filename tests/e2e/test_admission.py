@@ -69,3 +69,25 @@ def test_full_coordinator_answers_429_then_503_when_a_role_is_gone(model_factory
         wait_blocks_idle(stack.controller_address)
     finally:
         stack.stop()
+
+
+def test_request_timeout_is_504_and_frees_the_blocks(model_factory, tmp_path_factory):
+    stack = start_stack(
+        model_factory("qwen3", "small"),
+        tmp_path_factory,
+        controller_args=FAST_HEALTH,
+        coordinator_args={"request-timeout-s": "2"},
+    )
+    try:
+        model = httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "Go on."}], "ignore_eos": True}
+        ok = httpx.post(f"{stack.base_url}/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200
+        slow = httpx.post(
+            f"{stack.base_url}/v1/chat/completions", json={**body, "max_tokens": 1800}, timeout=60
+        )
+        assert slow.status_code == 504, slow.text
+        assert "timed out" in slow.json()["error"]["message"]
+        wait_blocks_idle(stack.controller_address)
+    finally:
+        stack.stop()
