@@ -8,23 +8,24 @@ block copy -> DECODE hand-over), plus the point of MLA: the KV pool holds one la
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, RequestMode, SamplingParams, TokenOutput
-from pdmesh.models import AttentionMetadata, load_model
+from pdmesh.engine.types import EngineRequest, RequestMode
+from tests.integration.fidelity_helpers import (
+    PROMPTS,
+    encode_prompts,
+    greedy,
+    hf_greedy,
+    load_hf,
+    prefill_logits_diff,
+    run_all,
+    tokens,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-NEW_TOKENS = 32
 BLOCK = 8
-PROMPTS = [
-    "The network is",
-    "Salt is the most important seasoning in the kitchen, and",
-    "Clouds",
-    "A router reads the destination of each packet, looks it up in a table, and then the weather",
-]
 # The no-q-lora path, rotate-half (non-interleaved) rope, default rope, one expert group.
 VARIANT = dict(q_lora_rank=None, rope_interleave=False, rope_scaling=None, n_group=1, topk_group=1)
 
@@ -34,14 +35,6 @@ def tiny_dsv3(model_factory):
     return model_factory("deepseek_v3", "tiny")
 
 
-def load_hf(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # 32 tokens whatever comes out
-    return model
-
-
 @pytest.fixture(scope="module")
 def hf_model(tiny_dsv3):
     return load_hf(tiny_dsv3)
@@ -49,21 +42,13 @@ def hf_model(tiny_dsv3):
 
 @pytest.fixture(scope="module")
 def prompt_ids(tiny_dsv3) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dsv3)
-    return [tokenizer.encode(p) for p in PROMPTS]
+    return encode_prompts(tiny_dsv3)
 
 
 @pytest.fixture(scope="module")
 def expected(hf_model, prompt_ids) -> list[list[int]]:
     """HF's greedy continuation of every prompt."""
-    outs = []
-    for ids in prompt_ids:
-        with torch.inference_mode():
-            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
-        outs.append(out[0, len(ids) :].tolist())
-    return outs
+    return [hf_greedy(hf_model, ids) for ids in prompt_ids]
 
 
 def make_engine(model_dir) -> LLMEngine:
@@ -73,40 +58,6 @@ def make_engine(model_dir) -> LLMEngine:
 @pytest.fixture(scope="module")
 def engine(tiny_dsv3) -> LLMEngine:
     return make_engine(tiny_dsv3)
-
-
-def greedy(n: int = NEW_TOKENS) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-
-
-def run_all(engine: LLMEngine) -> dict[str, list[TokenOutput]]:
-    outs: dict[str, list[TokenOutput]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outs.setdefault(out.request_id, []).append(out)
-    return outs
-
-
-def tokens(outs: list[TokenOutput]) -> list[int]:
-    return [t for o in outs for t in o.token_ids]
-
-
-def prefill_logits_diff(model_dir, hf, prompt_ids: list[list[int]]) -> float:
-    """Max |ours - HF| over the prefill logits of every prompt (float32, no engine)."""
-    model, _ = load_model(model_dir, "float32", "cpu")
-    pool = torch.zeros((16, *model.kv_block_shape(BLOCK)))
-    model.bind_kv_cache(pool)
-    worst = 0.0
-    for ids in prompt_ids:
-        n = len(ids)
-        slots = torch.arange(n)
-        table = torch.arange(-(-n // BLOCK))[None, :]
-        meta = AttentionMetadata(True, slots // BLOCK, slots % BLOCK, table, [n], [n])
-        with torch.inference_mode():
-            ours = model.compute_logits(model(torch.tensor(ids), torch.arange(n), meta))
-            ref = hf(torch.tensor([ids])).logits[0]
-        worst = max(worst, (ours - ref).abs().max().item())
-    return worst
 
 
 def test_prefill_logits_match_transformers(tiny_dsv3, hf_model, prompt_ids) -> None:
