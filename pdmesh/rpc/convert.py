@@ -1,4 +1,4 @@
-"""Protobuf <-> dataclass conversions for sampling parameters, KV layouts and KV handles.
+"""Protobuf <-> dataclass conversions for sampling parameters, token logprobs, KV layouts and handles.
 
 Protobuf stops at the servicers: everything past them works on the dataclasses.
 """
@@ -8,6 +8,10 @@ from __future__ import annotations
 from pdmesh.engine.types import SamplingParams
 from pdmesh.kv.types import HandleState, KVHandle, KVLayout
 from pdmesh.v1 import common_pb2
+
+# One generated token's logprobs, as the engine gives them (``TokenOutput.logprobs`` entries): the
+# chosen token's logprob and {top token id: logprob}, most likely first.
+TokenLogprobs = tuple[float, dict[int, float]]
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
@@ -47,6 +51,24 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     )
     params.validate()
     return params
+
+
+def logprobs_to_proto(entries: list[TokenLogprobs] | None) -> list[common_pb2.TokenLogprobs]:
+    """One message per token (none when ``entries`` is None), the top tokens in their order."""
+    return [
+        common_pb2.TokenLogprobs(
+            logprob=chosen,
+            top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in top.items()],
+        )
+        for chosen, top in entries or ()
+    ]
+
+
+def logprobs_from_proto(messages) -> list[TokenLogprobs] | None:
+    """The entries of a repeated ``TokenLogprobs`` field; None when it is empty (none were asked)."""
+    if not messages:
+        return None
+    return [(m.logprob, {t.token_id: t.logprob for t in m.top}) for m in messages]
 
 
 def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:

@@ -45,12 +45,16 @@ class EngineBridge:
                 self.runner.abort(request.request_id)
 
     async def run_to_end(self, request: EngineRequest) -> TokenOutput:
-        """Runs ``request`` and merges its outputs into one (all tokens, the last output's fields)."""
+        """Runs ``request`` and merges its outputs into one (all tokens and their logprobs, the last
+        output's other fields)."""
         tokens: list[int] = []
+        logprobs: list[tuple[float, dict[int, float]]] = []
         last: TokenOutput | None = None
         async for output in self.stream(request):
             tokens.extend(output.token_ids)
+            logprobs.extend(output.logprobs or ())
             last = output
         assert last is not None
         last.token_ids = tokens
+        last.logprobs = logprobs or None
         return last

@@ -33,6 +33,8 @@ class PrefillResult:
     finish_reason: str | None
     num_prompt_tokens: int
     handle: KVHandle | None
+    # The first token's (chosen logprob, {top id: logprob}) when sampling.logprobs > 0.
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
 
 
 @dataclass
@@ -77,9 +79,9 @@ class PrefillHandler:
         first_token = output.token_ids[0]
         if output.kv_block_ids is None:
             reason = output.finish_reason.value if output.finish_reason else "stop"
-            return PrefillResult(first_token, True, reason, len(prompt_ids), None)
+            return PrefillResult(first_token, True, reason, len(prompt_ids), None, output.logprobs)
         handle = await self._publish(request_id, len(prompt_ids), output.kv_block_ids)
-        return PrefillResult(first_token, False, None, len(prompt_ids), handle)
+        return PrefillResult(first_token, False, None, len(prompt_ids), handle, output.logprobs)
 
     async def _publish(self, request_id: str, num_tokens: int, block_ids: list[int]) -> KVHandle:
         handle = KVHandle(

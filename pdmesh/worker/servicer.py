@@ -8,7 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from pdmesh.engine.types import TokenOutput
-from pdmesh.rpc.convert import handle_from_proto, handle_to_proto, sampling_from_proto
+from pdmesh.rpc.convert import (
+    handle_from_proto,
+    handle_to_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+)
 from pdmesh.rpc.convert_cluster import role_from_proto, role_to_proto
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pdmesh.worker.decode import DecodeHandler
@@ -25,7 +30,12 @@ def _error(exc: WorkerError) -> common_pb2.Error:
 
 def _chunk(output: TokenOutput) -> worker_pb2.DecodeChunk:
     reason = output.finish_reason.value if output.finish_reason else ""
-    return worker_pb2.DecodeChunk(token_ids=output.token_ids, finished=output.finished, finish_reason=reason)
+    return worker_pb2.DecodeChunk(
+        token_ids=output.token_ids,
+        finished=output.finished,
+        finish_reason=reason,
+        logprobs=logprobs_to_proto(output.logprobs),
+    )
 
 
 # Switches the worker's role in place: (new role) -> transfer endpoint; WorkerBusy while work remains.
@@ -87,6 +97,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             finished=result.finished,
             finish_reason=result.finish_reason or "",
             num_prompt_tokens=result.num_prompt_tokens,
+            logprobs=logprobs_to_proto(result.logprobs),
         )
         if result.handle is not None:
             reply.handle.CopyFrom(handle_to_proto(result.handle))

@@ -12,6 +12,9 @@ from typing import Protocol
 
 from pdmesh.engine.types import SamplingParams
 
+# One generated token's logprobs: the chosen token's and {top token id: logprob}, most likely first.
+TokenLogprobs = tuple[float, dict[int, float]]
+
 
 @dataclass
 class GenerationChunk:
@@ -20,6 +23,8 @@ class GenerationChunk:
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # One entry per token_ids entry when sampling.logprobs > 0, else None.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class GenerationBackend(Protocol):

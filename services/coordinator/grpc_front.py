@@ -1,7 +1,8 @@
 """The coordinator's gRPC ``Generate`` stream for programs; protobuf stops here.
 
 Unset numeric sampling fields take OpenAI's defaults (proto3 cannot tell 0 from unset), except
-``temperature``, where 0 means greedy.
+``temperature``, where 0 means greedy. With ``sampling.logprobs`` N > 0 each message carries one
+``TokenLogprobs`` (chosen logprob, top N ids and logprobs) per entry of its ``token_ids``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import uuid
 import grpc
 
 from pdmesh.engine.types import SamplingParams
+from pdmesh.rpc.convert import logprobs_to_proto
 from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from services.coordinator.backend import GenerationBackend, GenerationError
@@ -103,6 +105,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     text=detok.add(chunk.token_ids) + (detok.flush() if chunk.finished else ""),
                     finished=chunk.finished,
                     finish_reason=chunk.finish_reason or "",
+                    logprobs=logprobs_to_proto(chunk.logprobs),
                 )
                 if chunk.finished:
                     reply.usage.CopyFrom(

@@ -10,10 +10,13 @@
   ``finish_reason`` "stop"); while streaming, text that may begin a stop string is held back.
   A stop token (``stop_token_ids``, or an end-of-sequence id) that ends a request is not
   rendered as text; it still counts in ``usage.completion_tokens``.
-- Only ``n`` = 1 and one prompt per request; ``echo`` and ``best_of`` > 1 are refused;
-  ``logprobs`` are accepted and answered with ``null``.
-- Errors are OpenAI error objects with a 4xx/5xx status: FastAPI's 422 validation answers become
-  400s. A backend error after a stream has started becomes an ``error`` event, then ``[DONE]``.
+- Only ``n`` = 1 and one prompt per request; ``echo`` and ``best_of`` > 1 are refused.
+- Logprobs (``logprobs``/``top_logprobs`` in chat, ``logprobs`` in completions, 0..20 top tokens)
+  come in OpenAI's shapes (logprobs.py), in each stream chunk for the tokens of its text; tokens
+  past a stop string's cut have none. Not asked: ``"logprobs": null``.
+- Errors are OpenAI error objects with a 4xx/5xx status (http_errors.py): FastAPI's 422 validation
+  answers become 400s. A backend error after a stream has started becomes an ``error`` event, then
+  ``[DONE]``.
 - Every request has an id: the ``X-Request-Id`` header when the client sends one, else a new one;
   it is echoed in the response header and starts every log line (``[id]``).
 - A client that goes away closes the backend's iterator (the backend cancels at its worker).
@@ -30,19 +33,14 @@ from dataclasses import dataclass
 
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdmesh.engine.types import SamplingParams
 from pdmesh.tokenizer import Tokenizer
+from services.coordinator import logprobs
 from services.coordinator import openai_api as api
-from services.coordinator.backend import (
-    OPENAI_ERROR_TYPES,
-    GenerationBackend,
-    GenerationChunk,
-    GenerationError,
-)
+from services.coordinator.backend import GenerationBackend, GenerationChunk, GenerationError
+from services.coordinator.http_errors import ApiError, install_error_handlers
 from services.coordinator.http_util import (
     ClientGone,
     RequestIdMiddleware,
@@ -51,30 +49,11 @@ from services.coordinator.http_util import (
     chain,
     unless_disconnected,
 )
-from services.coordinator.text_stream import TextStream
+from services.coordinator.text_stream import TextStream, TokenEntry
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
-
-
-class ApiError(Exception):
-    """A request refused before generation, answered as an OpenAI error object."""
-
-    def __init__(
-        self, message: str, status: int = 400, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message, self.status, self.param, self.code = message, status, param, code
-
-
-def error_response(
-    status: int, message: str, error_type: str | None = None, param=None, code=None
-) -> JSONResponse:
-    error_type = error_type or OPENAI_ERROR_TYPES.get(
-        status, "invalid_request_error" if status < 500 else "server_error"
-    )
-    return JSONResponse(api.error_body(message, error_type, param, code), status_code=status)
 
 
 @dataclass
@@ -85,6 +64,7 @@ class Job:
     response_id: str  # cmpl-.../chatcmpl-... (the backend's request id)
     prompt_ids: list[int]
     sampling: SamplingParams
+    top_logprobs: int | None  # top tokens to answer per token; None: no logprobs
     stops: list[str]
     include_usage: bool
     chat: bool
@@ -106,6 +86,7 @@ class OpenAIServer:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.token_texts = logprobs.TokenTexts(tokenizer)
 
     # -- validation ---------------------------------------------------------------------------------
 
@@ -116,6 +97,7 @@ class OpenAIServer:
             raise ApiError("only n=1 is supported", param="n")
         if body.stream_options is not None and not body.stream:
             raise ApiError("stream_options is only allowed when stream is true", param="stream_options")
+        logprobs.check_request(body)
 
     def completion_prompt(self, body: api.CompletionRequest) -> list[int]:
         if body.echo:
@@ -188,8 +170,9 @@ class OpenAIServer:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         response_id = api.new_id("chatcmpl" if chat else "cmpl")
         stops, stream = body.stop_strings(), bool(body.stream)
+        top = body.logprobs_top()
         return Job(
-            request_id, response_id, prompt_ids, sampling, stops, include_usage, chat, stream, api.now()
+            request_id, response_id, prompt_ids, sampling, top, stops, include_usage, chat, stream, api.now()
         )
 
     # -- generation ---------------------------------------------------------------------------------
@@ -212,6 +195,9 @@ class OpenAIServer:
             ", streaming" if job.stream else "",
         )
         return self.backend.generate(job.response_id, job.prompt_ids, job.sampling)
+
+    def _logprobs(self, job: Job, entries: list[TokenEntry]) -> dict | None:
+        return logprobs.render(self.token_texts, entries, job.top_logprobs, job.chat)
 
     async def _collect(self, job: Job) -> tuple[str, TextStream]:
         stream, parts = self._text_stream(job), []
@@ -244,18 +230,18 @@ class OpenAIServer:
             result.completion_tokens,
             time.monotonic() - started,
         )
-        usage = api.Usage.of(len(job.prompt_ids), result.completion_tokens)
-        return JSONResponse(
-            self._full_response(job, text, result.finish_reason, usage).model_dump(mode="json")
-        )
+        return JSONResponse(self._full_response(job, text, result).model_dump(mode="json"))
 
-    def _full_response(self, job: Job, text: str, finish_reason: str | None, usage: api.Usage):
+    def _full_response(self, job: Job, text: str, result: TextStream):
+        usage = api.Usage.of(len(job.prompt_ids), result.completion_tokens)
+        reason, lps = result.finish_reason, self._logprobs(job, result.take_logprobs())
         if job.chat:
-            choice = api.ChatChoice(message=api.AssistantMessage(content=text), finish_reason=finish_reason)
+            message = api.AssistantMessage(content=text)
+            choice = api.ChatChoice(message=message, logprobs=lps, finish_reason=reason)
             return api.ChatCompletionResponse(
                 id=job.response_id, created=job.created, model=self.model_name, choices=[choice], usage=usage
             )
-        choice = api.CompletionChoice(text=text, finish_reason=finish_reason)
+        choice = api.CompletionChoice(text=text, logprobs=lps, finish_reason=reason)
         return api.CompletionResponse(
             id=job.response_id, created=job.created, model=self.model_name, choices=[choice], usage=usage
         )
@@ -282,7 +268,8 @@ class OpenAIServer:
             async for chunk in chain(first, generator):
                 text = stream.feed(chunk)
                 if text or stream.done:
-                    yield _sse(self._chunk(job, text, stream.finish_reason if stream.done else None))
+                    lps = self._logprobs(job, stream.take_logprobs())
+                    yield _sse(self._chunk(job, text, stream.finish_reason if stream.done else None, lps))
                 if stream.done:
                     break
             if not stream.done:
@@ -304,72 +291,23 @@ class OpenAIServer:
             await aclose(generator)
         yield _sse("[DONE]")
 
-    def _chunk(self, job: Job, content: str | api.Delta, finish_reason: str | None) -> dict:
+    def _chunk(
+        self, job: Job, content: str | api.Delta, finish_reason: str | None, lps: dict | None = None
+    ) -> dict:
         common = {"id": job.response_id, "created": job.created, "model": self.model_name}
         if job.chat:
             delta = content if isinstance(content, api.Delta) else api.Delta(content=content or None)
-            choice = api.ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            choice = api.ChatChunkChoice(delta=delta, logprobs=lps, finish_reason=finish_reason)
             chunk = api.ChatCompletionChunk(choices=[choice], **common)
         else:
-            chunk = api.CompletionChunk(
-                choices=[api.CompletionChoice(text=content, finish_reason=finish_reason)], **common
-            )
+            choice = api.CompletionChoice(text=content, logprobs=lps, finish_reason=finish_reason)
+            chunk = api.CompletionChunk(choices=[choice], **common)
         return chunk.model_dump(mode="json", exclude=None if job.include_usage else {"usage"})
 
     def _usage_chunk(self, job: Job, usage: api.Usage) -> dict:
         kind = api.ChatCompletionChunk if job.chat else api.CompletionChunk
         chunk = kind(id=job.response_id, created=job.created, model=self.model_name, choices=[], usage=usage)
         return chunk.model_dump(mode="json")
-
-
-def _field_path(loc) -> str:
-    """``messages.0.role`` from a pydantic error location, without "body" and union member tags."""
-    parts = []
-    for part in loc:
-        if part == "body":
-            continue
-        if isinstance(part, str) and (
-            "[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper()
-        ):
-            break
-        parts.append(str(part))
-    return ".".join(parts)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = (exc.errors() or [{}])[0]
-        if first.get("type") == "json_invalid":
-            return error_response(
-                400, f"invalid JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": ")
-            )
-        where = _field_path(first.get("loc", ()))
-        if not where:
-            return error_response(400, f"the request body must be a JSON object ({first.get('msg', '')})")
-        return error_response(400, f"{where}: {first.get('msg', 'invalid value')}", param=where)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        log.info("[%s] refused (%d): %s", request.state.request_id, exc.status, exc.message)
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
-
-    @app.exception_handler(GenerationError)
-    async def _generation_error(request: Request, exc: GenerationError) -> JSONResponse:
-        log.warning("[%s] failed (%d): %s", request.state.request_id, exc.status_code, exc.message)
-        response = error_response(exc.status_code, exc.message, exc.error_type, code=exc.code)
-        if exc.retry_after_s is not None:
-            response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-        return response
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("[%s] internal error", request.state.request_id)
-        return error_response(500, f"internal error: {type(exc).__name__}", "internal_server_error")
 
 
 def create_app(
@@ -380,7 +318,7 @@ def create_app(
     app = FastAPI(title="pdmesh coordinator", docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(RequestIdMiddleware)
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:

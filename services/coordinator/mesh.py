@@ -8,7 +8,8 @@ on other instances, at most ``max_retry`` times. An attempt continues from what 
 has: its prompt is the original prompt plus every token already sent, so a decode instance that dies
 mid-stream is replaced by prefilling that on another instance (migration) and the client sees one
 unbroken stream (at temperature 0, the same text as an uninterrupted run; a seeded sampler restarts
-its random stream at the migration point).
+its random stream at the migration point). Logprobs travel in the chunk of their token, so those of
+tokens already sent are neither repeated nor lost: a new attempt only produces the tokens after them.
 
 Prompts shorter than ``local_prefill_threshold`` tokens are prefilled by the decode instance itself
 (conditional disaggregation). With only mixed instances healthy, a mixed instance serves it whole.
@@ -29,7 +30,7 @@ from pdmesh.cluster import InstanceInfoData, Role
 from pdmesh.config import CoordinatorConfig
 from pdmesh.engine.types import SamplingParams
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
-from pdmesh.rpc.convert import sampling_to_proto
+from pdmesh.rpc.convert import logprobs_from_proto, sampling_to_proto
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.coordinator.admission import AdmissionGate
 from services.coordinator.backend import GenerationChunk, GenerationError
@@ -134,7 +135,12 @@ class MeshBackend:
             return
         prefill = self._pick(Role.PREFILL, request, prompt_ids)
         reply = await self._prefill(prefill, request, prompt_ids, sampling)
-        yield GenerationChunk([reply.first_token], reply.finished, reply.finish_reason or None)
+        yield GenerationChunk(
+            [reply.first_token],
+            reply.finished,
+            reply.finish_reason or None,
+            logprobs_from_proto(reply.logprobs),
+        )
         if reply.finished:
             return
         decode_request = worker_pb2.DecodeRequest(
@@ -201,7 +207,12 @@ class MeshBackend:
                 if chunk.HasField("error") and chunk.error.code:
                     request.tried.add(instance.instance_id)
                     _raise_for_error(chunk.error, instance)
-                yield GenerationChunk(list(chunk.token_ids), chunk.finished, chunk.finish_reason or None)
+                yield GenerationChunk(
+                    list(chunk.token_ids),
+                    chunk.finished,
+                    chunk.finish_reason or None,
+                    logprobs_from_proto(chunk.logprobs),
+                )
                 if chunk.finished:
                     return
         except grpc.aio.AioRpcError as exc:

@@ -51,8 +51,14 @@ class SamplingRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprobs_top(self) -> int | None:
+        """How many top tokens to answer per token; None when logprobs were not asked."""
+        return None
+
     def logprobs_count(self) -> int:
-        return 0
+        """The engine's ``logprobs``: at least 1 when asked, so that the chosen tokens' come back."""
+        top = self.logprobs_top()
+        return 0 if top is None else max(top, 1)
 
     def to_sampling(self, max_tokens: int) -> SamplingParams:
         """SamplingParams with OpenAI's defaults for unset fields (not yet validated)."""
@@ -81,8 +87,8 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = None
     suffix: str | None = None
 
-    def logprobs_count(self) -> int:
-        return self.logprobs or 0
+    def logprobs_top(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -113,8 +119,8 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def logprobs_count(self) -> int:
-        return max(self.top_logprobs or 0, 1) if self.logprobs else 0
+    def logprobs_top(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # -- responses --------------------------------------------------------------------------------------

@@ -1,11 +1,23 @@
-"""Generated token ids -> text deltas for one request: detokenizing, stop strings, token counts."""
+"""Generated token ids -> text deltas for one request: detokenizing, stop strings, token counts,
+and which tokens' logprobs the released text covers."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
-from services.coordinator.backend import GenerationChunk
+from services.coordinator.backend import GenerationChunk, TokenLogprobs
+
+
+@dataclass
+class TokenEntry:
+    """A generated token with logprobs: its id, where its text starts in the completion, its logprobs."""
+
+    token_id: int
+    offset: int
+    logprobs: TokenLogprobs
 
 
 class TextStream:
@@ -15,6 +27,10 @@ class TextStream:
     the request ends); the first stop string found ends the text (itself excluded) with
     ``finish_reason`` "stop". A final token that is in ``drop_ids`` (a stop token or an
     end-of-sequence id ending the request with "stop") is counted but not rendered.
+
+    Each token's text starts where the decoded text stood before it; ``take_logprobs`` hands out the
+    logprobs of the tokens whose text has been released (all of them once the request ends, the
+    dropped final token included), except tokens starting at or past a stop string's cut.
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: Iterable[str] = (), drop_ids: Iterable[int] = ()) -> None:
@@ -25,6 +41,13 @@ class TextStream:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.done = False
+        self.stopped_at_string = False
+        self._decoded = 0  # characters decoded so far (released + pending)
+        self._released = 0  # characters released so far
+        self._ids: list[int] = []  # every generated token
+        self._starts: list[int] = []  # where each one's text starts
+        self._logprobs: list[TokenLogprobs | None] = []
+        self._taken = 0  # tokens whose logprobs were handed out (or skipped)
 
     def feed(self, chunk: GenerationChunk) -> str:
         """The text this chunk releases (may be empty); sets ``done``/``finish_reason`` at the end."""
@@ -33,18 +56,40 @@ class TextStream:
         self.completion_tokens += len(chunk.token_ids)
         ids = chunk.token_ids
         reason = (chunk.finish_reason or "stop") if chunk.finished else None
-        if reason == "stop" and ids and ids[-1] in self.drop_ids:
-            ids = ids[:-1]
-        self.pending += self.detokenizer.add(ids)
+        dropped = reason == "stop" and bool(ids) and ids[-1] in self.drop_ids
+        lps = chunk.logprobs or []
+        for i, token in enumerate(ids):
+            self._ids.append(token)
+            self._starts.append(self._decoded)
+            self._logprobs.append(lps[i] if i < len(lps) else None)
+            if not (dropped and i == len(ids) - 1):
+                self._add(self.detokenizer.add([token]))
         if chunk.finished:
-            self.pending += self.detokenizer.flush()
+            self._add(self.detokenizer.flush())
         released = self._release_until_stop()
-        if self.done:
-            return released
-        if chunk.finished:
+        if not self.done and chunk.finished:
             self.done, self.finish_reason = True, reason
             released, self.pending = released + self.pending, ""
+        self._released += len(released)
         return released
+
+    def take_logprobs(self) -> list[TokenEntry]:
+        """The logprobs of the tokens released since the last call (tokens without any are skipped)."""
+        if self.done and not self.stopped_at_string:
+            end = len(self._starts)
+        else:
+            end = bisect_left(self._starts, self._released)
+        taken = [
+            TokenEntry(self._ids[i], self._starts[i], lp)
+            for i in range(self._taken, end)
+            if (lp := self._logprobs[i]) is not None
+        ]
+        self._taken = max(self._taken, end)
+        return taken
+
+    def _add(self, text: str) -> None:
+        self.pending += text
+        self._decoded += len(text)
 
     def _release_until_stop(self) -> str:
         if not self.stops:
@@ -53,7 +98,7 @@ class TextStream:
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             released, self.pending = self.pending[: min(hits)], ""
-            self.done, self.finish_reason = True, "stop"
+            self.done, self.finish_reason, self.stopped_at_string = True, "stop", True
             return released
         keep = self._partial_stop_length()
         cut = len(self.pending) - keep
