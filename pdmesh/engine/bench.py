@@ -142,6 +142,12 @@ def decode_step_bytes(engine: Any, batch: int, mean_context: float) -> tuple[int
         if id(p) not in seen:
             seen.add(id(p))
             weights += p.numel() * p.element_size()
+    # weights packed for oneDNN (cpu_linear) left an empty parameter behind
+    weights += sum(
+        m.packed_weight_nbytes
+        for m in model.modules()
+        if hasattr(m, "packed_weight_nbytes") and not m.weight.numel()
+    )
     if embed is not None and not any(p is embed.weight for p in _lm_head_params(model)):
         row = embed.weight[0]
         weights += (

@@ -27,6 +27,11 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(
         None, ge=1, description="prompt + output tokens; None: the model's maximum"
     )
+    decode_workspace_mib: int = Field(
+        512,
+        ge=0,
+        description="float32 CPU decode keeps the batch's K/V densely across steps up to this size; 0: off",
+    )
     enable_prefix_caching: bool = Field(True, description="reuse the KV of identical leading prompt blocks")
     seed: int = Field(0, description="seeds the generators of requests without their own seed")
     threads: int | None = Field(

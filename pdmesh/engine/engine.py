@@ -71,7 +71,13 @@ class LLMEngine:
             self._kv_pool = pool_allocator(num_blocks, self._layout)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(self.model, self._kv_pool, config.block_size, self.device)
+        self.runner = ModelRunner(
+            self.model,
+            self._kv_pool,
+            config.block_size,
+            self.device,
+            workspace_bytes=config.decode_workspace_mib << 20,
+        )
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[TokenOutput] = []
         self._external: Counter[int] = Counter()  # caller-owned block -> references held

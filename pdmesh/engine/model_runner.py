@@ -1,8 +1,9 @@
 """Turns a scheduled batch into model inputs (token ids, positions, slots, block tables) and logits.
 
-On CPU the model's linears use the decode-friendly product layout (``cpu_linear``); prefill
-projects only each sequence's last position through the LM head, and a non-final prompt chunk
-none at all.
+On CPU the model's linears use oneDNN over weights packed once (``cpu_linear``), and float32
+decode keeps the batch's K/V in a ``DecodeWorkspace`` across steps (up to ``workspace_bytes``);
+prefill projects only each sequence's last position through the LM head, and a non-final prompt
+chunk none at all.
 """
 
 from __future__ import annotations
@@ -10,22 +11,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdmesh.engine.cpu_linear import use_decode_products
+from pdmesh.engine.cpu_linear import pack_linears
 from pdmesh.engine.sequence import Sequence
 from pdmesh.models import AttentionMetadata
+from pdmesh.models.decode_workspace import DecodeWorkspace
+from pdmesh.models.threads import single_thread
 
 
 class ModelRunner:
     """Runs the model over the KV pool for one prefill or decode batch."""
 
-    def __init__(self, model: nn.Module, pool: torch.Tensor, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: torch.Tensor,
+        block_size: int,
+        device: torch.device,
+        workspace_bytes: int = 0,
+    ) -> None:
         self.model = model
         self.pool = pool
         self.block_size = block_size
         self.device = device
         model.bind_kv_cache(pool)
         if device.type == "cpu":
-            use_decode_products(model)
+            pack_linears(model)
+        self.workspace = self._make_workspace(workspace_bytes)
+
+    def _make_workspace(self, budget: int) -> DecodeWorkspace | None:
+        """A decode workspace for standard attention in float32 on CPU (where it was measured)."""
+        usable = self.device.type == "cpu" and self.pool.dtype == torch.float32
+        if budget <= 0 or not usable or getattr(self.model, "kv_kind", "mha") != "mha":
+            return None
+        cfg = self.model.config
+        return DecodeWorkspace(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.block_size, budget)
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -65,12 +84,17 @@ class ModelRunner:
         meta = AttentionMetadata(
             False, blocks, offsets, tables, [1] * len(seqs), context_lens, mask[:, None, None, :]
         )
+        ws = self.workspace
+        if ws is not None and ws.begin(seqs, context_lens, self.device, self.pool.dtype):
+            meta.workspace = ws
         return self._tensor([s.last_token for s in seqs]), positions, meta
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, logits: bool = True) -> torch.Tensor | None:
         """float32 logits ``[len(seqs), vocab]`` of each sequence's next token (None: not asked)."""
         if is_prefill:
+            if self.workspace is not None:
+                self.workspace.invalidate()
             ids, positions, meta, last = self.prepare_prefill(seqs)
             hidden = self.model(ids, positions, meta)
             if not logits:
@@ -78,5 +102,9 @@ class ModelRunner:
             hidden = hidden[last]
         else:
             ids, positions, meta = self.prepare_decode(seqs)
-            hidden = self.model(ids, positions, meta)
+            # small elementwise ops on one thread; the products take the threads back (all_threads)
+            with single_thread(self.workspace is not None):
+                hidden = self.model(ids, positions, meta)
+            if meta.workspace is not None:
+                meta.workspace.commit()
         return self.model.compute_logits(hidden).float()

@@ -5,7 +5,10 @@ K/V into its slice of the block pool through the slot mapping, then attends:
 
 - prefill: per sequence, causal SDPA over the new tokens (plus any cached prefix read back from
   the sequence's blocks);
-- decode: one new token per sequence. Small batches (gathered K/V up to ``SMALL_DECODE_ELEMENTS``
+- decode with a ``DecodeWorkspace`` (float32 on CPU, while the batch fits its budget): the batch's
+  K/V are kept densely across steps and each step only appends its new tokens (see
+  ``decode_workspace``); small ones run on one thread;
+- other decodes: one new token per sequence. Small batches (gathered K/V up to ``SMALL_DECODE_ELEMENTS``
   values, e.g. batch 1) read each sequence's exact blocks, trim them to its length and attend
   without a mask, on one thread (``single_thread``); larger ones gather the batch's K/V from the
   block tables into a padded ``[B, KVH, S, D]`` tensor and attend with a length mask in one SDPA
@@ -23,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdmesh.models.threads import single_thread
+from pdmesh.models.decode_workspace import DecodeWorkspace
+from pdmesh.models.threads import all_threads, single_thread
 
 # decode batches gathering at most this many K+V values per layer attend per sequence on one thread
 SMALL_DECODE_ELEMENTS = 1 << 19
@@ -40,6 +44,8 @@ class AttentionMetadata:
     query_lens: list[int]  # prefill: new tokens per sequence
     context_lens: list[int]  # tokens attended per sequence (cached + new)
     decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, S] True where a slot holds a token
+    workspace: DecodeWorkspace | None = None  # decode: the batch's dense K/V kept across steps
+    slot_rows: torch.Tensor | None = None  # layer 0's K then V pool rows of the new tokens (lazy)
 
 
 class PagedAttention(nn.Module):
@@ -51,19 +57,41 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
-        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, KVH, D] views into the pool
+        self.layer_index = 0
+        self.kv_cache: torch.Tensor | None = None  # [num_blocks, 2, block_size, KVH, D] pool view
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, KVH, D] views of it
         self.v_cache: torch.Tensor | None = None
+        self.pool_rows: torch.Tensor | None = None  # the pool as rows of one token-head set [*, KVH*D]
+        self.num_layers = 1
 
-    def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        self.k_cache, self.v_cache = k_cache, v_cache
+    def bind(self, pool: torch.Tensor, layer_index: int) -> None:
+        """Points this layer at its view of the pool ``[num_blocks, layers, 2, block_size, KVH, D]``."""
+        self.layer_index, self.num_layers = layer_index, pool.shape[1]
+        self.kv_cache = pool[:, layer_index]
+        self.k_cache, self.v_cache = self.kv_cache[:, 0], self.kv_cache[:, 1]
+        self.pool_rows = pool.view(-1, self.num_kv_heads * self.head_dim)
+
+    def _write_cache(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Copies the new tokens' K and V into their slots: one row copy (tens of times faster on
+        CPU than assigning through advanced indexing of the strided per-layer view)."""
+        block_size = self.kv_cache.shape[2]
+        if meta.slot_rows is None:  # the first layer works out layer 0's rows for all layers
+            base = (meta.slot_blocks * self.num_layers * 2) * block_size + meta.slot_offsets
+            meta.slot_rows = torch.cat((base, base + block_size))
+        rows = meta.slot_rows + self.layer_index * 2 * block_size
+        self.pool_rows.index_copy_(0, rows, torch.cat((k, v)).view(rows.shape[0], -1))
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q ``[T, H, D]``, k/v ``[T, KVH, D]`` -> ``[T, H*D]``."""
-        self.k_cache[meta.slot_blocks, meta.slot_offsets] = k
-        self.v_cache[meta.slot_blocks, meta.slot_offsets] = v
-        out = self._prefill(q, k, v, meta) if meta.is_prefill else self._decode(q, meta)
+        self._write_cache(k, v, meta)
+        if meta.is_prefill:
+            out = self._prefill(q, k, v, meta)
+        elif meta.workspace is not None:
+            out = self._decode_workspace(q, k, v, meta)
+        else:
+            out = self._decode(q, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -98,12 +126,25 @@ class PagedAttention(nn.Module):
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
+    def _decode_workspace(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        ws = meta.workspace
+        small = 2 * q.shape[0] * ws.length * k[0].numel() <= SMALL_DECODE_ELEMENTS
+        if small:
+            buf = ws.update(self.layer_index, self.kv_cache, k, v, meta)
+            return ws.attend(buf, q, self.scale)
+        with all_threads():  # memory-bound products over the whole batch: both cores' bandwidth
+            buf = ws.update(self.layer_index, self.kv_cache, k, v, meta)
+            return ws.attend(buf, q, self.scale)
+
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         gathered = 2 * meta.block_tables.numel() * self.k_cache[0].numel()
         if gathered <= SMALL_DECODE_ELEMENTS:
             with single_thread(q.device.type == "cpu"):
                 return self._decode_exact(q, meta)
-        return self._decode_padded(q, meta)
+        with all_threads():
+            return self._decode_padded(q, meta)
 
     def _decode_exact(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Per sequence: its own blocks trimmed to its length, SDPA without a mask."""

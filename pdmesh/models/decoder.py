@@ -116,7 +116,7 @@ class DecoderForCausalLM(KVCacheMixin, nn.Module):
     def bind_kv_cache(self, pool: torch.Tensor) -> None:
         """Points every layer at its K and V views of the pool ``[N, layers, 2, block, KVH, D]``."""
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn.attn.bind(pool[:, i, 0], pool[:, i, 1])
+            layer.self_attn.attn.bind(pool, i)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

@@ -153,6 +153,7 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.nh * (self.nope_dim + self.v_dim), bias=False)
+        self.kv_b_proj.keep_dense_weight = True  # decode reads it to absorb W_UK / W_UV
         self.o_proj = nn.Linear(self.nh * self.v_dim, h, bias=bias)
         self.scale = softmax_scale(cfg, qk_dim)
         self.cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_lora_rank + rope_dim]

@@ -15,7 +15,7 @@ def _setup(lens: list[int], block: int = 4) -> tuple[PagedAttention, torch.Tenso
     width = max(-(-n // block) for n in lens)
     pool = torch.randn(1 + len(lens) * width, 2, block, kv_heads, dim, generator=gen)
     attn = PagedAttention(heads, kv_heads, dim)
-    attn.bind(pool[:, 0], pool[:, 1])
+    attn.bind(pool.unsqueeze(1), 0)
     perm = torch.randperm(pool.shape[0] - 1, generator=gen) + 1  # scattered, non-zero block ids
     tables = perm.view(len(lens), width)
     lens_t = torch.tensor(lens)
