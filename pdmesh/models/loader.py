@@ -1,4 +1,4 @@
-"""Declarative weight loading from safetensors (single file or sharded with an index)."""
+"""Declarative weight loading from safetensors (single file or sharded with an index, FP8 or not)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from pdmesh.models import fp8
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +36,52 @@ def _target(name: str, mapping: dict[str, tuple[str, str]]) -> tuple[str, str | 
     return name, None
 
 
+def _tensor_files(files: list[Path]) -> dict[str, Path]:
+    """Which file holds each tensor (an FP8 weight's scale may lie in another shard)."""
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            where.update(dict.fromkeys(f.keys(), path))
+    return where
+
+
+def _read(where: dict[str, Path], name: str) -> torch.Tensor:
+    with safe_open(str(where[name]), framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
+
+
+def _checkpoint_tensor(f, name: str, where: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
+    """Tensor ``name`` as stored, or dequantized when it is an FP8 weight with its tile scales."""
+    tensor = f.get_tensor(name)
+    if not fp8.is_quantized(tensor):
+        return tensor
+    scale_name = name + fp8.SCALE_SUFFIX
+    if block is None or scale_name not in where:
+        raise ValueError(f"tensor {name} is FP8 but the checkpoint has no block scale {scale_name} for it")
+    return fp8.dequantize(tensor, _read(where, scale_name), block)
+
+
 def load_weights(model: nn.Module, model_dir: Path) -> None:
     """Copies every checkpoint tensor into its parameter (calling a ``weight_loader`` for packed ones).
 
+    FP8 block-quantized weights are dequantized (``fp8``); multi-token-prediction layers are skipped.
     Raises ValueError for a tensor the model has no place for, or a parameter never loaded.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     mapping = getattr(model, "packed_modules_mapping", {})
+    raw = getattr(model.config, "raw", {})
+    block = fp8.quantization_block(raw)
+    files = safetensors_files(model_dir)
+    where = _tensor_files(files)
     loaded: set[str] = set()
-    for path in safetensors_files(model_dir):
+    skipped = 0
+    for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                if name.endswith(IGNORED_SUFFIXES):
+                if name.endswith(IGNORED_SUFFIXES) or (block and name.endswith(fp8.SCALE_SUFFIX)):
+                    continue
+                if fp8.is_mtp_tensor(name, raw, model.config.num_layers):
+                    skipped += 1
                     continue
                 target, shard_id = _target(name, mapping)
                 param = params.get(target)
@@ -53,7 +89,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                     raise ValueError(
                         f"{path.name}: tensor {name} has no matching parameter in {type(model).__name__}"
                     )
-                tensor = f.get_tensor(name)
+                tensor = _checkpoint_tensor(f, name, where, block)
                 if shard_id is None:
                     if param.shape != tensor.shape:
                         raise ValueError(
@@ -67,6 +103,8 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     missing = [n for n in params if n not in loaded and n not in tied]
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    if skipped:
+        log.info("skipped %d multi-token-prediction tensors of %s", skipped, model_dir)
     log.debug("loaded %d tensors from %s", len(loaded), model_dir)
 
 
