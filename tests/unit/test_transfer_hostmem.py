@@ -1,0 +1,61 @@
+"""CPU KV pools on transparent huge pages: zeroed, contiguous, aligned, and served by the tcp backend."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdmesh.kv.transfer import hostmem
+from pdmesh.kv.transfer.base import allocate_pool
+from pdmesh.kv.types import KVLayout
+
+pytestmark = pytest.mark.timeout(30)
+
+LAYOUT = KVLayout("tiny", "mha", 2, 2, 8, 16, "float32", (2, 2, 16, 2, 8))  # 16 KiB blocks
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _anon_huge_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_large_pool_is_zeroed_contiguous_and_huge_page_aligned() -> None:
+    pool = allocate_pool("tcp", 512, LAYOUT)  # 8 MiB
+    assert pool.shape == (512, *LAYOUT.block_shape)
+    assert pool.dtype == torch.float32
+    assert pool.is_contiguous()
+    assert not pool.any()
+    if sys.platform.startswith("linux"):
+        assert pool.data_ptr() % hostmem.HUGE_PAGE == 0
+    pool[511].fill_(3.0)  # the whole range is usable memory
+    assert float(pool[511].sum()) == 3.0 * LAYOUT.block_nbytes / 4
+
+
+def test_small_pool_is_plain_zeros() -> None:
+    pool = allocate_pool("tcp", 4, LAYOUT)
+    assert pool.shape == (4, *LAYOUT.block_shape)
+    assert pool.storage_offset() == 0
+    assert not pool.any()
+
+
+def test_bfloat16_pool_keeps_its_dtype() -> None:
+    tensor = hostmem.zeros((300, 4096), torch.bfloat16)
+    assert tensor.dtype == torch.bfloat16
+    assert tensor.shape == (300, 4096)
+    assert not tensor.any()
+
+
+@pytest.mark.skipif(
+    not THP.exists() or "[never]" in THP.read_text(), reason="transparent huge pages are off here"
+)
+def test_pool_memory_is_on_huge_pages() -> None:
+    before = _anon_huge_kib()
+    pool = hostmem.zeros((16 << 20,), torch.uint8)
+    assert _anon_huge_kib() - before >= 8 << 10  # most of the 16 MiB (khugepaged may lag on the rest)
+    del pool
