@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdmesh.models.identity import checkpoint_digest
+
 
 def _eos_ids(value) -> list[int]:
     if value is None:
@@ -46,6 +48,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, repr=False)
+    digest: str = ""  # the checkpoint's content digest (identity.py); empty when not read from a directory
 
     @classmethod
     def from_dict(cls, raw: dict, name: str = "model") -> ModelConfig:
@@ -81,6 +84,7 @@ class ModelConfig:
         if not config_file.exists():
             raise ValueError(f"{path} has no config.json (not a Hugging Face checkpoint directory)")
         cfg = cls.from_dict(json.loads(config_file.read_text()), name=path.resolve().name)
+        cfg.digest = checkpoint_digest(path)
         gen_file = path / "generation_config.json"
         if gen_file.exists():
             extra = _eos_ids(json.loads(gen_file.read_text()).get("eos_token_id"))
@@ -88,8 +92,12 @@ class ModelConfig:
         return cfg
 
     def fingerprint(self) -> str:
-        """Names the model in a KV layout: two engines may share KV only when these agree."""
+        """Names the model in a KV layout: two engines may share KV only when these agree.
+
+        The checkpoint's content digest, not its directory's name: the same weights under two paths
+        agree, other weights under the same name do not.
+        """
         return (
-            f"{self.name}:{self.model_type}:h{self.hidden_size}:l{self.num_layers}"
+            f"{self.model_type}-{self.digest or self.name}:h{self.hidden_size}:l{self.num_layers}"
             f":q{self.num_heads}:kv{self.num_kv_heads}x{self.head_dim}:v{self.vocab_size}"
         )
