@@ -201,9 +201,13 @@ class MeshBackend:
     async def _stream(self, instance, decode_request, request: _Request) -> AsyncIterator[GenerationChunk]:
         """Streams a Decode call; a failure raises _Retry (migration) or GenerationError."""
         call = self._stub(instance).Decode(decode_request, timeout=_remaining(request.deadline))
+        # a worker prefilling the request itself must produce its first token in time, as a prefill must
+        first_timeout = None
+        if decode_request.prefill_locally:
+            first_timeout = min(self.config.first_token_timeout_s, _remaining(request.deadline))
         self.router.inflight[instance.instance_id] += 1
         try:
-            async for chunk in call:
+            async for chunk in _first_in_time(call, first_timeout, instance):
                 if chunk.HasField("error") and chunk.error.code:
                     request.tried.add(instance.instance_id)
                     _raise_for_error(chunk.error, instance)
@@ -236,6 +240,22 @@ def _remaining(deadline: float) -> float:
     if remaining <= 0:
         raise GenerationError("request timed out", status_code=504)
     return remaining
+
+
+async def _first_in_time(call, timeout: float | None, instance: InstanceInfoData) -> AsyncIterator:
+    """The stream's messages, the first within ``timeout`` seconds (None: no limit) or a 504."""
+    messages = aiter(call)
+    if timeout is not None:
+        try:
+            yield await asyncio.wait_for(anext(messages), timeout)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise GenerationError(
+                f"no first token within {timeout:g} s at {instance.instance_id}", status_code=504
+            ) from None
+    async for message in messages:
+        yield message
 
 
 def _raise_for_status(exc: grpc.aio.AioRpcError, instance: InstanceInfoData, phase: str):

@@ -91,3 +91,27 @@ def test_request_timeout_is_504_and_frees_the_blocks(model_factory, tmp_path_fac
         wait_blocks_idle(stack.controller_address)
     finally:
         stack.stop()
+
+
+def test_first_token_timeout_is_504_on_both_paths_and_frees_the_blocks(model_factory, tmp_path_factory):
+    # prompts of 900 and 1400 tokens take tens of milliseconds to prefill on the small model; 10 ms
+    # is too little for either, whether the prefill worker or the decode worker itself prefills
+    stack = start_stack(
+        model_factory("qwen3", "small"),
+        tmp_path_factory,
+        controller_args=FAST_HEALTH,
+        coordinator_args={"first-token-timeout-s": "0.01", "local-prefill-threshold": "1000"},
+    )
+    try:
+        model = httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        for length, where in ((1400, "prefill"), (900, "decode")):
+            body = {"model": model, "prompt": [7 + i % 500 for i in range(length)], "max_tokens": 4}
+            reply = httpx.post(f"{stack.base_url}/v1/completions", json=body, timeout=60)
+            assert reply.status_code == 504, reply.text
+            message = reply.json()["error"]["message"]
+            assert ("prefill timed out" if where == "prefill" else "no first token within 0.01 s") in message
+            assert where in message  # names the instance (prefill-0 / decode-0)
+        wait_blocks_idle(stack.controller_address)
+        assert httpx.get(f"{stack.base_url}/health", timeout=5).status_code == 200
+    finally:
+        stack.stop()
