@@ -1,7 +1,8 @@
 """The coordinator's gRPC ``Generate`` stream for programs; protobuf stops here.
 
 Unset numeric sampling fields take OpenAI's defaults (proto3 cannot tell 0 from unset), except
-``temperature``, where 0 means greedy. With ``sampling.logprobs`` N > 0 each message carries one
+``temperature``, where 0 means greedy; an unset ``max_tokens`` is the context left after the prompt,
+capped at 256, and lengths are checked as over HTTP (``limits``). With ``sampling.logprobs`` N > 0 each message carries one
 ``TokenLogprobs`` (chosen logprob, top N ids and logprobs) per entry of its ``token_ids``.
 """
 
@@ -17,10 +18,10 @@ from pdmesh.rpc.convert import logprobs_to_proto
 from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from services.coordinator.backend import GenerationBackend, GenerationError
+from services.coordinator.limits import completion_budget
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 16
 HTTP_TO_GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
@@ -40,7 +41,7 @@ def sampling_with_defaults(msg: common_pb2.SamplingParams) -> SamplingParams:
         presence_penalty=msg.presence_penalty,
         frequency_penalty=msg.frequency_penalty,
         seed=msg.seed if msg.HasField("seed") else None,
-        max_tokens=msg.max_tokens or DEFAULT_MAX_TOKENS,
+        max_tokens=msg.max_tokens or 1,  # the real budget is set against the prompt (limits)
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
@@ -76,15 +77,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def _validate(self, request, prompt_ids: list[int], sampling: SamplingParams) -> None:
         if request.model and request.model != self.model_name:
             raise ValueError(f"unknown model {request.model!r}; this server serves {self.model_name!r}")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt_ids must be in [0, {self.tokenizer.vocab_size})")
-        if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
-                f"the model's context length of {self.max_model_len} tokens"
-            )
+        requested = request.sampling.max_tokens or None  # unset: the context left, as over HTTP
+        sampling.max_tokens = completion_budget(len(prompt_ids), requested, self.max_model_len)
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"

@@ -5,7 +5,7 @@
 ``GET /health`` (200 while ``backend.ready()``, else 503).
 
 - Default ``max_tokens`` (and ``max_completion_tokens``): the context left after the prompt,
-  ``max_model_len - prompt_tokens``, capped at ``DEFAULT_MAX_TOKENS`` (256).
+  ``max_model_len - prompt_tokens``, capped at ``limits.DEFAULT_MAX_TOKENS`` (256).
 - ``stop`` strings end generation when the text contains one (trimmed from the output,
   ``finish_reason`` "stop"); while streaming, text that may begin a stop string is held back.
   A stop token (``stop_token_ids``, or an end-of-sequence id) that ends a request is not
@@ -49,11 +49,10 @@ from services.coordinator.http_util import (
     chain,
     unless_disconnected,
 )
+from services.coordinator.limits import LengthError, completion_budget
 from services.coordinator.text_stream import TextStream, TokenEntry
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -138,31 +137,18 @@ class OpenAIServer:
 
     def prepare(self, body: api.SamplingRequest, prompt_ids: list[int], request_id: str, chat: bool) -> Job:
         """Validates lengths and sampling; picks the default max_tokens."""
-        limit, n = self.max_model_len, len(prompt_ids)
-        if n == 0:
-            raise ApiError("the prompt is empty", param="messages" if chat else "prompt")
-        if n >= limit:
-            raise ApiError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt has {n} tokens, "
-                "leaving no room for a completion. Please shorten the prompt.",
-                param="messages" if chat else "prompt",
-                code="context_length_exceeded",
-            )
         requested = body.requested_max_tokens()
-        param = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
-        if requested is not None and requested < 1:
-            raise ApiError(f"{param} must be at least 1, got {requested}", param=param)
-        if requested is not None and n + requested > limit:
-            raise ApiError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n + requested} tokens ({n} in the prompt, {requested} for the completion). "
-                f"Please reduce the prompt or {param}.",
-                param=param,
-                code="context_length_exceeded",
-            )
-        sampling = body.to_sampling(
-            requested if requested is not None else min(DEFAULT_MAX_TOKENS, limit - n)
+        budget_name = (
+            "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
         )
+        prompt_param = "messages" if chat else "prompt"
+        try:
+            max_tokens = completion_budget(len(prompt_ids), requested, self.max_model_len, budget_name)
+        except LengthError as exc:
+            param = prompt_param if exc.field == "prompt" else exc.field
+            code = "context_length_exceeded" if exc.context_exceeded else None
+            raise ApiError(str(exc), param=param, code=code) from exc
+        sampling = body.to_sampling(max_tokens)
         try:
             sampling.validate()
         except ValueError as exc:
@@ -327,7 +313,9 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return api.ModelList(data=[api.ModelCard(id=model_name)]).model_dump(mode="json")
+        return api.ModelList(data=[api.ModelCard(id=model_name, max_model_len=max_model_len)]).model_dump(
+            mode="json"
+        )
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, request: Request) -> Response:

@@ -153,6 +153,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "pdmesh"
+    max_model_len: int | None = None  # vLLM's extra field: prompt + completion tokens the model takes
 
 
 class ModelList(BaseModel):

@@ -182,6 +182,40 @@ def test_grpc_generate_stream(pd_stack):
     assert sum(len(r.token_ids) for r in replies) == 6
 
 
+def test_grpc_generate_checks_lengths_as_http_does(pd_stack):
+    import grpc
+
+    from pdmesh.rpc.client import open_channel
+    from pdmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+    limit = httpx.get(f"{pd_stack.base_url}/v1/models", timeout=10).json()["data"][0]["max_model_len"]
+
+    async def run(ids: list[int], max_tokens: int):
+        async with open_channel(pd_stack.coordinator_grpc) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            request = coordinator_pb2.GenerateRequest(
+                prompt_ids=coordinator_pb2.TokenIds(ids=ids),
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+            )
+            try:
+                return [r async for r in stub.Generate(request, timeout=60)]
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+    too_long = asyncio.run(run([5] * limit, 0))
+    assert too_long.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"maximum context length is {limit} tokens" in too_long.details()
+    assert f"your prompt has {limit} tokens" in too_long.details()
+    over = asyncio.run(run([5] * 10, limit))
+    assert (
+        over.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "Please reduce the prompt or max_tokens" in over.details()
+    )
+    # unset max_tokens: the context left after the prompt (capped at 256), as over HTTP
+    replies = asyncio.run(run([5] * (limit - 3), 0))
+    assert replies[-1].finished and replies[-1].usage.completion_tokens == 3
+
+
 def test_no_kv_blocks_leak(pd_stack):
     instances = wait_blocks_idle(pd_stack.controller_address)
     assert {i.instance_id for i in instances} == {"prefill-0", "decode-0"}

@@ -23,7 +23,8 @@ import uvicorn
 from pdmesh.engine.types import SamplingParams
 from pdmesh.tokenizer import Tokenizer
 from services.coordinator.backend import GenerationChunk, GenerationError
-from services.coordinator.http_app import DEFAULT_MAX_TOKENS, create_app
+from services.coordinator.http_app import create_app
+from services.coordinator.limits import DEFAULT_MAX_TOKENS
 from services.coordinator.text_stream import TextStream
 from tests.unit.test_tokenizer import build_tokenizer_dir
 
