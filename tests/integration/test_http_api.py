@@ -1,145 +1,21 @@
 """The coordinator's OpenAI-compatible HTTP front over an echoing test backend.
 
-``EchoBackend`` stands in for the worker mesh: it generates the prompt's own ids back (then an
-end-of-sequence id), honouring max_tokens, stop_token_ids and ignore_eos, and records what it was
-asked and whether its iterator was closed. The real mesh is covered by the end-to-end tests.
+``EchoBackend`` (``http_harness``) stands in for the worker mesh; the fixtures are in this directory's
+``conftest.py``; the tests under a real server are in ``test_http_served.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
 
-from pdmesh.engine.types import SamplingParams
-from pdmesh.tokenizer import Tokenizer
 from services.coordinator.backend import GenerationChunk, GenerationError
-from services.coordinator.http_app import create_app
 from services.coordinator.limits import DEFAULT_MAX_TOKENS
 from services.coordinator.text_stream import TextStream
-from tests.unit.test_tokenizer import build_tokenizer_dir
+from tests.integration.http_harness import MAX_MODEL_LEN, MESSAGES, MODEL, assert_error, call, sse_events
 
 pytestmark = pytest.mark.timeout(60)
-
-MODEL = "tiny-chatml"
-MAX_MODEL_LEN = 128
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi 你好 🎉"}]
-
-
-class EchoBackend:
-    """Generates the prompt ids back, ``chunk_size`` at a time, then the EOS id."""
-
-    def __init__(self, eos_id: int, chunk_size: int = 1, delay_s: float = 0.0) -> None:
-        self.eos_id = eos_id
-        self.chunk_size = chunk_size
-        self.delay_s = delay_s
-        self.is_ready = True
-        self.fail_before: GenerationError | None = None
-        self.fail_after: tuple[int, GenerationError] | None = None  # (tokens, error)
-        self.output_ids: list[int] | None = None  # generate these instead of the prompt
-        self.stall_after: int | None = None  # after this many tokens, wait (almost) forever
-        self.calls: list[tuple[str, list[int], SamplingParams]] = []
-        self.sent: dict[str, int] = {}
-        self.closed: set[str] = set()
-
-    def ready(self) -> bool:
-        return self.is_ready
-
-    def _planned(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[tuple[int, bool]]:
-        """(token, is the end-of-sequence); with ignore_eos the prompt repeats until max_tokens."""
-        source = self.output_ids if self.output_ids is not None else prompt_ids
-        while True:
-            yield from ((t, False) for t in source)
-            if not sampling.ignore_eos:
-                yield self.eos_id, True
-                return
-
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
-    ) -> AsyncIterator[GenerationChunk]:
-        self.calls.append((request_id, list(prompt_ids), sampling))
-        self.sent[request_id] = 0
-        try:
-            if self.fail_before is not None:
-                raise self.fail_before
-            batch: list[int] = []
-            for token, eos in self._planned(prompt_ids, sampling):
-                await asyncio.sleep(self.delay_s)
-                if self.stall_after is not None and self.sent[request_id] >= self.stall_after:
-                    await asyncio.sleep(3600)
-                if self.fail_after is not None and self.sent[request_id] >= self.fail_after[0]:
-                    raise self.fail_after[1]
-                batch.append(token)
-                self.sent[request_id] += 1
-                stop = eos or token in sampling.stop_token_ids
-                length = self.sent[request_id] >= sampling.max_tokens
-                if stop or length:
-                    yield GenerationChunk(batch, True, "stop" if stop else "length")
-                    return
-                if len(batch) >= self.chunk_size:
-                    yield GenerationChunk(batch)
-                    batch = []
-        finally:
-            self.closed.add(request_id)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tokenizer_dir(tmp_path_factory.mktemp("chatml"))
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir)
-
-
-@pytest.fixture
-def backend(tok) -> EchoBackend:
-    return EchoBackend(eos_id=tok.token_to_id("<|im_end|>"))
-
-
-@pytest.fixture
-def app(backend, tok):
-    return create_app(backend, MODEL, tok, MAX_MODEL_LEN)
-
-
-def call(app, method: str, path: str, **kwargs) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.request(method, path, **kwargs)
-
-    return asyncio.run(go())
-
-
-def sse_events(response: httpx.Response) -> list:
-    assert response.headers["content-type"].startswith("text/event-stream")
-    events = []
-    for block in response.text.split("\n\n"):
-        if block.strip():
-            assert block.startswith("data: ")
-            payload = block[len("data: ") :]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
-def assert_error(response: httpx.Response, status: int, match: str = "", code=None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert match.lower() in error["message"].lower()
-    if code is not None:
-        assert error["code"] == code
-    return error
 
 
 # -- happy paths ---------------------------------------------------------------------------------------
@@ -396,86 +272,6 @@ def test_request_ids(app, caplog) -> None:
     generated = call(app, "GET", "/health").headers["x-request-id"]
     assert generated and generated != "abc-123"
     assert call(app, "GET", "/v1/nothing").headers["x-request-id"]
-
-
-# -- a real server: disconnects and the official client --------------------------------------------------
-
-
-@pytest.fixture
-def served(app) -> Iterator[str]:
-    """The app under uvicorn on a free loopback port, in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_client_disconnect_mid_stream_closes_the_backend(served, backend) -> None:
-    backend.stall_after = 2  # no more output: only watching the connection can notice the client left
-    request = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=served, timeout=10) as client:
-        with client.stream("POST", "/v1/completions", json=request) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-    assert _wait_for(lambda: backend.calls and backend.calls[0][0] in backend.closed)
-    assert backend.sent[backend.calls[0][0]] == 2
-
-
-def test_client_disconnect_while_waiting_closes_the_backend(served, backend) -> None:
-    backend.stall_after = 2
-    request = {"prompt": "x", "max_tokens": 100, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=served, timeout=0.5) as client:
-        client.post("/v1/completions", json=request)
-    assert _wait_for(lambda: backend.calls and backend.calls[0][0] in backend.closed)
-    assert backend.sent[backend.calls[0][0]] == 2
-
-
-def test_openai_client(served, tok) -> None:
-    import openai
-
-    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == [MODEL]
-    expected = tok.decode(tok.encode_chat(MESSAGES))
-    n = len(tok.encode_chat(MESSAGES))
-    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, seed=1)
-    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (n, n + 1)
-    stream = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}, max_tokens=8
-    )
-    chunks = list(stream)
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == tok.decode(
-        tok.encode_chat(MESSAGES)[:8]
-    )
-    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == n + 8
-    completion = client.completions.create(model=MODEL, prompt="Hello world!", max_tokens=4, stop=["zz"])
-    assert completion.choices[0].text == tok.decode(tok.encode("Hello world!")[:4])
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="other", prompt="x")
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10**6)
 
 
 def test_text_stream_holds_back_possible_stop_strings(tok) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from pdmesh.tokenizer import Tokenizer
 from services.coordinator.http_app import create_app
-from tests.integration.test_http_api import (
+from tests.integration.http_harness import (
     MAX_MODEL_LEN,
     MESSAGES,
     MODEL,
