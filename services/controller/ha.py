@@ -83,7 +83,7 @@ class Leadership:
             self.active_address = holder.address if holder else ""
             return
         state = await self.store.load()
-        self.membership.restore(state.instances, state.draining, state.version + 1)
+        self.membership.restore(state.instances, state.draining, state.version + 1, state.flips)
         self.stored_ratio = state.ratio
         self._last_renewal = time.monotonic()
         self.active, self.active_address = True, self.address
@@ -127,7 +127,10 @@ class Leadership:
         if info is None:
             await self.store.delete_instance(self.token, instance_id)
         else:
-            await self.store.put_instance(self.token, info, self.membership.is_draining(instance_id))
+            draining = self.membership.is_draining(instance_id)
+            await self.store.put_instance(
+                self.token, info, draining, self.membership.flip_target(instance_id)
+            )
 
     async def set_ratio(self, ratio: str) -> None:
         """Stores the ratio target (fenced); FencedOut when a newer controller is active."""

@@ -43,6 +43,8 @@ class Membership:
         self._clock = clock
         self._instances: dict[str, InstanceInfoData] = {}
         self._draining: set[str] = set()
+        self._flip_targets: dict[str, Role] = {}  # instance id -> the role a flip in progress moves it to
+        self._load_unknown: set[str] = set()  # restored records whose load no heartbeat reported yet
         self._probe_failing: dict[str, float] = {}  # instance id -> when its probes started failing
         self.dirty: set[str] = set()  # ids whose stored record is out of date
         self._version = 0
@@ -99,6 +101,7 @@ class Membership:
         record.last_heartbeat = self._clock()
         if load is not None:
             record.load = load
+            self._load_unknown.discard(instance_id)
         if record.state == InstanceState.SUSPECT and instance_id not in self._probe_failing:
             self._recover(record)
         return True
@@ -133,6 +136,28 @@ class Membership:
             self._bump()
         return True
 
+    def set_flip_target(self, instance_id: str, role: Role | None) -> None:
+        """Records (or clears) the role a flip in progress is moving an instance to, so that a
+        controller taking over can finish the flip."""
+        if instance_id in self._instances and self._flip_targets.get(instance_id) != role:
+            if role is None:
+                self._flip_targets.pop(instance_id, None)
+            else:
+                self._flip_targets[instance_id] = role
+            self.dirty.add(instance_id)
+            self._bump()
+
+    def load_known(self, instance_id: str) -> bool:
+        """False between taking over a stored state (loads are not stored) and the first heartbeat."""
+        return instance_id not in self._load_unknown
+
+    def flip_target(self, instance_id: str) -> Role | None:
+        return self._flip_targets.get(instance_id)
+
+    def flip_targets(self) -> dict[str, Role]:
+        """Every unfinished flip: instance id -> target role."""
+        return dict(self._flip_targets)
+
     def set_role(self, instance_id: str, role: Role) -> bool:
         """Records an instance's new role (after a flip); False when it is not a member."""
         record = self._instances.get(instance_id)
@@ -144,7 +169,13 @@ class Membership:
             self._bump()
         return True
 
-    def restore(self, instances: list[InstanceInfoData], draining: set[str], version: int) -> None:
+    def restore(
+        self,
+        instances: list[InstanceInfoData],
+        draining: set[str],
+        version: int,
+        flips: dict[str, Role] | None = None,
+    ) -> None:
         """Takes over a stored state: every instance healthy with a fresh grace period."""
         now = self._clock()
         self._instances = {}
@@ -153,6 +184,8 @@ class Membership:
             record.state, record.last_heartbeat = InstanceState.HEALTHY, now
             self._instances[record.instance_id] = record
         self._draining = draining & set(self._instances)
+        self._flip_targets = {k: v for k, v in (flips or {}).items() if k in self._instances}
+        self._load_unknown = set(self._instances)
         self._probe_failing.clear()
         self.dirty.clear()
         self._version = max(self._version, version)
@@ -203,6 +236,7 @@ class Membership:
         if self._instances.pop(instance_id, None) is None:
             return False
         self._draining.discard(instance_id)
+        self._flip_targets.pop(instance_id, None)
         self._probe_failing.pop(instance_id, None)
         self.dirty.add(instance_id)
         return True

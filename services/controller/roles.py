@@ -3,7 +3,9 @@
 A flip goes as MindIE's does: mark the instance DRAINING (coordinators stop routing to it), wait until
 its heartbeats report no running or waiting request and no pinned KV handle, have the ``RoleActuator``
 switch it, record the new role and put it back online (HEALTHY). Only one flip runs at a time; a flip
-never leaves the cluster without a prefill or without a decode instance.
+never leaves the cluster without a prefill or without a decode instance. The flip's target role is
+stored with the draining mark, so a controller that becomes active after the previous one died
+mid-flip finishes it (``resume_interrupted``).
 
 The thing that acts is a ``RoleActuator``. ``LocalGrpcActuator`` calls the worker's ``SetRole`` so that
 the running process switches in place; a Kubernetes actuator (relabel or replace the pod) would
@@ -128,23 +130,47 @@ class RoleManager:
             self.check_floor(info, new_role)
             return await self._flip_locked(info, new_role)
 
-    async def _flip_locked(self, info: InstanceInfoData, new_role: Role) -> InstanceInfoData:
+    async def _flip_locked(
+        self, info: InstanceInfoData, new_role: Role, resuming: bool = False
+    ) -> InstanceInfoData:
         instance_id = info.instance_id
         log.info("flipping %s: %s -> %s (draining)", instance_id, info.role.value, new_role.value)
-        was_draining = self.membership.is_draining(instance_id)
+        # a resumed flip found the draining mark its first controller set: it ends back online
+        was_draining = False if resuming else self.membership.is_draining(instance_id)
         self.membership.set_draining(instance_id, True)
+        self.membership.set_flip_target(instance_id, new_role)
         await self.persist()
         try:
             drained = await self.wait_drained(instance_id)
-            await self.actuator.flip(drained, new_role)
+            await self.actuator.flip(drained, new_role)  # idempotent: a worker already switched stays
             self.membership.set_role(instance_id, new_role)
         finally:
+            self.membership.set_flip_target(instance_id, None)
             self.membership.set_draining(instance_id, was_draining)
             await self.persist()
         self.flips += 1
         self.policy.record_flip(time.time())
         log.info("flipped %s to %s; back online", instance_id, new_role.value)
         return self.membership.get(instance_id)
+
+    async def resume_interrupted(self) -> list[str]:
+        """Finishes the flips a previous active controller started but did not end (it died while
+        one was draining or switching); returns the ids flipped. A flip that fails ends the instance
+        back online in its old role, as any failed flip does."""
+        done = []
+        for instance_id, new_role in sorted(self.membership.flip_targets().items()):
+            info = self.membership.get(instance_id)
+            if info is None:
+                continue
+            log.warning("resuming the interrupted flip of %s to %s", instance_id, new_role.value)
+            try:
+                async with self._lock:
+                    await self._flip_locked(info, new_role, resuming=True)
+            except (FlipFailed, TimeoutError) as exc:
+                log.warning("resumed flip of %s failed: %s", instance_id, exc)
+                continue
+            done.append(instance_id)
+        return done
 
     async def wait_drained(self, instance_id: str) -> InstanceInfoData:
         """Waits (after ``settle_s``) until the instance reports no work; TimeoutError after the limit."""
@@ -154,7 +180,7 @@ class RoleManager:
             info = self.membership.get(instance_id)
             if info is None:
                 raise FlipFailed(f"{instance_id} left the cluster while draining")
-            if info.load.idle():
+            if info.load.idle() and self.membership.load_known(instance_id):
                 return info
             if time.monotonic() > deadline:
                 raise TimeoutError(

@@ -141,6 +141,8 @@ class ControllerService:
                 log.warning("ignoring the stored ratio %r", stored)
             if not stored:
                 self._spawn(self.leadership.set_ratio(str(self.roles.target)))
+            if self.membership.flip_targets():
+                self._spawn(self.roles.resume_interrupted())
         self.membership.touch()
 
     def _spawn(self, coro) -> None:

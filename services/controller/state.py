@@ -9,7 +9,7 @@ gives every stored instance a fresh grace period.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -38,18 +38,20 @@ class StoredState:
     draining: set[str]
     ratio: str | None
     version: int
+    flips: dict[str, Role] = field(default_factory=dict)  # unfinished role flips: id -> target role
 
 
-def encode_instance(info: InstanceInfoData, draining: bool) -> str:
-    return json.dumps(
-        {
-            "role": info.role.value,
-            "address": info.address,
-            "transfer_endpoint": info.transfer_endpoint,
-            "model": info.model,
-            "draining": draining,
-        }
-    )
+def encode_instance(info: InstanceInfoData, draining: bool, flip_to: Role | None = None) -> str:
+    fields = {
+        "role": info.role.value,
+        "address": info.address,
+        "transfer_endpoint": info.transfer_endpoint,
+        "model": info.model,
+        "draining": draining,
+    }
+    if flip_to is not None:
+        fields["flip_to"] = flip_to.value  # a role flip in progress: a new active controller finishes it
+    return json.dumps(fields)
 
 
 def decode_instance(instance_id: str, raw: str) -> tuple[InstanceInfoData, bool]:
@@ -83,10 +85,11 @@ class ClusterStore:
                 raise FencedOut(str(exc)) from None
             raise
 
-    async def put_instance(self, token: int, info: InstanceInfoData, draining: bool) -> None:
-        await self._fenced(
-            self._hset, self.instances_key, token, info.instance_id, encode_instance(info, draining)
-        )
+    async def put_instance(
+        self, token: int, info: InstanceInfoData, draining: bool, flip_to: Role | None = None
+    ) -> None:
+        record = encode_instance(info, draining, flip_to)
+        await self._fenced(self._hset, self.instances_key, token, info.instance_id, record)
 
     async def delete_instance(self, token: int, instance_id: str) -> None:
         await self._fenced(self._hdel, self.instances_key, token, instance_id)
@@ -98,10 +101,13 @@ class ClusterStore:
         """Everything stored (empty on a fresh Redis)."""
         raw = await self.redis.hgetall(self.instances_key)
         meta = await self.redis.hgetall(self.meta_key)
-        instances, draining = [], set()
+        instances, draining, flips = [], set(), {}
         for instance_id in sorted(raw):
             info, drained = decode_instance(instance_id, raw[instance_id])
             instances.append(info)
             if drained:
                 draining.add(instance_id)
-        return StoredState(instances, draining, meta.get("ratio"), int(meta.get("version", "0")))
+            flip_to = json.loads(raw[instance_id]).get("flip_to")
+            if flip_to:
+                flips[instance_id] = Role(flip_to)
+        return StoredState(instances, draining, meta.get("ratio"), int(meta.get("version", "0")), flips)

@@ -178,8 +178,58 @@ def test_administration_and_standby_refusal(clean_redis):
             assert actuator.flips == [("prefill-1", Role.DECODE)]
 
             await a.stop(grace_s=0.2)  # graceful: the lease is released, b takes over at once
-            await wait_until(lambda: b.active, 2 * LEASE_S)
+            await wait_until(lambda: b.active, 3.0)  # at once when idle; a busy host may delay a turn
             assert str(b.roles.target) == "2:1"
             assert b.membership.get("prefill-1").role == Role.DECODE
+
+    asyncio.run(main())
+
+
+def test_a_flip_interrupted_by_the_active_controllers_death_is_finished_by_the_standby(clean_redis):
+    async def main() -> None:
+        async with controllers(clean_redis) as ((a, b), actuator):
+            both = f"{a.address},{b.address}"
+            busy = {"prefill-1": True}
+
+            def load_of(instance_id: str):
+                return lambda: LoadData(running=1 if busy.get(instance_id) else 0)
+
+            agents = [
+                InstanceAgent(both, instance(iid, role), load_of(iid))
+                for iid, role in [
+                    ("prefill-0", Role.PREFILL),
+                    ("prefill-1", Role.PREFILL),
+                    ("decode-0", Role.DECODE),
+                ]
+            ]
+            for agent in agents:
+                await agent.start(register_timeout_s=5)
+            await wait_until(lambda: len(a.membership.view().healthy()) == 3)
+            flip = controller_pb2.FlipRoleRequest(instance_id="prefill-1", role=common_pb2.ROLE_DECODE)
+            flipping = asyncio.ensure_future(_call(a.address, "FlipRole", flip))
+            await wait_until(lambda: a.membership.flip_target("prefill-1") == Role.DECODE)
+            await a.leadership.flush()
+            stored = await b.leadership.store.load()
+            assert stored.flips == {"prefill-1": Role.DECODE} and "prefill-1" in stored.draining
+            # a dies while prefill-1 drains: a crashed process writes nothing more
+            a.leadership.active = False
+            await a.abandon()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await flipping
+            await wait_until(lambda: b.active, 5)
+            await asyncio.sleep(0.5)
+            assert b.membership.get("prefill-1").state == InstanceState.DRAINING  # still waiting to drain
+            assert actuator.flips == []
+            busy["prefill-1"] = False  # its last request ends
+            await wait_until(lambda: b.membership.get("prefill-1").role == Role.DECODE, 10)
+            await wait_until(lambda: b.membership.get("prefill-1").state == InstanceState.HEALTHY)
+            assert actuator.flips == [("prefill-1", Role.DECODE)]
+            await wait_until(lambda: not b.membership.flip_targets())
+            await b.leadership.flush()
+            stored = await b.leadership.store.load()
+            assert stored.flips == {} and not stored.draining
+            assert {i.instance_id: i.role for i in stored.instances}["prefill-1"] == Role.DECODE
+            for agent in agents:
+                await agent.stop()
 
     asyncio.run(main())
