@@ -8,10 +8,15 @@ real mesh is covered by the end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
+import uvicorn
 
 from pdmesh.engine.types import SamplingParams
 from services.coordinator.backend import GenerationChunk, GenerationError
@@ -106,3 +111,24 @@ def assert_error(response: httpx.Response, status: int, match: str = "", code=No
     if code is not None:
         assert error["code"] == code
     return error
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """``app`` under uvicorn on a free loopback port, in a thread; yields the base URL, then stops it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert server.started, "the test server did not start in 10 s"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

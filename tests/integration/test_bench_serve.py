@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pdmesh.bench.serve import BenchConfig, main, run_benchmark
+from tests.integration.http_harness import serve_in_thread
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -198,22 +196,8 @@ class ScriptedServer:
 @pytest.fixture
 def scripted() -> Iterator[tuple[ScriptedServer, str]]:
     fake = ScriptedServer()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield fake, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve_in_thread(fake.app) as url:
+        yield fake, url
 
 
 def test_cli_against_a_scripted_server(scripted, tmp_path: Path):

@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from pdmesh.tokenizer import Tokenizer
-from services.coordinator.http_app import create_app
 from tests.integration.http_harness import (
-    MAX_MODEL_LEN,
     MESSAGES,
-    MODEL,
     EchoBackend,
     assert_error,
     call,
     sse_events,
 )
-from tests.unit.test_tokenizer import build_tokenizer_dir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,19 +33,10 @@ class LogprobBackend(EchoBackend):
             yield chunk
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    return Tokenizer.from_dir(build_tokenizer_dir(tmp_path_factory.mktemp("chatml")))
-
-
 @pytest.fixture
 def backend(tok) -> LogprobBackend:
+    """Overrides conftest's echoing backend (its ``app`` and ``tok`` fixtures serve this one)."""
     return LogprobBackend(eos_id=tok.token_to_id("<|im_end|>"))
-
-
-@pytest.fixture
-def app(backend, tok):
-    return create_app(backend, MODEL, tok, MAX_MODEL_LEN)
 
 
 def chat(app, **extra):

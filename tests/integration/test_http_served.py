@@ -3,39 +3,21 @@ official ``openai`` client works end to end (over the echoing backend of ``http_
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.integration.http_harness import MESSAGES, MODEL
+from tests.integration.http_harness import MESSAGES, MODEL, serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
 def served(app) -> Iterator[str]:
-    """The app under uvicorn on a free loopback port, in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
