@@ -130,6 +130,9 @@ class WorkerConfig(BaseSettings):
     )
     transfer_port: int = Field(0, ge=0, le=65535, description="KV transfer port (prefill side); 0: free")
     kv_cache_memory_mib: int = Field(256, ge=1, description="memory for the paged KV cache")
+    decode_workspace_mib: int = Field(
+        512, ge=0, description="float32 CPU decode: the running batch's K/V kept densely, up to this; 0: off"
+    )
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     max_batch_size: int = Field(64, ge=1, description="maxBatchSize: sequences in one decode batch")
     max_prefill_batch_size: int = Field(

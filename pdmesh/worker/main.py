@@ -199,6 +199,7 @@ def build_runner(config: WorkerConfig) -> EngineRunner:
         device=config.device,
         block_size=config.block_size,
         kv_cache_memory_mib=config.kv_cache_memory_mib,
+        decode_workspace_mib=config.decode_workspace_mib,
         max_num_seqs=config.max_batch_size,
         max_prefill_batch_size=config.max_prefill_batch_size,
         max_prefill_tokens=config.max_prefill_tokens,
