@@ -41,7 +41,7 @@ def packing_available(dtype: torch.dtype) -> bool:
 
 
 class _PackedForward:
-    """A module's forward over its packed weight (a plain callable: modules stay picklable-free)."""
+    """A module's forward over its packed weight (set as the module instance's ``forward``)."""
 
     def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> None:
         self.packed = packed

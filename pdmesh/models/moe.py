@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdmesh.models.threads import all_threads
+
 
 def expert_mapping(num_experts: int) -> dict[str, tuple[str, str]]:
     """Checkpoint fragments of the per-expert tensors -> (stacked parameter, ``expert:projection``).
@@ -66,11 +68,12 @@ class RoutedExperts(nn.Module):
         token_idx = order // ids.shape[1]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         outs = []
-        for expert, seg in enumerate(x[token_idx].split(counts)):
-            if seg.shape[0] == 0:
-                continue
-            gate, up = F.linear(seg, self.gate_up.weight[expert]).split(self.inter, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down.weight[expert]))
+        with all_threads():  # the expert products, also inside a single-threaded decode step
+            for expert, seg in enumerate(x[token_idx].split(counts)):
+                if seg.shape[0] == 0:
+                    continue
+                gate, up = F.linear(seg, self.gate_up.weight[expert]).split(self.inter, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, self.down.weight[expert]))
         y = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_idx, y)
 
