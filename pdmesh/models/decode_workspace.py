@@ -138,8 +138,12 @@ class DecodeWorkspace:
         block_size = kv_cache.shape[2]
         blocks = kv_cache.index_select(0, tables.reshape(-1))  # [B * nb, 2, bs, KVH, D]
         blocks = blocks.view(batch, blocks_per_seq, 2, block_size, self.num_kv_heads, self.head_dim)
-        target = buf[:, :, :, : blocks_per_seq * block_size].unflatten(3, (blocks_per_seq, block_size))
+        span = blocks_per_seq * block_size
+        target = buf[:, :, :, :span].unflatten(3, (blocks_per_seq, block_size))
         target.copy_(blocks.permute(2, 4, 0, 1, 3, 5))  # -> [2, KVH, B, nb, bs, D]
+        # slots past a sequence's length are masked, but probability 0 times a NaN or inf left in
+        # the memory is still NaN: the slots that appends will not reach before them hold zeros
+        buf[:, :, :, span:].zero_()
         return buf
 
     def attend(self, buf: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:

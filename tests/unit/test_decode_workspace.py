@@ -71,6 +71,25 @@ def test_appending_steps_match_gathering_and_rebuild_only_when_the_batch_changes
         lens = [n + 1 for n in lens]
 
 
+def test_whatever_the_buffers_held_masked_slots_do_not_leak_in() -> None:
+    # the batch's longest sequence outgrows the blocks gathered at the rebuild while a short one
+    # appends: the short one's masked slots past the gathered span must not hold NaN
+    gen = torch.Generator().manual_seed(3)
+    pool = _pool(1 + 2 * 6)
+    attn = PagedAttention(HEADS, KV_HEADS, DIM)
+    attn.bind(pool.unsqueeze(1), 0)
+    ws = DecodeWorkspace(1, KV_HEADS, DIM, BLOCK, budget_bytes=1 << 20)
+    ws._buffers[0] = torch.full((1 << 14,), float("nan"))  # stale memory at its worst
+    full = (torch.randperm(2 * 6, generator=gen) + 1).view(2, 6)
+    seqs, lens = [_Seq(), _Seq()], [2, 7]
+    for _ in range(12):
+        tables = full[:, : -(-max(lens) // BLOCK)]  # blocks are allocated as the longest grows
+        got, expected, _ = _step(attn, ws, seqs, tables, lens, gen)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected)
+        lens = [n + 1 for n in lens]
+
+
 def test_a_step_that_is_not_committed_or_a_prefill_forces_a_rebuild() -> None:
     ws = DecodeWorkspace(1, KV_HEADS, DIM, BLOCK, budget_bytes=1 << 20)
     seqs = [_Seq()]
