@@ -75,15 +75,15 @@ def test_continuous_batching_many_requests(engine) -> None:
 def test_decode_without_or_in_and_out_of_the_workspace_gives_the_same_tokens(
     tiny_qwen3, engine, workspace_mib
 ) -> None:
-    # 0: attention gathers every step; 1 MiB: small batches fit the workspace, the full one does not,
-    # so decode moves in and out of it as requests arrive and finish
-    specs = [(prompt(20 + 9 * i, 70 + i), 30 + 5 * (i % 3)) for i in range(8)]
+    # 0: attention gathers every step. 1 MiB: the first few sequences fit the workspace, the full
+    # batch of 16 at ~200 tokens (16 x 256 slots x 512 B) does not, and as they finish it fits again
+    specs = [(prompt(20 + 9 * i, 70 + i), 30 + 5 * (i % 3)) for i in range(16)]
     expected = {f"w{i}": reference(engine, p, greedy(m)) for i, (p, m) in enumerate(specs)}
-    other = make_engine(tiny_qwen3, max_num_seqs=8, decode_workspace_mib=workspace_mib)
+    other = make_engine(tiny_qwen3, max_num_seqs=16, decode_workspace_mib=workspace_mib)
     outs: dict[str, list[TokenOutput]] = {}
     for i, (p, m) in enumerate(specs):
         other.add_request(EngineRequest(f"w{i}", p, greedy(m)))
-        for _ in range(4 * i):  # staggered arrivals
+        for _ in range(i % 4):  # staggered arrivals
             for out in other.step():
                 outs.setdefault(out.request_id, []).append(out)
     for rid, more in run_all(other).items():
