@@ -209,6 +209,8 @@ class LLMEngine:
             return outputs + self.fail([s.request_id for s in batch.seqs], f"{type(exc).__name__}: {exc}")
         for seq, token, lp in zip(batch.seqs, tokens, logprobs, strict=True):
             outputs.append(self._update(seq, token, lp, batch.is_prefill))
+        if not self._seqs and self.runner.workspace is not None:
+            self.runner.workspace.release()  # idle: give the decode workspace's memory back
         return outputs
 
     def fail(self, request_ids: list[str], error: str) -> list[TokenOutput]:

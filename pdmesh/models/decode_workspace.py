@@ -83,7 +83,7 @@ class DecodeWorkspace:
         self._valid = True
 
     def release(self) -> None:
-        """Drops the buffers (the batch no longer fits the budget)."""
+        """Drops the buffers (the batch no longer fits the budget, or the engine is idle)."""
         self._buffers = [None] * self.num_layers
         self._valid = False
         self._width = 0

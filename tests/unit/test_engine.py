@@ -89,6 +89,8 @@ def test_decode_without_or_in_and_out_of_the_workspace_gives_the_same_tokens(
     for rid, more in run_all(other).items():
         outs.setdefault(rid, []).extend(more)
     assert {rid: tokens_of(o) for rid, o in outs.items()} == expected
+    if other.runner.workspace is not None:  # idle again: its memory is given back
+        assert all(buffer is None for buffer in other.runner.workspace._buffers)
 
 
 def test_preemption_under_a_tiny_pool_loses_nothing(tiny_qwen3, engine) -> None:
