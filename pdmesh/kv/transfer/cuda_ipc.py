@@ -80,7 +80,7 @@ def before_ack() -> None:
     """Runs on the server between the copy and its acknowledgement (tests slow it down)."""
 
 
-class CudaIpcTransferServer:
+class CudaIpcTransferServer(wire.ExposingServer):
     """Prefill side of ``cuda_ipc``: hands out the pool's IPC handle and the exposed block ids."""
 
     def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
@@ -111,19 +111,13 @@ class CudaIpcTransferServer:
             self._control.stop()
             self._control = None
 
-    def expose(self, handle_id: str, block_ids: list[int]) -> None:
-        self._exposed.expose(handle_id, block_ids)
-
-    def withdraw(self, handle_id: str) -> None:
-        self._exposed.withdraw(handle_id)
-
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
         hello = wire.recv_frame(conn)
-        block_ids, token, error = self._exposed.check_hello(hello, self.layout)
-        if error is not None:
-            wire.send_frame(conn, {"ok": False, "error": error})
+        admitted = self._exposed.admit(conn, hello, self.layout, peer)
+        if admitted is None:
             return
+        block_ids, token = admitted
         reply = {"ok": True, "block_ids": list(block_ids), "segment": self._segment, "token": token}
         if hello.get("mapped") != self._segment:
             reply["ipc"] = self._ipc

@@ -78,7 +78,7 @@ def send_run(group, tensor: torch.Tensor) -> None:
     group.send([tensor], 1, _TAG).wait(datetime.timedelta(seconds=SEND_TIMEOUT_S))
 
 
-class DeviceTransferServer:
+class DeviceTransferServer(wire.ExposingServer):
     """Prefill side of ``device``: a TCPStore, a control socket, and a group per pulling peer."""
 
     def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
@@ -114,12 +114,6 @@ class DeviceTransferServer:
             self._control = None
             self._store = None
 
-    def expose(self, handle_id: str, block_ids: list[int]) -> None:
-        self._exposed.expose(handle_id, block_ids)
-
-    def withdraw(self, handle_id: str) -> None:
-        self._exposed.withdraw(handle_id)
-
     def _serve_pair(self, conn: socket.socket, peer) -> None:
         conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
         try:
@@ -132,7 +126,7 @@ class DeviceTransferServer:
                     message = wire.recv_frame(conn)
                 except ConnectionError:
                     return
-                self._serve_pull(conn, group, message)
+                self._serve_pull(conn, group, message, peer)
         except RuntimeError as exc:  # the group failed: the peer died or stalled
             log.warning("device pair with %s failed: %s", peer, exc)
 
@@ -162,11 +156,11 @@ class DeviceTransferServer:
         except (KeyError, TypeError) as exc:
             return f"malformed KV layout in request: {exc}"
 
-    def _serve_pull(self, conn: socket.socket, group, message: dict) -> None:
-        block_ids, _, error = self._exposed.check_hello(message, self.layout)
-        if error is not None:
-            wire.send_frame(conn, {"ok": False, "error": error})
+    def _serve_pull(self, conn: socket.socket, group, message: dict, peer) -> None:
+        admitted = self._exposed.admit(conn, message, self.layout, peer)
+        if admitted is None:
             return
+        block_ids, _ = admitted
         runs = wire.block_runs(list(block_ids))
         wire.send_frame(conn, {"ok": True, "num_blocks": len(block_ids), "runs": [n for _, n in runs]})
         for start, count in runs:

@@ -126,7 +126,7 @@ def before_ack() -> None:
     """Runs on the server between the client's read and the acknowledgement (tests slow it down)."""
 
 
-class MooncakeTransferServer:
+class MooncakeTransferServer(wire.ExposingServer):
     """Prefill side of ``mooncake``: registers the pool with the engine, tells pullers where blocks are."""
 
     def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
@@ -164,21 +164,13 @@ class MooncakeTransferServer:
             assert self._engine is not None
             self._engine.unregister(self._base)
 
-    def expose(self, handle_id: str, block_ids: list[int]) -> None:
-        """Lets peers pull these blocks as ``handle_id`` until ``withdraw``."""
-        self._exposed.expose(handle_id, block_ids)
-
-    def withdraw(self, handle_id: str) -> None:
-        self._exposed.withdraw(handle_id)
-
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
         hello = wire.recv_frame(conn)
-        block_ids, token, error = self._exposed.check_hello(hello, self.layout)
-        if error is not None:
-            log.warning("refused KV pull from %s: %s", peer, error)
-            wire.send_frame(conn, {"ok": False, "error": error})
+        admitted = self._exposed.admit(conn, hello, self.layout, peer)
+        if admitted is None:
             return
+        block_ids, token = admitted
         assert self._engine is not None
         reply = {
             "ok": True,

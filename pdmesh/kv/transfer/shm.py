@@ -100,7 +100,7 @@ def before_ack() -> None:
     """Runs on the server between the copy and its acknowledgement (tests slow it down)."""
 
 
-class ShmTransferServer:
+class ShmTransferServer(wire.ExposingServer):
     """Prefill side of ``shm``: hands out its segment and the exposed block ids over a Unix socket."""
 
     def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
@@ -136,20 +136,13 @@ class ShmTransferServer:
             if not address.startswith("\0") and os.path.exists(address):
                 os.unlink(address)
 
-    def expose(self, handle_id: str, block_ids: list[int]) -> None:
-        self._exposed.expose(handle_id, block_ids)
-
-    def withdraw(self, handle_id: str) -> None:
-        self._exposed.withdraw(handle_id)
-
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
         hello = wire.recv_frame(conn)
-        block_ids, token, error = self._exposed.check_hello(hello, self.layout)
-        if error is not None:
-            log.warning("refused KV pull of %s: %s", hello.get("handle_id"), error)
-            wire.send_frame(conn, {"ok": False, "error": error})
+        admitted = self._exposed.admit(conn, hello, self.layout, peer)
+        if admitted is None:
             return
+        block_ids, token = admitted
         reply = {
             "ok": True,
             "block_ids": list(block_ids),

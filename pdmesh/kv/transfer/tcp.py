@@ -99,7 +99,7 @@ class PoolBytes:
         self.pool[start : start + count].reshape(-1).view(torch.uint8).copy_(staging)
 
 
-class TcpTransferServer:
+class TcpTransferServer(wire.ExposingServer):
     """Prefill side of the ``tcp`` backend: a listening socket and a thread per pulling connection."""
 
     def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
@@ -129,13 +129,6 @@ class TcpTransferServer:
             self._control.stop()
             self._control = None
 
-    def expose(self, handle_id: str, block_ids: list[int]) -> None:
-        """Lets peers pull these blocks as ``handle_id`` until ``withdraw``."""
-        self._exposed.expose(handle_id, block_ids)
-
-    def withdraw(self, handle_id: str) -> None:
-        self._exposed.withdraw(handle_id)
-
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while True:
@@ -148,11 +141,10 @@ class TcpTransferServer:
             self._serve_pull(conn, peer, hello)
 
     def _serve_pull(self, conn: socket.socket, peer, hello: dict) -> None:
-        block_ids, _, error = self._exposed.check_hello(hello, self.layout)
-        if error is not None:
-            log.warning("refused KV pull from %s: %s", peer, error)
-            wire.send_frame(conn, {"ok": False, "error": error})
+        admitted = self._exposed.admit(conn, hello, self.layout, peer)
+        if admitted is None:
             return
+        block_ids, _ = admitted
         reply = {"ok": True, "num_blocks": len(block_ids), "block_nbytes": self._blocks.block_nbytes}
         wire.send_frame(conn, reply)
         conn.settimeout(SEND_STALL_TIMEOUT_S)

@@ -170,6 +170,30 @@ class ExposedTable:
             )
         return entry[0], entry[1], None
 
+    def admit(
+        self, conn: socket.socket, message: dict, layout: KVLayout, peer
+    ) -> tuple[tuple[int, ...], int] | None:
+        """``(block_ids, token)`` for a valid pull; else the refusal is sent (and logged): None."""
+        block_ids, token, error = self.check_hello(message, layout)
+        if error is None:
+            return block_ids, token
+        log.warning("refused KV pull of %s from %s: %s", message.get("handle_id"), peer, error)
+        send_frame(conn, {"ok": False, "error": error})
+        return None
+
+
+class ExposingServer:
+    """``expose``/``withdraw`` of a transfer server over its ``ExposedTable`` (``self._exposed``)."""
+
+    _exposed: ExposedTable
+
+    def expose(self, handle_id: str, block_ids: list[int]) -> None:
+        """Lets peers pull these blocks as ``handle_id`` until ``withdraw``."""
+        self._exposed.expose(handle_id, block_ids)
+
+    def withdraw(self, handle_id: str) -> None:
+        self._exposed.withdraw(handle_id)
+
 
 class ControlServer:
     """Accepts connections on a listening socket and serves each in its own daemon thread."""
