@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import SamplingParams, TokenOutput
+from pdmesh.engine.types import EngineRequest, SamplingParams, TokenOutput
 from pdmesh.models import AttentionMetadata, load_model
 
 NEW_TOKENS = 32
@@ -58,6 +58,21 @@ def run_all(engine: LLMEngine) -> dict[str, list[TokenOutput]]:
 
 def tokens(outs: list[TokenOutput]) -> list[int]:
     return [t for o in outs for t in o.token_ids]
+
+
+def assert_greedy_alone_and_batched(
+    engine: LLMEngine, prompt_ids: list[list[int]], expected: list[list[int]]
+) -> None:
+    """The engine's greedy tokens equal ``expected`` for one prompt alone, then for every prompt
+    (mixed lengths) run concurrently; afterwards every block is free."""
+    engine.add_request(EngineRequest("solo", prompt_ids[0], greedy()))
+    assert tokens(run_all(engine)["solo"]) == expected[0]
+    for i, ids in enumerate(prompt_ids):
+        engine.add_request(EngineRequest(f"b{i}", ids, greedy()))
+    got = run_all(engine)
+    for i in range(len(prompt_ids)):
+        assert tokens(got[f"b{i}"]) == expected[i], PROMPTS[i]
+    assert engine.stats().free_blocks == engine.stats().total_blocks
 
 
 def prefill_logits(model, ids: list[int], block: int = 16) -> torch.Tensor:

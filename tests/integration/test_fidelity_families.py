@@ -18,7 +18,7 @@ from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.types import EngineRequest
 from pdmesh.models import load_model
 from tests.integration.fidelity_helpers import (
-    PROMPTS,
+    assert_greedy_alone_and_batched,
     encode_prompts,
     greedy,
     hf_greedy,
@@ -97,14 +97,7 @@ def test_variant_prefill_logits_match_transformers(model_factory, arch, prompt_i
 
 def test_greedy_tokens_match_transformers(model_dir, prompt_ids, expected) -> None:
     engine = make_engine(model_dir)
-    engine.add_request(EngineRequest("solo", prompt_ids[0], greedy()))
-    assert tokens(run_all(engine)["solo"]) == expected[0]
-    for i, ids in enumerate(prompt_ids):  # mixed lengths, run concurrently
-        engine.add_request(EngineRequest(f"b{i}", ids, greedy()))
-    got = run_all(engine)
-    for i in range(len(prompt_ids)):
-        assert tokens(got[f"b{i}"]) == expected[i], PROMPTS[i]
-    assert engine.stats().free_blocks == engine.stats().total_blocks
+    assert_greedy_alone_and_batched(engine, prompt_ids, expected)
 
 
 def test_prefix_cache_hits_give_the_same_tokens(model_dir, prompt_ids, expected) -> None:

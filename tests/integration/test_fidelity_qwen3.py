@@ -6,16 +6,12 @@ import pytest
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest
 from tests.integration.fidelity_helpers import (
-    PROMPTS,
+    assert_greedy_alone_and_batched,
     encode_prompts,
-    greedy,
     hf_greedy,
     load_hf,
     prefill_logits_diff,
-    run_all,
-    tokens,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,16 +41,7 @@ def test_prefill_logits_match_transformers(tiny_qwen3, hf_model, prompt_ids) -> 
 def test_greedy_tokens_match_transformers(tiny_qwen3, hf_model, prompt_ids) -> None:
     expected = [hf_greedy(hf_model, ids) for ids in prompt_ids]
     engine = LLMEngine(EngineConfig(model_dir=tiny_qwen3))
-    # one sequence alone
-    engine.add_request(EngineRequest("solo", prompt_ids[0], greedy()))
-    assert tokens(run_all(engine)["solo"]) == expected[0]
-    # a batch of prompts of different lengths, run concurrently
-    for i, ids in enumerate(prompt_ids):
-        engine.add_request(EngineRequest(f"b{i}", ids, greedy()))
-    got = run_all(engine)
-    for i in range(len(prompt_ids)):
-        assert tokens(got[f"b{i}"]) == expected[i], PROMPTS[i]
-    assert engine.stats().free_blocks == engine.stats().total_blocks
+    assert_greedy_alone_and_batched(engine, prompt_ids, expected)
 
 
 def test_tokenizer_and_chat_template(tokenizer) -> None:
