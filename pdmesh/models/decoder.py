@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pdmesh.models.attention import AttentionMetadata, PagedAttention
-from pdmesh.models.base import KVCacheMixin
+from pdmesh.models.base import StackedCausalLM
 from pdmesh.models.config import ModelConfig
 from pdmesh.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding
 
@@ -79,7 +79,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DecoderForCausalLM(KVCacheMixin, nn.Module):
+class DecoderForCausalLM(StackedCausalLM, nn.Module):
     """A causal LM over the standard decoder: ``forward`` returns hidden states, ``compute_logits``
     projects the chosen rows. Subclasses set the attention flags and may override ``make_mlp``."""
 
@@ -105,10 +105,6 @@ class DecoderForCausalLM(KVCacheMixin, nn.Module):
         """Layer ``layer``'s MLP: a dense SwiGLU of ``intermediate_size``."""
         return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
         """Builds the rotary table (after the weights are on ``device``)."""
         self.rope = RotaryEmbedding.from_config(self.config, device, dtype)
@@ -117,14 +113,3 @@ class DecoderForCausalLM(KVCacheMixin, nn.Module):
         """Points every layer at its K and V views of the pool ``[N, layers, 2, block, KVH, D]``."""
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.attn.bind(pool, i)
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            h = layer(h, positions, self.rope, meta)
-        return self.model.norm(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

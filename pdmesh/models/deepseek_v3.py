@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdmesh.models.attention import AttentionMetadata
-from pdmesh.models.base import KVCacheMixin
+from pdmesh.models.base import StackedCausalLM
 from pdmesh.models.config import ModelConfig
 from pdmesh.models.layers import GatedMLP, RMSNorm
 from pdmesh.models.mla import MLARotaryEmbedding, MLAttention
@@ -102,7 +102,7 @@ class DeepseekV3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DeepseekV3ForCausalLM(KVCacheMixin, nn.Module):
+class DeepseekV3ForCausalLM(StackedCausalLM, nn.Module):
     """The causal LM over an MLA latent cache ``[N, layers, block, kv_lora_rank + qk_rope_head_dim]``."""
 
     kv_kind = "mla"
@@ -130,10 +130,6 @@ class DeepseekV3ForCausalLM(KVCacheMixin, nn.Module):
     def kv_heads_and_dim(self) -> tuple[int, int]:
         return 1, self.kv_lora_rank + self.rope_dim
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
         """Builds the rotary table (after the weights are on ``device``)."""
         self.rope = MLARotaryEmbedding(self.config, self.rope_dim, device, dtype)
@@ -142,14 +138,3 @@ class DeepseekV3ForCausalLM(KVCacheMixin, nn.Module):
         """Points every layer at its latent view ``[N, block, L+R]`` of the pool."""
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.bind(pool[:, i])
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            h = layer(h, positions, self.rope, meta)
-        return self.model.norm(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
