@@ -3,7 +3,8 @@
 The engine allocates one pool ``[num_blocks, *model.kv_block_shape(block_size)]`` and describes it
 with ``model.kv_kind`` and ``model.kv_heads_and_dim()``; the model's ``bind_kv_cache`` then takes
 its per-layer views of that pool. Standard attention (MHA/GQA) keeps separate K and V per layer;
-a model with another cache (e.g. DeepSeek's latent MLA cache) overrides these.
+a model with another cache (e.g. DeepSeek's latent MLA cache) overrides these. ``StackedCausalLM``
+adds the forward pass, logits and weight tying that every family shares.
 """
 
 from __future__ import annotations
