@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -15,6 +14,7 @@ import torch
 
 from pdmesh.kv.transfer.base import TransferError, make_transfer_client
 from pdmesh.kv.types import KVHandle, KVLayout
+from tests.integration.transfer_harness import SpawnedServer, publish_and_wait
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,7 +37,7 @@ def make_pool(layout: KVLayout, num_blocks: int, seed: int) -> torch.Tensor:
     return values.to(getattr(torch, layout.dtype)).contiguous()
 
 
-def serve(layout_dict: dict, num_blocks: int, seed: int, exposed: dict, conn, send_delay_s: float) -> None:
+def serve(conn, layout_dict: dict, num_blocks: int, seed: int, exposed: dict, send_delay_s: float) -> None:
     """Child process: a transfer server over a seeded pool until told to stop (or the pipe closes)."""
     import pdmesh.kv.transfer.tcp as tcp
 
@@ -52,48 +52,17 @@ def serve(layout_dict: dict, num_blocks: int, seed: int, exposed: dict, conn, se
     layout = KVLayout.from_dict(layout_dict)
     server = tcp.TcpTransferServer(make_pool(layout, num_blocks, seed), layout, "127.0.0.1", 0)
     server.start()
-    for handle_id, block_ids in exposed.items():
-        server.expose(handle_id, block_ids)
-    conn.send(server.endpoint)
-    try:
-        conn.recv()
-    except EOFError:
-        pass
+    publish_and_wait(server, exposed, conn)
     server.stop()
 
 
-class ServerProcess:
+class ServerProcess(SpawnedServer):
     """A spawned ``serve`` process and its endpoint."""
 
     def __init__(
         self, layout: KVLayout, exposed: dict, send_delay_s: float = 0.0, num_blocks: int = NUM_BLOCKS
     ):
-        ctx = mp.get_context("spawn")
-        self.conn, child_conn = ctx.Pipe()
-        args = (layout.to_dict(), num_blocks, SEED, exposed, child_conn, send_delay_s)
-        self.process = ctx.Process(target=serve, args=args, daemon=True)
-        self.process.start()
-        self._endpoint: str | None = None
-
-    @property
-    def endpoint(self) -> str:
-        if self._endpoint is None:
-            if not self.conn.poll(30):
-                self.process.kill()
-                raise RuntimeError("transfer server process did not start")
-            self._endpoint = self.conn.recv()
-        return self._endpoint
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.conn.send("stop")
-            except OSError:
-                pass
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
+        super().__init__(serve, layout.to_dict(), num_blocks, SEED, exposed, send_delay_s, start_timeout_s=30)
 
 
 BF16 = dataclasses.replace(LAYOUT, dtype="bfloat16")

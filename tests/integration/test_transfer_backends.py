@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -23,6 +22,7 @@ import torch
 
 from pdmesh.kv.transfer.base import TransferError, allocate_pool, make_transfer_client, make_transfer_server
 from pdmesh.kv.types import KVHandle, KVLayout
+from tests.integration.transfer_harness import SpawnedServer, publish_and_wait
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -56,7 +56,7 @@ def _slow_down(backend: str, delay_s: float) -> None:
     mod.send_run = lambda *args: (time.sleep(delay_s), original(*args))
 
 
-def serve(backend: str, exposed: dict, delay_s: float, conn, device: str = "cpu") -> None:
+def serve(conn, backend: str, exposed: dict, delay_s: float, device: str = "cpu") -> None:
     """Child process: a ``backend`` server over the seeded pool until told to stop."""
     if delay_s:
         _slow_down(backend, delay_s)
@@ -64,40 +64,15 @@ def serve(backend: str, exposed: dict, delay_s: float, conn, device: str = "cpu"
     pool.copy_(seeded(NUM_BLOCKS).to(device))
     server = make_transfer_server(backend, pool, LAYOUT, "127.0.0.1", 0)
     server.start()
-    for handle_id, block_ids in exposed.items():
-        server.expose(handle_id, block_ids)
-    conn.send(server.endpoint)
-    try:
-        conn.recv()
-    except EOFError:
-        pass
+    publish_and_wait(server, exposed, conn)
     os._exit(0)  # skip interpreter teardown (process groups with live threads)
 
 
-class Server:
+class Server(SpawnedServer):
+    """A spawned ``serve`` process of ``backend``."""
+
     def __init__(self, backend: str, exposed: dict, delay_s: float = 0.0, device: str = "cpu") -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=serve, args=(backend, exposed, delay_s, child, device), daemon=True)
-        self.process.start()
-        self._endpoint: str | None = None
-
-    @property
-    def endpoint(self) -> str:
-        if self._endpoint is None:
-            assert self.conn.poll(60), "transfer server process did not start"
-            self._endpoint = self.conn.recv()
-        return self._endpoint
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.conn.send("stop")
-            except OSError:
-                pass
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
+        super().__init__(serve, backend, exposed, delay_s, device)
 
 
 @pytest.fixture(scope="module")
