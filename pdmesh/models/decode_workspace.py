@@ -61,7 +61,7 @@ class DecodeWorkspace:
         longest = max(context_lens)
         width = max(self._width, -(-longest // self.width_step) * self.width_step)
         per_layer = 2 * self.num_kv_heads * len(seqs) * width * self.head_dim
-        if per_layer * self.num_layers * torch.empty((), dtype=dtype).element_size() > self.budget_bytes:
+        if per_layer * self.num_layers * dtype.itemsize > self.budget_bytes:
             self.release()
             return False
         same_batch = (
