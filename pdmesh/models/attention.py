@@ -20,12 +20,14 @@ faster than advanced indexing of the strided per-layer cache view.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.decode_workspace import DecodeWorkspace
 from pdmesh.models.threads import all_threads, single_thread
 
@@ -131,10 +133,13 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         ws = meta.workspace
         small = 2 * q.shape[0] * ws.length * k[0].numel() <= SMALL_DECODE_ELEMENTS
-        if small:
-            buf = ws.update(self.layer_index, self.kv_cache, k, v, meta)
-            return ws.attend(buf, q, self.scale)
-        with all_threads():  # memory-bound products over the whole batch: both cores' bandwidth
+        # memory-bound work over the whole batch: both cores' bandwidth, unless it is small
+        with nullcontext() if small else all_threads():
+            if cpu_kernels.enabled(q):
+                threads = torch.get_num_threads()
+                return ws.update_and_attend(
+                    self.layer_index, self.kv_cache, k, v, q, meta, self.scale, threads
+                )
             buf = ws.update(self.layer_index, self.kv_cache, k, v, meta)
             return ws.attend(buf, q, self.scale)
 

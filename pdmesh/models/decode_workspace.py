@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from pdmesh.kernels import cpu as cpu_kernels
+
 # width granularity: growing the width by this many tokens costs one rebuild
 WIDTH_STEP = 64
 
@@ -48,6 +50,7 @@ class DecodeWorkspace:
         self.rebuild = True
         self.bias: torch.Tensor | None = None  # [KVH * B, 1, S]: 0 where a token is, -inf past it
         self.length = 0  # S: the longest context of the step
+        self.lengths: torch.Tensor | None = None  # [B] int64: each sequence's context this step
         self._rows: torch.Tensor | None = None  # where the step's new tokens go (lazy)
 
     def invalidate(self) -> None:
@@ -91,7 +94,7 @@ class DecodeWorkspace:
     def _length_bias(
         self, lens: list[int], longest: int, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
-        lengths = torch.tensor(lens, device=device)
+        self.lengths = lengths = torch.tensor(lens, device=device)
         past_end = torch.arange(longest, device=device)[None, :] >= lengths[:, None]
         bias = torch.zeros(past_end.shape, device=device, dtype=dtype).masked_fill_(past_end, float("-inf"))
         batch = len(lens)
@@ -123,6 +126,24 @@ class DecodeWorkspace:
             new = torch.stack((k, v)).transpose(1, 2).reshape(rows.shape[0], self.head_dim)
             buf.view(-1, self.head_dim).index_copy_(0, rows, new)
         return buf
+
+    def update_and_attend(
+        self,
+        layer: int,
+        kv_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q: torch.Tensor,
+        meta: Any,
+        scale: float,
+        threads: int,
+    ) -> torch.Tensor:
+        """``update`` and ``attend`` as one CPU kernel (float32 on a CPU where it built): the append
+        and the attention in one pass over each sequence's K and V. Returns ``[B, H, D]``."""
+        buf = self._buffer(layer, k)
+        if self.rebuild:  # the kernel's append then writes the values the gather just copied
+            self._gather(buf, kv_cache, meta.block_tables)
+        return cpu_kernels.decode_attention(buf, k, v, self.lengths, q.contiguous(), scale, threads)
 
     def _append_rows(self, device: torch.device) -> torch.Tensor:
         """Rows of ``buf.view(-1, D)`` the step's new tokens go to, ordered (K/V, head, sequence)."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.attention import AttentionMetadata, PagedAttention
 from pdmesh.models.base import StackedCausalLM
 from pdmesh.models.config import ModelConfig
 from pdmesh.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding
+from pdmesh.models.threads import configured_threads
 
 # checkpoint name fragment -> (our parameter fragment, shard id)
 DENSE_PACKED_MODULES: dict[str, tuple[str, str]] = {
@@ -44,12 +46,28 @@ class GQAttention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        qkv = self.qkv_proj(x)
+        if cpu_kernels.enabled(qkv) and self.hd <= cpu_kernels.MAX_HEAD_DIM:
+            return self._forward_fused(qkv, positions, rope, meta)
+        q, k, v = qkv.split(self.sizes, dim=-1)
         q, k = q.view(t, self.nh, self.hd), k.view(t, self.nkv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
         return self.o_proj(self.attn(q, k, v.view(t, self.nkv, self.hd), meta))
+
+    def _forward_fused(
+        self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The q/k norms and rope as one CPU kernel over the fused projection's rows."""
+        qw = self.q_norm.weight if self.q_norm is not None else None
+        kw = self.k_norm.weight if self.k_norm is not None else None
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        q, k = cpu_kernels.qk_norm_rope(
+            qkv, self.nh, self.nkv, self.hd, positions, rope.cos, rope.sin, qw, kw, eps, configured_threads()
+        )
+        v = qkv[:, (self.nh + self.nkv) * self.hd :].view(qkv.shape[0], self.nkv, self.hd)
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class DecoderLayer(nn.Module):

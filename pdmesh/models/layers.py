@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
+from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.config import ModelConfig
+from pdmesh.models.threads import configured_threads
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +22,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if cpu_kernels.enabled(x) and x.stride(-1) == 1:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, configured_threads())
         if dtype == torch.float32:  # one fused op, the same values as the steps below
             return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.to(torch.float32)
@@ -144,5 +148,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if cpu_kernels.enabled(gate_up) and gate_up.is_contiguous():
+            return self.down_proj(cpu_kernels.silu_mul(gate_up, configured_threads()))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)

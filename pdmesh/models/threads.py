@@ -40,6 +40,11 @@ def single_thread(enabled: bool = True) -> Iterator[None]:
         _outer_threads = saved
 
 
+def configured_threads() -> int:
+    """The intra-op thread count the process is configured for (also inside ``single_thread``)."""
+    return _outer_threads or torch.get_num_threads()
+
+
 @contextmanager
 def all_threads() -> Iterator[None]:
     """Inside ``single_thread``: the configured threads for one heavy op (a product); else a no-op."""

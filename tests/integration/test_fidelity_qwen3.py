@@ -44,6 +44,24 @@ def test_greedy_tokens_match_transformers(tiny_qwen3, hf_model, prompt_ids) -> N
     assert_greedy_alone_and_batched(engine, prompt_ids, expected)
 
 
+def test_greedy_tokens_match_transformers_without_native_kernels(
+    tiny_qwen3, hf_model, prompt_ids, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # where the CPU kernels cannot build, the models run PyTorch ops and oneDNN products instead
+    from pdmesh.kernels import build
+
+    monkeypatch.setenv(build.SWITCH, "0")
+    build.load.cache_clear()
+    try:
+        engine = LLMEngine(EngineConfig(model_dir=tiny_qwen3))
+        assert not any(type(m.forward).__name__ == "_NativeForward" for m in engine.model.modules())
+        expected = [hf_greedy(hf_model, ids) for ids in prompt_ids]
+        assert_greedy_alone_and_batched(engine, prompt_ids, expected)
+    finally:
+        monkeypatch.delenv(build.SWITCH)
+        build.load.cache_clear()
+
+
 def test_tokenizer_and_chat_template(tokenizer) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Will it rain?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

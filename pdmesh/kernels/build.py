@@ -1,0 +1,117 @@
+"""Builds the CPU kernels (``csrc/cpu_ops.c``) once per source and compiler, and loads them.
+
+The library is compiled at first use with the system C compiler (``$CC``, else ``cc``) for
+AVX2 + FMA with OpenMP, into ``$PDMESH_KERNEL_CACHE`` (default ``~/.cache/pdmesh/kernels``) under a
+name that hashes the source, the flags and the compiler, so a changed source is rebuilt and
+concurrent processes never load a half-written file (each writes its own temporary file and
+renames it into place). ``torch`` is imported first, so the library's ``libgomp.so.1`` resolves to
+the OpenMP runtime PyTorch already loaded and both share one thread pool.
+
+Without a compiler, on a CPU without AVX2/FMA, or with ``PDMESH_CPU_KERNELS=0``, ``load`` returns
+None (logged once) and the models keep their PyTorch expressions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+SWITCH = "PDMESH_CPU_KERNELS"
+COMPILE_TIMEOUT_S = 120
+
+# argument types, in the order of the C prototypes in csrc/cpu_ops.c
+_CTYPES = {"P": ctypes.c_void_p, "I": ctypes.c_int64, "F": ctypes.c_float, "N": ctypes.c_int}
+SIGNATURES = {
+    "pdm_rms_norm": "P I P F I I P N",
+    "pdm_silu_mul": "P I I P N",
+    "pdm_qk_norm_rope": "P I I I I I P P P I P P F P P N",
+    "pdm_decode_attention": "P I I I I P I P I P P I F P N",
+    "pdm_linear": "P I I I P I P P N",
+}
+
+RESTYPES = {"pdm_qk_norm_rope": ctypes.c_int}  # the others return nothing
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept."""
+    configured = os.environ.get("PDMESH_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pdmesh" / "kernels"
+
+
+def cpu_supported() -> bool:
+    """True on x86-64 CPUs where PyTorch itself dispatches AVX2 (or AVX-512) kernels."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def compiler() -> str | None:
+    """The C compiler to use, or None when there is none."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def build(cc: str) -> Path:
+    """The library for the current source, compiled now unless already in the cache."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_ops-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        subprocess.run(
+            [cc, *FLAGS, "-o", str(tmp), str(SOURCE)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+        )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("built CPU kernels %s", target)
+    return target
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when it cannot be used here (the reason is logged)."""
+    if os.environ.get(SWITCH, "1") == "0":
+        logger.info("CPU kernels off (%s=0)", SWITCH)
+        return None
+    if not cpu_supported():
+        logger.info("CPU kernels need an x86-64 CPU with AVX2; using PyTorch ops")
+        return None
+    cc = compiler()
+    if cc is None:
+        logger.warning("no C compiler found ($CC or cc); CPU kernels off, using PyTorch ops")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(cc)))
+    except subprocess.CalledProcessError as exc:
+        logger.warning("CPU kernels failed to compile; using PyTorch ops: %s", exc.stderr.strip()[-500:])
+        return None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        logger.warning("CPU kernels unavailable; using PyTorch ops: %s", exc)
+        return None
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [_CTYPES[code] for code in argtypes.split()]
+        fn.restype = RESTYPES.get(name)
+    return lib

@@ -1,0 +1,208 @@
+"""The CPU kernels as tensor functions, each a drop-in for a PyTorch expression of the models.
+
+``enabled(t)`` says whether the kernels apply to tensor ``t`` (float32 on a CPU where the library
+built, see ``build``); callers keep their PyTorch expression otherwise. Each function checks the
+layout it hands to C (shapes, strides, dtypes) and raises ``ValueError`` naming what is off, so a
+pointer never reaches the library with a layout it does not expect. ``threads`` is how many
+OpenMP threads a kernel may use; the row-wise kernels only split work above a few tens of
+thousands of values (a decode step's rows stay on one thread, as ``models.threads`` wants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdmesh.kernels.build import load
+
+MAX_HEAD_DIM = 512  # the per-head scratch of qk_norm_rope
+LINEAR_PANEL = 24  # output columns per packed panel (LINEAR_NR in cpu_ops.c)
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """True when the kernels can run on ``t`` (float32, CPU, library loaded)."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and load() is not None
+
+
+def _lib():
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available here")
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _f32_contiguous(name: str, t: torch.Tensor | None) -> None:
+    if t is not None:
+        _require(t.dtype == torch.float32 and t.is_contiguous(), f"{name} must be contiguous float32")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, threads: int = 1) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x**2, -1) + eps))`` over the last dim of ``x`` (float32, rows may
+    be strided, the last dim contiguous); returns a new contiguous tensor."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n) if x.dim() != 2 else x
+    _require(
+        rows.dtype == torch.float32 and rows.stride(-1) == 1,
+        "rms_norm: x must be float32, last dim contiguous",
+    )
+    _f32_contiguous("rms_norm weight", weight)
+    _require(weight is None or weight.numel() == n, "rms_norm: weight size differs from the last dim")
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _lib().pdm_rms_norm(_ptr(rows), rows.stride(0), _ptr(weight), eps, rows.shape[0], n, _ptr(out), threads)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """``silu(gate_up[..., :I]) * gate_up[..., I:]`` for ``gate_up`` ``[..., 2I]`` (contiguous)."""
+    _f32_contiguous("silu_mul input", gate_up)
+    inter = gate_up.shape[-1] // 2
+    _require(gate_up.shape[-1] == 2 * inter, "silu_mul: the last dim must be even")
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.float32)
+    _lib().pdm_silu_mul(_ptr(gate_up), gate_up.numel() // (2 * inter), inter, _ptr(out), threads)
+    return out
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    threads: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a fused projection ``qkv`` ``[T, (H + 2 KVH) * D]``: q ``[T, H, D]`` and k ``[T, KVH, D]``,
+    each head RMS-normed by its weight (when given) and then rotated (rotate-half rope) by the
+    ``[max_positions, D]`` ``cos``/``sin`` rows of its token's position ``positions`` ``[T]``."""
+    t = qkv.shape[0]
+    _require(
+        qkv.dim() == 2 and qkv.dtype == torch.float32 and qkv.stride(1) == 1,
+        "qk_norm_rope: qkv must be 2-D float32 with contiguous rows",
+    )
+    _require(qkv.shape[1] >= (heads + kv_heads) * head_dim, "qk_norm_rope: qkv is narrower than q and k")
+    _require(head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM, f"qk_norm_rope: head_dim {head_dim} unsupported")
+    _require(
+        cos.shape == sin.shape and cos.shape[-1] == head_dim, "qk_norm_rope: cos/sin must be [P, head_dim]"
+    )
+    for name, tensor in (("cos", cos), ("sin", sin), ("q_weight", q_weight), ("k_weight", k_weight)):
+        _f32_contiguous(f"qk_norm_rope {name}", tensor)
+    _require(
+        positions.dtype == torch.int64 and positions.is_contiguous() and positions.numel() == t,
+        "qk_norm_rope: positions must be contiguous int64, one per token",
+    )
+    q = torch.empty(t, heads, head_dim, dtype=torch.float32)
+    k = torch.empty(t, kv_heads, head_dim, dtype=torch.float32)
+    bad = _lib().pdm_qk_norm_rope(
+        _ptr(qkv), qkv.stride(0), t, heads, kv_heads, head_dim, _ptr(positions), _ptr(cos), _ptr(sin),
+        cos.shape[0], _ptr(q_weight), _ptr(k_weight), eps, _ptr(q), _ptr(k), threads,
+    )  # fmt: skip
+    if bad:
+        raise ValueError(f"qk_norm_rope: a position is outside the rotary table's {cos.shape[0]} positions")
+    return q, k
+
+
+def _rows_of_heads(name: str, t: torch.Tensor, batch: int, kv_heads: int, head_dim: int) -> None:
+    _require(
+        t.shape == (batch, kv_heads, head_dim)
+        and t.dtype == torch.float32
+        and t.stride(2) == 1
+        and t.stride(1) == head_dim,
+        f"decode_attention: {name} must be float32 [B, KVH, D] with contiguous heads",
+    )
+
+
+def decode_attention(
+    buf: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens: torch.Tensor,
+    q: torch.Tensor,
+    scale: float,
+    threads: int = 1,
+) -> torch.Tensor:
+    """Appends this step's ``k``/``v`` ``[B, KVH, D]`` at position ``lens[b] - 1`` of the workspace
+    buffer ``buf`` ``[2, KVH, B, width, D]`` and returns attention of ``q`` ``[B, H, D]`` over each
+    sequence's first ``lens[b]`` positions, ``[B, H, D]``. The caller keeps every length within
+    ``1..width`` (the workspace sizes ``width`` from them); the library itself never reads or
+    writes outside ``buf`` and answers zeros for a length outside that range."""
+    _, kv_heads, batch, width, head_dim = buf.shape
+    _f32_contiguous("decode_attention buf", buf)
+    _f32_contiguous("decode_attention q", q)
+    heads = q.shape[1]
+    _require(q.shape == (batch, heads, head_dim), "decode_attention: q must be [B, H, D]")
+    _require(heads % kv_heads == 0 and head_dim % 8 == 0, "decode_attention: heads or head_dim unsupported")
+    _rows_of_heads("k", k, batch, kv_heads, head_dim)
+    _rows_of_heads("v", v, batch, kv_heads, head_dim)
+    _require(
+        lens.dtype == torch.int64 and lens.is_contiguous() and lens.numel() == batch,
+        "decode_attention: lens must be contiguous int64, one per sequence",
+    )
+    out = torch.empty(batch, heads, head_dim, dtype=torch.float32)
+    _lib().pdm_decode_attention(
+        _ptr(buf), kv_heads, batch, width, head_dim, _ptr(k), k.stride(0), _ptr(v), v.stride(0),
+        _ptr(lens), _ptr(q), heads, scale, _ptr(out), threads,
+    )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """A linear layer's weight packed for ``linear``: ``[panels, in_features, LINEAR_PANEL]``, output
+    columns zero-padded to whole panels, and its bias padded alike (or None)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
+    """Packs a float32 ``[out, in]`` weight (and ``[out]`` bias) once, for ``linear``."""
+    _require(weight.dim() == 2 and weight.dtype == torch.float32, "pack_linear: weight must be 2-D float32")
+    out_features, in_features = weight.shape
+    panels = -(-out_features // LINEAR_PANEL)
+    padded = torch.zeros(panels * LINEAR_PANEL, in_features, dtype=torch.float32)
+    padded[:out_features] = weight
+    packed = padded.view(panels, LINEAR_PANEL, in_features).transpose(1, 2).contiguous()
+    _require(packed.data_ptr() % 32 == 0, "pack_linear: the packed weight is not 32-byte aligned")
+    padded_bias = None
+    if bias is not None:
+        _require(bias.shape == (out_features,), "pack_linear: bias must be [out_features]")
+        padded_bias = torch.zeros(panels * LINEAR_PANEL, dtype=torch.float32)
+        padded_bias[:out_features] = bias
+    return PackedLinear(packed, padded_bias, in_features, out_features)
+
+
+def linear(x: torch.Tensor, packed: PackedLinear, threads: int = 1) -> torch.Tensor:
+    """``x @ W.T + b`` for ``x`` ``[..., in_features]`` (float32, last dim contiguous)."""
+    _require(
+        x.dtype == torch.float32 and x.shape[-1] == packed.in_features, "linear: x must be float32 [..., in]"
+    )
+    rows = x.reshape(-1, packed.in_features)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], packed.out_features, dtype=torch.float32)
+    if rows.shape[0]:
+        _lib().pdm_linear(
+            _ptr(rows), rows.shape[0], packed.in_features, rows.stride(0), _ptr(packed.weight),
+            packed.out_features, _ptr(packed.bias), _ptr(out), threads,
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], packed.out_features)

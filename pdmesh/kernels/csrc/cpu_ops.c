@@ -1,0 +1,311 @@
+/* pdmesh CPU kernels (float32, AVX2 + FMA, OpenMP): the small ops around a decoder layer's
+ * products, and decode attention over the dense decode workspace.
+ *
+ * Built at first use by pdmesh/kernels/build.py and called through ctypes (pdmesh/kernels/cpu.py),
+ * which checks shapes, dtypes and contiguity before any pointer reaches this file. Each function
+ * computes what the matching PyTorch expression in pdmesh/models computes, up to float rounding
+ * (summation order, a polynomial exp within 2 ulp).
+ *
+ * Parallel loops use the OpenMP runtime PyTorch itself loaded (libgomp.so.1 is matched by soname),
+ * with the thread count the caller passes.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* exp(x) for 8 floats: range reduction by ln2, degree-6 polynomial, exponent by integer add.
+ * Inputs below -87.3 give 0, above 88.7 give +inf (as expf). */
+static inline __m256 exp256(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.7228f);
+    const __m256 lo = _mm256_set1_ps(-87.3365f);
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
+    const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
+    r = _mm256_fnmadd_ps(n, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    y = _mm256_andnot_ps(under, y);
+    return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax256(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static float sum_squares(const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float s = hsum256(acc);
+    for (; i < n; i++) s += x[i] * x[i];
+    return s;
+}
+
+/* out = w * (x * rsqrt(mean(x^2) + eps)) for one row of n values (w may be NULL: no weight). */
+static void rms_norm_row(const float *x, const float *w, float eps, int64_t n, float *out) {
+    const float r = 1.0f / sqrtf(sum_squares(x, n) / (float)n + eps);
+    const __m256 vr = _mm256_set1_ps(r);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vr);
+        if (w) v = _mm256_mul_ps(_mm256_loadu_ps(w + i), v);
+        _mm256_storeu_ps(out + i, v);
+    }
+    for (; i < n; i++) out[i] = w ? w[i] * (x[i] * r) : x[i] * r;
+}
+
+/* rows x [rows, n] (row stride x_stride) -> out [rows, n] (contiguous). */
+void pdm_rms_norm(const float *x, int64_t x_stride, const float *w, float eps, int64_t rows, int64_t n,
+                  float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= 65536)
+    for (int64_t t = 0; t < rows; t++) rms_norm_row(x + t * x_stride, w, eps, n, out + t * n);
+}
+
+/* out [rows, inter] = silu(gu[:, :inter]) * gu[:, inter:], gu [rows, 2 * inter] contiguous. */
+void pdm_silu_mul(const float *gu, int64_t rows, int64_t inter, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * inter >= 32768)
+    for (int64_t t = 0; t < rows; t++) {
+        const float *g = gu + t * 2 * inter;
+        const float *u = g + inter;
+        float *o = out + t * inter;
+        const __m256 one = _mm256_set1_ps(1.0f);
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        int64_t i = 0;
+        for (; i + 8 <= inter; i += 8) {
+            __m256 vg = _mm256_loadu_ps(g + i);
+            __m256 den = _mm256_add_ps(one, exp256(_mm256_xor_ps(vg, sign)));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(vg, den), _mm256_loadu_ps(u + i)));
+        }
+        for (; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* One head of d values: optional RMSNorm (weight w), then rotate-half rope with this position's
+ * cos/sin rows: out[i] = x[i] cos[i] - x[i+h] sin[i], out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h]. */
+static void norm_rope_head(const float *x, const float *w, float eps, const float *cs, const float *sn,
+                           int64_t d, float *out) {
+    float tmp[512];
+    const float *src = x;
+    if (w) {
+        rms_norm_row(x, w, eps, d, tmp);
+        src = tmp;
+    }
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; i++) {
+        const float a = src[i], b = src[i + h];
+        out[i] = a * cs[i] - b * sn[i];
+        out[i + h] = b * cs[i + h] + a * sn[i + h];
+    }
+}
+
+/* q and k heads of a fused qkv projection [tokens, (H + 2 KVH) * d] (row stride qkv_stride):
+ * optional per-head RMSNorm (qw / kw, NULL for none), rope at each token's position from the
+ * [max_positions, d] cos / sin tables; writes q_out [tokens, H, d] and k_out [tokens, KVH, d].
+ * Returns 0, or 1 when a position lies outside the tables (that token's rows are not written). */
+int pdm_qk_norm_rope(const float *qkv, int64_t qkv_stride, int64_t tokens, int64_t heads, int64_t kv_heads,
+                     int64_t d, const int64_t *positions, const float *cos_table, const float *sin_table,
+                     int64_t max_positions, const float *qw, const float *kw, float eps, float *q_out,
+                     float *k_out, int threads) {
+    int bad_position = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (tokens >= 64)
+    for (int64_t t = 0; t < tokens; t++) {
+        if (positions[t] < 0 || positions[t] >= max_positions) {
+            bad_position = 1; /* every writer stores the same value */
+            continue;
+        }
+        const float *row = qkv + t * qkv_stride;
+        const float *cs = cos_table + positions[t] * d;
+        const float *sn = sin_table + positions[t] * d;
+        for (int64_t hh = 0; hh < heads; hh++)
+            norm_rope_head(row + hh * d, qw, eps, cs, sn, d, q_out + (t * heads + hh) * d);
+        for (int64_t hh = 0; hh < kv_heads; hh++)
+            norm_rope_head(row + (heads + hh) * d, kw, eps, cs, sn, d, k_out + (t * kv_heads + hh) * d);
+    }
+    return bad_position;
+}
+
+static inline float dot(const float *a, const float *b, int64_t d) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum256(acc);
+}
+
+/* softmax in place over n scores; returns nothing, p sums to 1. */
+static void softmax_row(float *s, int64_t n) {
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + i));
+    float m = hmax256(vm);
+    for (; i < n; i++) m = s[i] > m ? s[i] : m;
+    const __m256 vmax = _mm256_set1_ps(m);
+    __m256 vsum = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vmax));
+        _mm256_storeu_ps(s + i, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum256(vsum);
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - m);
+        sum += s[i];
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), inv));
+    for (; i < n; i++) s[i] *= 1.0f / sum;
+}
+
+/* Decode attention over the workspace buf [2, KVH, B, width, d] (K then V, contiguous).
+ *
+ * First appends this step's k / v ([B, KVH, d] with row stride k_stride / v_stride between
+ * sequences) at position lens[b] - 1 of each sequence, then for every (kv head, sequence) attends
+ * its group of q heads (q [B, H, d] contiguous, head h reads kv head h / group) over the first
+ * lens[b] positions: out [B, H, d]. d is a multiple of 8 (checked by the caller). */
+void pdm_decode_attention(float *buf, int64_t kv_heads, int64_t batch, int64_t width, int64_t d,
+                          const float *k_new, int64_t k_stride, const float *v_new, int64_t v_stride,
+                          const int64_t *lens, const float *q, int64_t heads, float scale, float *out,
+                          int threads) {
+    const int64_t group = heads / kv_heads;
+    const int64_t plane = kv_heads * batch * width * d; /* K half -> V half */
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = (float *)malloc(sizeof(float) * group * width);
+        float *acc = (float *)malloc(sizeof(float) * group * d);
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t item = 0; item < kv_heads * batch; item++) {
+            const int64_t kh = item / batch, b = item % batch, n = lens[b];
+            if (n < 1 || n > width) { /* the caller's contract; never touch memory outside buf */
+                memset(out + (b * heads + kh * group) * d, 0, sizeof(float) * group * d);
+                continue;
+            }
+            float *keys = buf + (kh * batch + b) * width * d;
+            float *values = keys + plane;
+            memcpy(keys + (n - 1) * d, k_new + b * k_stride + kh * d, sizeof(float) * d);
+            memcpy(values + (n - 1) * d, v_new + b * v_stride + kh * d, sizeof(float) * d);
+            const float *qs = q + (b * heads + kh * group) * d;
+            for (int64_t s = 0; s < n; s++)
+                for (int64_t g = 0; g < group; g++) scores[g * width + s] = dot(qs + g * d, keys + s * d, d) * scale;
+            for (int64_t g = 0; g < group; g++) softmax_row(scores + g * width, n);
+            /* one pass over V: each row is read once for the whole group */
+            memset(acc, 0, sizeof(float) * group * d);
+            for (int64_t s = 0; s < n; s++) {
+                const float *vrow = values + s * d;
+                for (int64_t c = 0; c < d; c += 8) {
+                    const __m256 v = _mm256_loadu_ps(vrow + c);
+                    for (int64_t g = 0; g < group; g++) {
+                        float *a = acc + g * d + c;
+                        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * width + s]), v, _mm256_loadu_ps(a)));
+                    }
+                }
+            }
+            memcpy(out + (b * heads + kh * group) * d, acc, sizeof(float) * group * d);
+        }
+        free(acc);
+        free(scores);
+    }
+}
+
+/* ---- y = x W^T + bias over a weight packed once into panels of LINEAR_NR output columns ----
+ *
+ * Packed layout (pack_linear_weight in cpu.py): [panels, K, LINEAR_NR], output columns zero-padded
+ * to whole panels, and the bias (when there is one) padded alike. A 4 x 24 register block keeps
+ * twelve accumulators in registers while each step of K loads three vectors of weights and
+ * broadcasts four inputs; threads split the panels, so each weight is read from memory once per
+ * call whatever the row count. */
+#define LINEAR_NR 24
+#define LINEAR_MR 4
+#define LINEAR_PREFETCH 16 /* K steps ahead */
+#ifndef LINEAR_MC
+#define LINEAR_MC 64 /* rows per block */
+#endif
+
+#define FMA_ROW(xr, a0, a1, a2)                                                                    \
+    do {                                                                                           \
+        const __m256 v = _mm256_broadcast_ss((xr) + k);                                            \
+        a0 = _mm256_fmadd_ps(v, w0, a0);                                                           \
+        a1 = _mm256_fmadd_ps(v, w1, a1);                                                           \
+        a2 = _mm256_fmadd_ps(v, w2, a2);                                                           \
+    } while (0)
+
+/* rows 1..4 of x (row pointers; rows past `rows` repeat a valid one and are not stored) times one
+ * panel: writes `rows` x `ncols` outputs at y (row stride ldy). */
+static void linear_block(const float *const xr[LINEAR_MR], const float *panel, int64_t k_len, const float *bias,
+                         float *y, int64_t ldy, int rows, int ncols) {
+    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0;
+    if (bias) {
+        b0 = _mm256_loadu_ps(bias);
+        b1 = _mm256_loadu_ps(bias + 8);
+        b2 = _mm256_loadu_ps(bias + 16);
+    }
+    __m256 a00 = b0, a01 = b1, a02 = b2, a10 = b0, a11 = b1, a12 = b2;
+    __m256 a20 = b0, a21 = b1, a22 = b2, a30 = b0, a31 = b1, a32 = b2;
+    const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
+    for (int64_t k = 0; k < k_len; k++) {
+        const float *w = panel + k * LINEAR_NR;
+        _mm_prefetch((const char *)(w + LINEAR_PREFETCH * LINEAR_NR), _MM_HINT_T0);
+        const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8), w2 = _mm256_load_ps(w + 16);
+        FMA_ROW(x0, a00, a01, a02);
+        FMA_ROW(x1, a10, a11, a12);
+        FMA_ROW(x2, a20, a21, a22);
+        FMA_ROW(x3, a30, a31, a32);
+    }
+    float tmp[LINEAR_MR][LINEAR_NR];
+    const __m256 acc[LINEAR_MR][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
+    for (int r = 0; r < rows; r++) {
+        if (ncols == LINEAR_NR) {
+            for (int j = 0; j < 3; j++) _mm256_storeu_ps(y + r * ldy + 8 * j, acc[r][j]);
+        } else {
+            for (int j = 0; j < 3; j++) _mm256_storeu_ps(tmp[r] + 8 * j, acc[r][j]);
+            memcpy(y + r * ldy, tmp[r], sizeof(float) * ncols);
+        }
+    }
+}
+
+/* x [m, k] (row stride ldx) -> y [m, n] (contiguous); packed as above, 32-byte aligned. Rows go
+ * LINEAR_MC at a time, so that a block of inputs stays in L2 while every panel streams past it
+ * (one block covers a decode batch: its weights are read once). */
+void pdm_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
+                const float *bias, float *y, int threads) {
+    const int64_t panels = (n + LINEAR_NR - 1) / LINEAR_NR;
+    for (int64_t m_block = 0; m_block < m; m_block += LINEAR_MC) {
+        const int64_t m_end = m - m_block < LINEAR_MC ? m : m_block + LINEAR_MC;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const float *panel = packed + p * k * LINEAR_NR;
+            const int ncols = (int)(n - p * LINEAR_NR < LINEAR_NR ? n - p * LINEAR_NR : LINEAR_NR);
+            const float *bp = bias ? bias + p * LINEAR_NR : NULL;
+            for (int64_t m0 = m_block; m0 < m_end; m0 += LINEAR_MR) {
+                const int rows = (int)(m_end - m0 < LINEAR_MR ? m_end - m0 : LINEAR_MR);
+                const float *xr[LINEAR_MR];
+                for (int r = 0; r < LINEAR_MR; r++) xr[r] = x + (m0 + (r < rows ? r : 0)) * ldx;
+                linear_block(xr, panel, k, bp, y + m0 * n + p * LINEAR_NR, n, rows, ncols);
+            }
+        }
+    }
+}

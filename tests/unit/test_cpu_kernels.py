@@ -1,0 +1,161 @@
+"""The native CPU kernels against the PyTorch expressions they replace, and their refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdmesh.kernels import build, cpu
+from pdmesh.models.layers import RotaryEmbedding, _rotate_half
+
+pytestmark = pytest.mark.skipif(
+    not build.cpu_supported(), reason="needs an x86-64 CPU with AVX2 (hardware), which this one lacks"
+)
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_built() -> None:
+    # on an AVX2 machine the kernels must build: a missing compiler is a failure here, not a skip
+    assert build.load() is not None, "the CPU kernels did not build (see the log for the compiler error)"
+
+
+@pytest.mark.parametrize("rows,n", [(1, 64), (32, 512), (300, 520), (7, 13)])
+def test_rms_norm_matches_torch(rows: int, n: int) -> None:
+    x, w = torch.randn(rows, n) * 3, torch.randn(n)
+    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-6, threads=2), F.rms_norm(x, (n,), w, 1e-6), **TOL)
+    strided = torch.randn(rows, 2 * n)[:, :n]
+    torch.testing.assert_close(
+        cpu.rms_norm(strided, None, 1e-6), F.rms_norm(strided, (n,), None, 1e-6), **TOL
+    )
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (64, 1536), (5, 12)])
+def test_silu_mul_matches_torch(rows: int, inter: int) -> None:
+    gu = torch.randn(rows, 2 * inter) * 6
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -87.5])  # exp's clamps
+    expected = F.silu(gu[:, :inter]) * gu[:, inter:]
+    torch.testing.assert_close(cpu.silu_mul(gu, threads=2), expected, **TOL)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("tokens", [1, 32, 130])
+def test_qk_norm_rope_matches_torch(norm: bool, tokens: int) -> None:
+    heads, kv_heads, d = 8, 4, 64
+    rope = RotaryEmbedding(d, 1e6, 512, torch.device("cpu"), torch.float32)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d)
+    positions = torch.randint(0, 512, (tokens,))
+    qw, kw = (torch.randn(d), torch.randn(d)) if norm else (None, None)
+    q, k, _ = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = q.reshape(tokens, heads, d), k.reshape(tokens, kv_heads, d)
+    if norm:
+        q, k = F.rms_norm(q, (d,), qw, 1e-6), F.rms_norm(k, (d,), kw, 1e-6)
+    cos, sin = rope.cos[positions].unsqueeze(1), rope.sin[positions].unsqueeze(1)
+    q_ref, k_ref = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q_out, k_out = cpu.qk_norm_rope(qkv, heads, kv_heads, d, positions, rope.cos, rope.sin, qw, kw, 1e-6, 2)
+    torch.testing.assert_close(q_out, q_ref, **TOL)
+    torch.testing.assert_close(k_out, k_ref, **TOL)
+
+
+def _reference_attention(keys, values, q, lens, scale):
+    outs = []
+    for b, n in enumerate(lens):
+        k = keys[:, b, :n].unsqueeze(0)  # [1, KVH, n, D]
+        v = values[:, b, :n].unsqueeze(0)
+        outs.append(
+            F.scaled_dot_product_attention(q[b : b + 1].unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+        )
+    return torch.cat(outs).squeeze(2)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_decode_attention_appends_and_matches_sdpa(group: int) -> None:
+    kv_heads, batch, width, d = 2, 5, 48, 64
+    lens = [1, 7, 48, 20, 33]
+    buf = torch.randn(2, kv_heads, batch, width, d)
+    k_new = torch.randn(batch, kv_heads, d)
+    v_rows = torch.randn(batch, 3 * kv_heads * d)  # v as a strided view, as it comes out of qkv
+    v_new = v_rows[:, kv_heads * d : 2 * kv_heads * d].view(batch, kv_heads, d)
+    q = torch.randn(batch, kv_heads * group, d)
+    expected_buf = buf.clone()
+    for b, n in enumerate(lens):
+        expected_buf[0, :, b, n - 1] = k_new[b]
+        expected_buf[1, :, b, n - 1] = v_new[b]
+    expected = _reference_attention(expected_buf[0], expected_buf[1], q, lens, 0.125)
+    out = cpu.decode_attention(buf, k_new, v_new, torch.tensor(lens), q, 0.125, threads=2)
+    torch.testing.assert_close(buf, expected_buf, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+def test_decode_attention_ignores_slots_past_each_length() -> None:
+    buf = torch.randn(2, 1, 2, 16, 8)
+    buf[:, :, :, 5:] = float("nan")  # whatever lies past a length must not reach the output
+    k, v, q = torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.randn(2, 2, 8)
+    out = cpu.decode_attention(buf, k, v, torch.tensor([5, 3]), q, 0.3)
+    assert torch.isfinite(out).all()
+
+
+def test_refuses_layouts_it_does_not_take() -> None:
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu.silu_mul(torch.randn(4, 8).t())
+    with pytest.raises(ValueError, match="float32"):
+        cpu.rms_norm(torch.randn(4, 8, dtype=torch.float64), None, 1e-6)
+    with pytest.raises(ValueError, match="head_dim"):
+        cpu.qk_norm_rope(torch.randn(2, 3 * 1024), 1, 1, 1024, torch.zeros(2, dtype=torch.long),
+                         torch.randn(4, 1024), torch.randn(4, 1024), None, None, 1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="outside the rotary table"):
+        cpu.qk_norm_rope(torch.randn(2, 3 * 64), 1, 1, 64, torch.tensor([0, 9]),
+                         torch.randn(4, 64), torch.randn(4, 64), None, None, 1e-6)  # fmt: skip
+    buf, q = torch.randn(2, 1, 2, 16, 8), torch.randn(2, 2, 8)
+    with pytest.raises(ValueError, match="lens"):
+        cpu.decode_attention(
+            buf, torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.tensor([1, 2], dtype=torch.int32), q, 1.0
+        )
+    with pytest.raises(ValueError, match="k must be"):
+        cpu.decode_attention(buf, torch.randn(3, 1, 8), torch.randn(2, 1, 8), torch.tensor([1, 2]), q, 1.0)
+
+
+def test_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    build.load.cache_clear()
+    monkeypatch.setenv(build.SWITCH, "0")
+    try:
+        assert build.load() is None
+        assert not cpu.enabled(torch.zeros(1))
+    finally:
+        build.load.cache_clear()
+    monkeypatch.delenv(build.SWITCH)
+    assert cpu.enabled(torch.zeros(1))
+
+
+def test_rebuilds_in_an_empty_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDMESH_KERNEL_CACHE", str(tmp_path))
+    path = build.build(build.compiler())
+    assert path.parent == tmp_path and path.exists()
+    assert build.build(build.compiler()) == path  # cached: the same file, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32, 70, 130])
+@pytest.mark.parametrize("out_features,bias", [(1024, False), (50, True), (24, False), (7, True)])
+def test_linear_matches_f_linear(rows: int, out_features: int, bias: bool) -> None:
+    weight = torch.randn(out_features, 96)
+    b = torch.randn(out_features) if bias else None
+    packed = cpu.pack_linear(weight, b)
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(cpu.linear(x, packed, threads=2), F.linear(x, weight, b), rtol=1e-4, atol=1e-4)
+    strided = torch.randn(rows, 200)[:, 10:106]  # rows with a stride, as a slice of a wider tensor
+    torch.testing.assert_close(
+        cpu.linear(strided, packed), F.linear(strided, weight, b), rtol=1e-4, atol=1e-4
+    )
+    assert cpu.linear(torch.randn(2, 5, 96), packed).shape == (2, 5, out_features)
+    assert cpu.linear(torch.randn(0, 96), packed).shape == (0, out_features)
+
+
+def test_linear_refuses_a_mismatched_input() -> None:
+    packed = cpu.pack_linear(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="float32"):
+        cpu.linear(torch.randn(2, 17), packed)
+    with pytest.raises(ValueError, match="bias"):
+        cpu.pack_linear(torch.randn(8, 16), torch.randn(7))
