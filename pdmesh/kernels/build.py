@@ -39,10 +39,15 @@ SIGNATURES = {
     "pdm_silu_mul": "P I I P N",
     "pdm_qk_norm_rope": "P I I I I I P P P I P P F P P N",
     "pdm_decode_attention": "P I I I I P I P I P P I F P N",
+    "pdm_prefill_attention": "P I I I P I I I I P I I P P P I F P N",
     "pdm_linear": "P I I I P I P P N",
+    "pdm_argmax": "P I I I P N",
 }
 
-RESTYPES = {"pdm_qk_norm_rope": ctypes.c_int}  # the others return nothing
+RESTYPES = {
+    "pdm_qk_norm_rope": ctypes.c_int,
+    "pdm_prefill_attention": ctypes.c_int,
+}  # the others return nothing
 
 
 def cache_dir() -> Path:

@@ -206,3 +206,67 @@ def linear(x: torch.Tensor, packed: PackedLinear, threads: int = 1) -> torch.Ten
             packed.out_features, _ptr(packed.bias), _ptr(out), threads,
         )  # fmt: skip
     return out.view(*x.shape[:-1], packed.out_features)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    threads: int = 1,
+) -> torch.Tensor:
+    """Causal attention of a prefill batch's new tokens ``q`` ``[T, H, D]`` (sequence after
+    sequence) over each sequence's whole context, read from one layer's pool view ``kv_cache``
+    ``[blocks, 2, block_size, KVH, D]`` (already holding the new tokens) through ``block_tables``
+    ``[B, width]``; ``query_lens``/``context_lens`` ``[B]`` int64. Returns ``[T, H, D]``."""
+    num_blocks, _, block_size, kv_heads, head_dim = kv_cache.shape
+    heads = q.shape[1]
+    _f32_contiguous("prefill_attention q", q)
+    _require(q.dim() == 3 and q.shape[2] == head_dim, "prefill_attention: q must be [T, H, D]")
+    _require(heads % kv_heads == 0 and head_dim % 8 == 0, "prefill_attention: heads or head_dim unsupported")
+    _require(
+        kv_cache.dtype == torch.float32 and kv_cache.stride(4) == 1 and kv_cache.stride(3) == head_dim,
+        "prefill_attention: kv_cache must be float32 with contiguous heads",
+    )
+    for name, t in (
+        ("block_tables", block_tables),
+        ("query_lens", query_lens),
+        ("context_lens", context_lens),
+    ):
+        _require(
+            t.dtype == torch.int64 and t.is_contiguous(),
+            f"prefill_attention: {name} must be contiguous int64",
+        )
+    batch = query_lens.numel()
+    _require(
+        block_tables.dim() == 2 and block_tables.shape[0] == batch,
+        "prefill_attention: one table per sequence",
+    )
+    _require(context_lens.numel() == batch, "prefill_attention: one context length per sequence")
+    query_start = query_lens.cumsum(0) - query_lens
+    _require(
+        int(query_lens.sum()) == q.shape[0], "prefill_attention: query lengths do not add up to q's rows"
+    )
+    out = torch.empty_like(q)
+    bad = _lib().pdm_prefill_attention(
+        _ptr(q), heads, kv_heads, head_dim, _ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1),
+        kv_cache.stride(2), block_size, _ptr(block_tables), block_tables.shape[1], num_blocks, _ptr(query_start),
+        _ptr(query_lens), _ptr(context_lens), batch, scale, _ptr(out), threads,
+    )  # fmt: skip
+    if bad:
+        raise ValueError("prefill_attention: a block table or context length points outside the pool")
+    return out
+
+
+def argmax(x: torch.Tensor, threads: int = 1) -> list[int]:
+    """``x.argmax(dim=-1).tolist()`` for float32 ``x`` ``[rows, n]`` with contiguous rows (the first
+    index on ties, a NaN above all, as torch)."""
+    _require(
+        x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1 and x.shape[1] > 0,
+        "argmax: x must be non-empty 2-D float32 with contiguous rows",
+    )
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _lib().pdm_argmax(_ptr(x), x.shape[0], x.shape[1], x.stride(0), _ptr(out), threads)
+    return out.tolist()

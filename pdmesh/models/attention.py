@@ -3,11 +3,13 @@
 The engine fills an ``AttentionMetadata`` per step; every attention layer writes the new tokens'
 K/V into its slice of the block pool through the slot mapping, then attends:
 
-- prefill: per sequence, causal SDPA over the new tokens (plus any cached prefix read back from
-  the sequence's blocks);
+- prefill: with the CPU kernels (float32), one kernel call reads every sequence's context from its
+  blocks and attends causally; otherwise per sequence, causal SDPA over the new tokens (plus any
+  cached prefix read back from the sequence's blocks);
 - decode with a ``DecodeWorkspace`` (float32 on CPU, while the batch fits its budget): the batch's
   K/V are kept densely across steps and each step only appends its new tokens (see
-  ``decode_workspace``); small ones run on one thread;
+  ``decode_workspace``; with the CPU kernels the append and the attention are one call); small
+  ones run on one thread;
 - other decodes: one new token per sequence. Small batches (gathered K/V up to ``SMALL_DECODE_ELEMENTS``
   values, e.g. batch 1) read each sequence's exact blocks, trim them to its length and attend
   without a mask, on one thread (``single_thread``); larger ones gather the batch's K/V from the
@@ -29,7 +31,7 @@ from torch import nn
 
 from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.decode_workspace import DecodeWorkspace
-from pdmesh.models.threads import all_threads, single_thread
+from pdmesh.models.threads import all_threads, configured_threads, single_thread
 
 # decode batches gathering at most this many K+V values per layer attend per sequence on one thread
 SMALL_DECODE_ELEMENTS = 1 << 19
@@ -48,6 +50,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, S] True where a slot holds a token
     workspace: DecodeWorkspace | None = None  # decode: the batch's dense K/V kept across steps
     slot_rows: torch.Tensor | None = None  # layer 0's K then V pool rows of the new tokens (lazy)
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None  # prefill: query/context lens (lazy)
 
 
 class PagedAttention(nn.Module):
@@ -106,6 +109,17 @@ class PagedAttention(nn.Module):
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        if cpu_kernels.enabled(q) and self.kv_cache.dtype == torch.float32:
+            if meta.lengths is None:  # the first layer builds them for all
+                meta.lengths = (torch.tensor(meta.query_lens), torch.tensor(meta.context_lens))
+            return cpu_kernels.prefill_attention(
+                q.contiguous(),
+                self.kv_cache,
+                meta.block_tables,
+                *meta.lengths,
+                self.scale,
+                configured_threads(),
+            )
         outs = []
         start = 0
         for i, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):

@@ -159,3 +159,48 @@ def test_linear_refuses_a_mismatched_input() -> None:
         cpu.linear(torch.randn(2, 17), packed)
     with pytest.raises(ValueError, match="bias"):
         cpu.pack_linear(torch.randn(8, 16), torch.randn(7))
+
+
+def test_prefill_attention_reads_the_pool_through_block_tables() -> None:
+    # two sequences: one fresh prompt of 21 tokens, one with 19 cached tokens and 6 new ones
+    num_blocks, block_size, kv_heads, heads, d = 12, 8, 2, 4, 16
+    pool = torch.randn(num_blocks, 3, 2, block_size, kv_heads, d)  # [blocks, layers, K/V, ...]
+    layer = pool[:, 1]
+    tables = torch.tensor([[5, 2, 9, 0], [7, 1, 11, 3]])
+    query_lens, context_lens = torch.tensor([21, 6]), torch.tensor([21, 25])
+    q = torch.randn(27, heads, d)
+    out = cpu.prefill_attention(q, layer, tables, query_lens, context_lens, 0.25, threads=2)
+    start = 0
+    for b in range(2):
+        n, ctx = int(query_lens[b]), int(context_lens[b])
+        blocks = layer[tables[b]]  # [4, 2, block_size, KVH, D]
+        keys = blocks[:, 0].reshape(-1, kv_heads, d)[:ctx].transpose(0, 1).unsqueeze(0)
+        values = blocks[:, 1].reshape(-1, kv_heads, d)[:ctx].transpose(0, 1).unsqueeze(0)
+        mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+        qb = q[start : start + n].transpose(0, 1).unsqueeze(0)
+        ref = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True)
+        torch.testing.assert_close(out[start : start + n], ref.squeeze(0).transpose(0, 1), **TOL)
+        start += n
+
+
+def test_prefill_attention_refuses_a_table_outside_the_pool() -> None:
+    layer = torch.randn(4, 2, 8, 1, 8)
+    with pytest.raises(ValueError, match="outside the pool"):
+        cpu.prefill_attention(
+            torch.randn(3, 1, 8), layer, torch.tensor([[9]]), torch.tensor([3]), torch.tensor([3]), 1.0
+        )
+    with pytest.raises(ValueError, match="add up"):
+        cpu.prefill_attention(
+            torch.randn(3, 1, 8), layer, torch.tensor([[1]]), torch.tensor([2]), torch.tensor([2]), 1.0
+        )
+
+
+def test_argmax_matches_torch_on_ties_and_nans() -> None:
+    x = torch.randn(33, 1000)
+    x[1, [3, 700]] = 50.0  # a tie: the first index wins
+    x[2, 999] = 60.0  # in the scalar tail
+    x[3, [10, 500]] = float("nan")  # NaN counts as the largest, the first one
+    x[4] = float("-inf")
+    assert cpu.argmax(x, threads=2) == x.argmax(dim=-1).tolist()
+    strided = torch.randn(5, 40)[:, :13]
+    assert cpu.argmax(strided) == strided.argmax(dim=-1).tolist()

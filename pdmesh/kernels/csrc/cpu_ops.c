@@ -157,6 +157,71 @@ static inline float dot(const float *a, const float *b, int64_t d) {
     return hsum256(acc);
 }
 
+/* Eight dot products q . k[i] at once (d a multiple of 8): eight accumulators, then one transposing
+ * reduction instead of eight horizontal sums. */
+static inline __m256 dot8(const float *qv, const float *const k[8], int64_t d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t c = 0; c < d; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(qv + c);
+        a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[0] + c), a0);
+        a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[1] + c), a1);
+        a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[2] + c), a2);
+        a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[3] + c), a3);
+        a4 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[4] + c), a4);
+        a5 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[5] + c), a5);
+        a6 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[6] + c), a6);
+        a7 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[7] + c), a7);
+    }
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* scores[j] = scale * q . keys[j] for j < n */
+static void scaled_scores(const float *qv, const float *const *keys, int64_t n, int64_t d, float scale,
+                          float *scores) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(scores + j, _mm256_mul_ps(dot8(qv, keys + j, d), vs));
+    for (; j < n; j++) scores[j] = dot(qv, keys[j], d) * scale;
+}
+
+/* out[0:d] = sum_j p[j] * v[j * ld + 0:d] (d a multiple of 8): 64 columns at a time in eight
+ * independent accumulators (one accumulator chained through every j waits on each FMA). */
+static void weighted_rows(const float *p, const float *v, int64_t ld, int64_t n, int64_t d, float *out) {
+    int64_t c0 = 0;
+    for (; c0 + 64 <= d; c0 += 64) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 pj = _mm256_broadcast_ss(p + j);
+            const float *row = v + j * ld + c0;
+            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row), a0);
+            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 8), a1);
+            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 16), a2);
+            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 24), a3);
+            a4 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 32), a4);
+            a5 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 40), a5);
+            a6 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 48), a6);
+            a7 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 56), a7);
+        }
+        float *o = out + c0;
+        _mm256_storeu_ps(o, a0);
+        _mm256_storeu_ps(o + 8, a1);
+        _mm256_storeu_ps(o + 16, a2);
+        _mm256_storeu_ps(o + 24, a3);
+        _mm256_storeu_ps(o + 32, a4);
+        _mm256_storeu_ps(o + 40, a5);
+        _mm256_storeu_ps(o + 48, a6);
+        _mm256_storeu_ps(o + 56, a7);
+    }
+    for (; c0 < d; c0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++)
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(v + j * ld + c0), acc);
+        _mm256_storeu_ps(out + c0, acc);
+    }
+}
+
 /* softmax in place over n scores; returns nothing, p sums to 1. */
 static void softmax_row(float *s, int64_t n) {
     __m256 vm = _mm256_set1_ps(-INFINITY);
@@ -195,8 +260,8 @@ void pdm_decode_attention(float *buf, int64_t kv_heads, int64_t batch, int64_t w
     const int64_t plane = kv_heads * batch * width * d; /* K half -> V half */
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = (float *)malloc(sizeof(float) * group * width);
-        float *acc = (float *)malloc(sizeof(float) * group * d);
+        float *scores = (float *)malloc(sizeof(float) * width);
+        const float **rows = (const float **)malloc(sizeof(float *) * width);
 #pragma omp for schedule(dynamic, 4)
         for (int64_t item = 0; item < kv_heads * batch; item++) {
             const int64_t kh = item / batch, b = item % batch, n = lens[b];
@@ -209,26 +274,80 @@ void pdm_decode_attention(float *buf, int64_t kv_heads, int64_t batch, int64_t w
             memcpy(keys + (n - 1) * d, k_new + b * k_stride + kh * d, sizeof(float) * d);
             memcpy(values + (n - 1) * d, v_new + b * v_stride + kh * d, sizeof(float) * d);
             const float *qs = q + (b * heads + kh * group) * d;
-            for (int64_t s = 0; s < n; s++)
-                for (int64_t g = 0; g < group; g++) scores[g * width + s] = dot(qs + g * d, keys + s * d, d) * scale;
-            for (int64_t g = 0; g < group; g++) softmax_row(scores + g * width, n);
-            /* one pass over V: each row is read once for the whole group */
-            memset(acc, 0, sizeof(float) * group * d);
-            for (int64_t s = 0; s < n; s++) {
-                const float *vrow = values + s * d;
-                for (int64_t c = 0; c < d; c += 8) {
-                    const __m256 v = _mm256_loadu_ps(vrow + c);
-                    for (int64_t g = 0; g < group; g++) {
-                        float *a = acc + g * d + c;
-                        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * width + s]), v, _mm256_loadu_ps(a)));
-                    }
-                }
+            for (int64_t s = 0; s < n; s++) rows[s] = keys + s * d;
+            for (int64_t g = 0; g < group; g++) { /* the group's second pass finds K and V in L2 */
+                scaled_scores(qs + g * d, rows, n, d, scale, scores);
+                softmax_row(scores, n);
+                weighted_rows(scores, values, d, n, d, out + (b * heads + kh * group + g) * d);
             }
-            memcpy(out + (b * heads + kh * group) * d, acc, sizeof(float) * group * d);
         }
-        free(acc);
+        free(rows);
         free(scores);
     }
+}
+
+/* Prefill attention straight from the paged pool, any mix of lengths and cached prefixes.
+ *
+ * Sequence b has query_lens[b] new tokens (rows query_start[b].. of q [T, H, d] and out) at the end
+ * of its context_lens[b] tokens, all already in the pool. Token j of sequence b lies at
+ * kv + tables[b * table_width + j / block_size] * block_stride + (j % block_size) * token_stride,
+ * its K there and its V value_offset floats further, head kh at kh * d (value_offset counts from
+ * the K row). Each new token attends
+ * causally (positions up to its own). Returns 0, or 1 when a block id is outside 0..num_blocks-1
+ * (that sequence's rows are zeros). */
+int pdm_prefill_attention(const float *q, int64_t heads, int64_t kv_heads, int64_t d, const float *kv,
+                          int64_t block_stride, int64_t value_offset, int64_t token_stride, int64_t block_size,
+                          const int64_t *tables, int64_t table_width, int64_t num_blocks, const int64_t *query_start,
+                          const int64_t *query_lens, const int64_t *context_lens, int64_t batch, float scale,
+                          float *out, int threads) {
+    const int64_t group = heads / kv_heads;
+    int bad_block = 0;
+    int64_t longest = 1;
+    for (int64_t b = 0; b < batch; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = (float *)malloc(sizeof(float) * longest);
+        const float **keys = (const float **)malloc(sizeof(float *) * longest);
+        /* the context's K and V copied densely: pool rows of one head lie a token's whole width
+         * apart (and blocks far apart), which maps them onto few L1 sets */
+        float *dense = (float *)malloc(sizeof(float) * 2 * longest * d);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < batch * kv_heads; item++) {
+            const int64_t b = item / kv_heads, kh = item % kv_heads;
+            const int64_t n = query_lens[b], ctx = context_lens[b], first = query_start[b];
+            int ok = ctx >= n && ctx <= table_width * block_size;
+            for (int64_t j = 0; ok && j < ctx; j++) {
+                const int64_t block = tables[b * table_width + j / block_size];
+                ok = block >= 0 && block < num_blocks;
+                if (!ok) break;
+                const float *src = kv + block * block_stride + (j % block_size) * token_stride + kh * d;
+                memcpy(dense + j * d, src, sizeof(float) * d);
+                memcpy(dense + (ctx + j) * d, src + value_offset, sizeof(float) * d);
+                keys[j] = dense + j * d;
+            }
+            const float *values = dense + ctx * d;
+            if (!ok) {
+                bad_block = 1;
+                for (int64_t i = 0; i < n; i++)
+                    memset(out + ((first + i) * heads + kh * group) * d, 0, sizeof(float) * group * d);
+                continue;
+            }
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t visible = ctx - n + i + 1;
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t row = (first + i) * heads + kh * group + g;
+                    const float *qv = q + row * d;
+                    scaled_scores(qv, keys, visible, d, scale, scores);
+                    softmax_row(scores, visible);
+                    weighted_rows(scores, values, d, visible, d, out + row * d);
+                }
+            }
+        }
+        free(dense);
+        free(keys);
+        free(scores);
+    }
+    return bad_block;
 }
 
 /* ---- y = x W^T + bias over a weight packed once into panels of LINEAR_NR output columns ----
@@ -307,5 +426,36 @@ void pdm_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const float *
                 linear_block(xr, panel, k, bp, y + m0 * n + p * LINEAR_NR, n, rows, ncols);
             }
         }
+    }
+}
+
+/* Greedy picks: the index of each row's largest value (the first on ties, NaN above all, as
+ * torch.argmax) for x [rows, n] (row stride ldx) into out [rows]. */
+void pdm_argmax(const float *x, int64_t rows, int64_t n, int64_t ldx, int64_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= 262144)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * ldx;
+        /* a vector pass for the maximum, then the first index holding it */
+        __m256 vm = _mm256_set1_ps(-INFINITY);
+        int64_t i = 0, nan_at = -1;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(row + i);
+            if (nan_at < 0 && _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) {
+                for (int64_t j = i; j < i + 8; j++)
+                    if (isnan(row[j])) { nan_at = j; break; }
+            }
+            vm = _mm256_max_ps(vm, v);
+        }
+        float m = hmax256(vm);
+        for (; i < n; i++) {
+            if (nan_at < 0 && isnan(row[i])) nan_at = i;
+            m = row[i] > m ? row[i] : m;
+        }
+        int64_t best = 0;
+        if (nan_at >= 0) best = nan_at;
+        else
+            for (int64_t j = 0; j < n; j++)
+                if (row[j] == m) { best = j; break; }
+        out[r] = best;
     }
 }
