@@ -42,12 +42,11 @@ SIGNATURES = {
     "pdm_prefill_attention": "P I I I P I I I I P I I P P P I F P N",
     "pdm_linear": "P I I I P I P P N",
     "pdm_argmax": "P I I I P N",
+    "pdm_store_kv": "P I I P I P I P I I",
 }
 
-RESTYPES = {
-    "pdm_qk_norm_rope": ctypes.c_int,
-    "pdm_prefill_attention": ctypes.c_int,
-}  # the others return nothing
+# these return 0, or 1 for an index outside what the caller passed; the others return nothing
+RESTYPES = {name: ctypes.c_int for name in ("pdm_qk_norm_rope", "pdm_prefill_attention", "pdm_store_kv")}
 
 
 def cache_dir() -> Path:

@@ -115,6 +115,31 @@ def qk_norm_rope(
     return q, k
 
 
+def store_kv(
+    pool_rows: torch.Tensor, rows: torch.Tensor, offset: int, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """``pool_rows[rows + offset] = cat(k, v)`` for ``k``/``v`` ``[T, KVH, D]`` (heads contiguous, any
+    token stride) into the pool seen as rows of ``KVH * D`` values; ``rows`` ``[2T]`` int64, the
+    K rows then the V rows."""
+    tokens, width = k.shape[0], pool_rows.shape[1]
+    _f32_contiguous("store_kv pool_rows", pool_rows)
+    for name, t in (("k", k), ("v", v)):
+        _require(
+            t.dtype == torch.float32 and t.shape[0] == tokens and t[0].numel() == width and t.stride(-1) == 1
+            and t.stride(-2) == t.shape[-1],
+            f"store_kv: {name} must be float32 [T, KVH, D] with contiguous heads",
+        )  # fmt: skip
+    _require(
+        rows.dtype == torch.int64 and rows.is_contiguous() and rows.numel() == 2 * tokens, "store_kv: rows"
+    )
+    bad = _lib().pdm_store_kv(
+        _ptr(pool_rows), pool_rows.shape[0], width, _ptr(rows), offset, _ptr(k), k.stride(0), _ptr(v), v.stride(0),
+        tokens,
+    )  # fmt: skip
+    if bad:
+        raise ValueError("store_kv: a slot lies outside the pool")
+
+
 def _rows_of_heads(name: str, t: torch.Tensor, batch: int, kv_heads: int, head_dim: int) -> None:
     _require(
         t.shape == (batch, kv_heads, head_dim)
@@ -170,8 +195,12 @@ class PackedLinear:
     out_features: int
 
     @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
+    def weight_ptr(self) -> int:
+        return self.weight.data_ptr()
+
+    @property
+    def bias_ptr(self) -> int | None:
+        return None if self.bias is None else self.bias.data_ptr()
 
 
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
@@ -196,16 +225,18 @@ def linear(x: torch.Tensor, packed: PackedLinear, threads: int = 1) -> torch.Ten
     _require(
         x.dtype == torch.float32 and x.shape[-1] == packed.in_features, "linear: x must be float32 [..., in]"
     )
-    rows = x.reshape(-1, packed.in_features)
+    flat = x.dim() == 2  # the usual case: no reshape and no view (a few microseconds per call)
+    rows = x if flat else x.reshape(-1, packed.in_features)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], packed.out_features, dtype=torch.float32)
-    if rows.shape[0]:
+    m = rows.shape[0]
+    out = torch.empty(m, packed.out_features, dtype=torch.float32)
+    if m:
         _lib().pdm_linear(
-            _ptr(rows), rows.shape[0], packed.in_features, rows.stride(0), _ptr(packed.weight),
-            packed.out_features, _ptr(packed.bias), _ptr(out), threads,
+            rows.data_ptr(), m, packed.in_features, rows.stride(0), packed.weight_ptr, packed.out_features,
+            packed.bias_ptr, out.data_ptr(), threads,
         )  # fmt: skip
-    return out.view(*x.shape[:-1], packed.out_features)
+    return out if flat else out.view(*x.shape[:-1], packed.out_features)
 
 
 def prefill_attention(

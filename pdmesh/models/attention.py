@@ -83,7 +83,11 @@ class PagedAttention(nn.Module):
         if meta.slot_rows is None:  # the first layer works out layer 0's rows for all layers
             base = (meta.slot_blocks * self.num_layers * 2) * block_size + meta.slot_offsets
             meta.slot_rows = torch.cat((base, base + block_size))
-        rows = meta.slot_rows + self.layer_index * 2 * block_size
+        offset = self.layer_index * 2 * block_size
+        if cpu_kernels.enabled(k) and self.pool_rows.dtype == torch.float32:
+            cpu_kernels.store_kv(self.pool_rows, meta.slot_rows, offset, k, v)
+            return
+        rows = meta.slot_rows + offset
         self.pool_rows.index_copy_(0, rows, torch.cat((k, v)).view(rows.shape[0], -1))
 
     def forward(

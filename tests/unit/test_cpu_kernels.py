@@ -204,3 +204,16 @@ def test_argmax_matches_torch_on_ties_and_nans() -> None:
     assert cpu.argmax(x, threads=2) == x.argmax(dim=-1).tolist()
     strided = torch.randn(5, 40)[:, :13]
     assert cpu.argmax(strided) == strided.argmax(dim=-1).tolist()
+
+
+def test_store_kv_writes_k_then_v_rows_at_the_offset() -> None:
+    pool_rows = torch.zeros(40, 16)
+    k = torch.randn(3, 2, 8)
+    v = torch.randn(3, 48)[:, 16:32].view(3, 2, 8)  # a strided view, as v comes out of qkv
+    rows = torch.tensor([0, 5, 9, 1, 6, 10])
+    cpu.store_kv(pool_rows, rows, 20, k, v)
+    expected = torch.zeros(40, 16)
+    expected.index_copy_(0, rows + 20, torch.cat((k, v)).view(6, 16))
+    assert torch.equal(pool_rows, expected)
+    with pytest.raises(ValueError, match="outside the pool"):
+        cpu.store_kv(pool_rows, rows, 35, k, v)

@@ -246,6 +246,24 @@ static void softmax_row(float *s, int64_t n) {
     for (; i < n; i++) s[i] *= 1.0f / sum;
 }
 
+/* Stores tokens' K and V rows ([tokens, width], row strides k_stride / v_stride) into the pool seen
+ * as rows of width floats: token t's K goes to row rows[t] + offset, its V to rows[tokens + t] +
+ * offset. Returns 0, or 1 when a row lies outside 0..pool_rows-1 (that row is not written). */
+int pdm_store_kv(float *pool, int64_t pool_rows, int64_t width, const int64_t *rows, int64_t offset,
+                 const float *k, int64_t k_stride, const float *v, int64_t v_stride, int64_t tokens) {
+    int bad_row = 0;
+    for (int64_t i = 0; i < 2 * tokens; i++) {
+        const int64_t row = rows[i] + offset;
+        if (row < 0 || row >= pool_rows) {
+            bad_row = 1;
+            continue;
+        }
+        const float *src = i < tokens ? k + i * k_stride : v + (i - tokens) * v_stride;
+        memcpy(pool + row * width, src, sizeof(float) * width);
+    }
+    return bad_row;
+}
+
 /* Decode attention over the workspace buf [2, KVH, B, width, d] (K then V, contiguous).
  *
  * First appends this step's k / v ([B, KVH, d] with row stride k_stride / v_stride between
