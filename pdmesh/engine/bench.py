@@ -6,7 +6,10 @@ wall time from adding the requests to the last token (prefill included). With ``
 transformers' ``generate`` runs the same prompts on the same checkpoint in the same process (greedy,
 ``min_new_tokens = max_new_tokens = O``, its DynamicCache) and ``ratio`` is engine over HF. Both sides
 run with the same torch intra-op thread count (``--threads``, else torch's default), reported as
-``threads``.
+``threads``. With ``--repeats N`` each side runs N times, alternating which goes first, and the
+report gives medians: ``ratio`` is the median of the N paired ratios (all in ``ratio_runs``), so a
+shared host whose speed drifts between the two sides weighs on both alike. ``cpu_kernels`` says
+whether the engine ran pdmesh's native CPU kernels (``pdmesh.kernels``).
 
 Roofline: a decode step must at least read every weight once (the embedding table only for the
 batch's rows) and the K/V of every cached token; at the mean decode context ``I + O/2`` that is
@@ -62,6 +65,9 @@ def build_parser(prog: str = "pdmesh bench engine") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON (the only format)")
     p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
     p.add_argument("--warmup", action="store_true", help="run each side once untimed first")
+    p.add_argument(
+        "--repeats", type=_positive, default=1, help="timed runs of each side, alternating (reports medians)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
     return p
 
@@ -163,7 +169,8 @@ def _lm_head_params(model: Any) -> list[torch.Tensor]:
     return list(head.parameters()) if head is not None else []
 
 
-def engine_side(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[Any, dict[str, Any]]:
+def make_engine(args: argparse.Namespace, prompts: list[list[int]]) -> Any:
+    """The engine sized for exactly this batch (warmed up when asked)."""
     from pdmesh.engine.config import EngineConfig
     from pdmesh.engine.engine import LLMEngine
 
@@ -183,10 +190,11 @@ def engine_side(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[Any
     engine = LLMEngine(config)
     if args.warmup:
         run_engine(engine, prompts, min(args.output_len, 4))
-    return engine, run_engine(engine, prompts, args.output_len)
+    return engine
 
 
-def hf_side(args: argparse.Namespace, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
+def load_hf(args: argparse.Namespace, prompts: list[list[int]], device: torch.device) -> Any:
+    """transformers' model of the same checkpoint (warmed up when asked)."""
     from transformers import AutoModelForCausalLM
 
     from pdmesh.accelerator import resolve_dtype
@@ -196,22 +204,41 @@ def hf_side(args: argparse.Namespace, prompts: list[list[int]], device: torch.de
     )
     if args.warmup:
         run_hf(model, prompts, min(args.output_len, 4), device)
-    result = run_hf(model, prompts, args.output_len, device)
-    del model
-    return result
+    return model
+
+
+def alternate(args: argparse.Namespace, prompts, engine, hf_model, device) -> tuple[list[dict], list[dict]]:
+    """``--repeats`` timed runs of each side, the first side alternating between repetitions, so
+    that a host whose speed drifts (a shared machine) weighs on both sides alike."""
+    eng_runs: list[dict[str, Any]] = []
+    hf_runs: list[dict[str, Any]] = []
+    for r in range(args.repeats):
+        order = ["engine", "hf"] if r % 2 == 0 else ["hf", "engine"]
+        for side in order:
+            if side == "engine":
+                eng_runs.append(run_engine(engine, prompts, args.output_len))
+            elif hf_model is not None:
+                hf_runs.append(run_hf(hf_model, prompts, args.output_len, device))
+    return eng_runs, hf_runs
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the engine (and the reference) and returns the JSON report."""
+    from pdmesh.kernels.build import load as load_cpu_kernels
+
     device = resolve_device(args.device)
     threads = args.threads or torch.get_num_threads()  # both sides run with exactly this many
     torch.set_num_threads(threads)
     vocab = int(json.loads((args.model / "config.json").read_text())["vocab_size"])
     prompts = make_prompts(args.batch_size, args.input_len, vocab, args.seed)
     b, o = args.batch_size, args.output_len
-    engine, eng = engine_side(args, prompts)
+    engine = make_engine(args, prompts)
+    hf_model = load_hf(args, prompts, device) if args.reference == "hf" else None
+    eng_runs, hf_runs = alternate(args, prompts, engine, hf_model, device)
     weights, kv = decode_step_bytes(engine, b, args.input_len + o / 2)
-    del engine
+    del engine, hf_model
+    eng_total = statistics.median(r["total_s"] for r in eng_runs)
+    step_s = statistics.median(r["decode_step_s"] for r in eng_runs)
     report: dict[str, Any] = {
         "model": str(args.model),
         "batch_size": b,
@@ -220,23 +247,26 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "threads": threads,
-        "engine_total_s": eng["total_s"],
-        "engine_output_tokens_per_s": b * o / eng["total_s"],
-        "engine_decode_step_ms": eng["decode_step_s"] * 1e3,
+        "cpu_kernels": device.type == "cpu" and args.dtype == "float32" and load_cpu_kernels() is not None,
+        "repeats": args.repeats,
+        "engine_total_s": eng_total,
+        "engine_output_tokens_per_s": b * o / eng_total,
+        "engine_decode_step_ms": step_s * 1e3,
     }
-    if args.reference == "hf":
-        torch.set_num_threads(threads)
-        hf = hf_side(args, prompts, device)
-        same = sum(a == h for a, h in zip(eng["tokens"], hf["tokens"], strict=True))
+    if hf_runs:
+        ratios = [h["total_s"] / e["total_s"] for e, h in zip(eng_runs, hf_runs, strict=True)]
+        hf_total = statistics.median(r["total_s"] for r in hf_runs)
+        same = sum(a == h for a, h in zip(eng_runs[0]["tokens"], hf_runs[0]["tokens"], strict=True))
         report |= {
-            "hf_total_s": hf["total_s"],
-            "hf_output_tokens_per_s": b * o / hf["total_s"],
-            "ratio": hf["total_s"] / eng["total_s"],
+            "hf_total_s": hf_total,
+            "hf_output_tokens_per_s": b * o / hf_total,
+            "ratio": statistics.median(ratios),
+            "ratio_runs": ratios,
             "greedy_sequences_equal_to_hf": f"{same}/{b}",
         }
     else:
         report |= {"hf_total_s": None, "hf_output_tokens_per_s": None, "ratio": None}
-    report |= roofline(weights, kv, eng["decode_step_s"], b, measure_memcpy(device))
+    report |= roofline(weights, kv, step_s, b, measure_memcpy(device))
     return report
 
 

@@ -12,6 +12,7 @@ from pdmesh.engine.bench import main
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.kernels import build
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,6 +43,16 @@ def test_bench_json_fields(tiny_qwen3, capsys) -> None:
     assert report["engine_output_tokens_per_s"] > 0 and report["hf_output_tokens_per_s"] > 0
     assert report["ratio"] > 0 and report["roofline_tokens_per_s"] > 0
     assert report["greedy_sequences_equal_to_hf"] == "2/2"
+    assert report["repeats"] == 1 and len(report["ratio_runs"]) == 1
+    assert report["cpu_kernels"] == (build.load() is not None)
+
+
+def test_bench_repeats_report_medians_and_every_pair(tiny_qwen3, capsys) -> None:
+    argv = ["--model", str(tiny_qwen3), "--batch-size", "1", "--input-len", "4", "--output-len", "2"]
+    assert main([*argv, "--reference", "hf", "--json", "--threads", "1", "--repeats", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["repeats"] == 3 and len(report["ratio_runs"]) == 3
+    assert report["ratio"] == sorted(report["ratio_runs"])[1]
 
 
 @pytest.mark.parametrize(
@@ -51,6 +62,7 @@ def test_bench_json_fields(tiny_qwen3, capsys) -> None:
         ["--batch-size", "2", "--input-len", "8", "--output-len", "4", "--dtype", "int8"],
         ["--batch-size", "2", "--input-len", "8"],
         ["--batch-size", "2", "--input-len", "8", "--output-len", "4", "--device", "tpu"],
+        ["--batch-size", "2", "--input-len", "8", "--output-len", "4", "--repeats", "0"],
     ],
 )
 def test_bench_bad_flags_one_line_exit_2(tiny_qwen3, capsys, argv) -> None:
