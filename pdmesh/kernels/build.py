@@ -1,7 +1,8 @@
 """Builds the CPU kernels (``csrc/cpu_ops.c``) once per source and compiler, and loads them.
 
 The library is compiled at first use with the system C compiler (``$CC``, else ``cc``) for
-AVX2 + FMA with OpenMP, into ``$PDMESH_KERNEL_CACHE`` (default ``~/.cache/pdmesh/kernels``) under a
+AVX2 + FMA with OpenMP, into ``$PDMESH_KERNEL_CACHE`` (default ``~/.cache/pdmesh/kernels``; the
+temporary directory where that cannot be created) under a
 name that hashes the source, the flags and the compiler, so a changed source is rebuilt and
 concurrent processes never load a half-written file (each writes its own temporary file and
 renames it into place). ``torch`` is imported first, so the library's ``libgomp.so.1`` resolves to
@@ -21,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -76,7 +78,13 @@ def build(cc: str) -> Path:
     target = cache_dir() / f"cpu_ops-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: the temporary directory, per user
+        target = Path(tempfile.gettempdir()) / f"pdmesh-kernels-{os.getuid()}" / target.name
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
         subprocess.run(

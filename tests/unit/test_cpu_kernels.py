@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,3 +220,11 @@ def test_store_kv_writes_k_then_v_rows_at_the_offset() -> None:
     assert torch.equal(pool_rows, expected)
     with pytest.raises(ValueError, match="outside the pool"):
         cpu.store_kv(pool_rows, rows, 35, k, v)
+
+
+def test_builds_in_the_temporary_directory_when_the_cache_cannot_be_made(tmp_path, monkeypatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PDMESH_KERNEL_CACHE", str(blocker / "kernels"))
+    path = build.build(build.compiler())
+    assert path.exists() and path.parent.parent == Path(tempfile.gettempdir())
