@@ -18,9 +18,16 @@ LAYOUT = KVLayout("tiny", "mha", 2, 2, 8, 16, "float32", (2, 2, 16, 2, 8))  # 16
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def _anon_huge_kib() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
+def _anon_huge_kib_around(address: int) -> int:
+    """AnonHugePages of the mapping holding ``address`` (this process's /proc/self/smaps): the
+    pool's own memory, whatever other tests allocate or free meanwhile."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("AnonHugePages:"):
             return int(line.split()[1])
     return 0
 
@@ -55,10 +62,9 @@ def test_pool_memory_is_on_huge_pages_where_the_kernel_allows() -> None:
     # THP "always"/"madvise" (the usual defaults): most of a 16 MiB pool on huge pages (khugepaged
     # may lag on the rest); "never" or no THP: plain pages, and the pool still works
     allowed = THP.exists() and "[never]" not in THP.read_text()
-    before = _anon_huge_kib()
     pool = hostmem.zeros((16 << 20,), torch.uint8)
-    gained = _anon_huge_kib() - before
-    assert gained >= 8 << 10 if allowed else gained == 0
+    huge = _anon_huge_kib_around(pool.data_ptr())
+    assert huge >= 8 << 10 if allowed else huge == 0
     pool[::4096] = 1
     assert int(pool.sum()) == (16 << 20) // 4096
     del pool
