@@ -125,8 +125,8 @@ def store_kv(
     _f32_contiguous("store_kv pool_rows", pool_rows)
     for name, t in (("k", k), ("v", v)):
         _require(
-            t.dtype == torch.float32 and t.shape[0] == tokens and t[0].numel() == width and t.stride(-1) == 1
-            and t.stride(-2) == t.shape[-1],
+            t.dtype == torch.float32 and t.dim() == 3 and t.shape[0] == tokens and t.shape[1] * t.shape[2] == width
+            and t.stride(2) == 1 and t.stride(1) == t.shape[2],
             f"store_kv: {name} must be float32 [T, KVH, D] with contiguous heads",
         )  # fmt: skip
     _require(

@@ -228,3 +228,10 @@ def test_builds_in_the_temporary_directory_when_the_cache_cannot_be_made(tmp_pat
     monkeypatch.setenv("PDMESH_KERNEL_CACHE", str(blocker / "kernels"))
     path = build.build(build.compiler())
     assert path.exists() and path.parent.parent == Path(tempfile.gettempdir())
+
+
+def test_store_kv_refuses_heads_that_are_not_contiguous() -> None:
+    pool_rows, rows = torch.zeros(8, 16), torch.tensor([0, 1, 2, 3])
+    k = torch.randn(2, 8, 2).transpose(1, 2)  # [2, 2, 8] with strided heads
+    with pytest.raises(ValueError, match="contiguous heads"):
+        cpu.store_kv(pool_rows, rows, 0, k, torch.randn(2, 2, 8))
