@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -39,16 +40,19 @@ _CTYPES = {"P": ctypes.c_void_p, "I": ctypes.c_int64, "F": ctypes.c_float, "N": 
 SIGNATURES = {
     "pdm_rms_norm": "P I P F I I P N",
     "pdm_silu_mul": "P I I P N",
-    "pdm_qk_norm_rope": "P I I I I I P P P I P P F P P N",
+    "pdm_qk_norm_rope": "P I I I I I P P P I P F P F P P N",
     "pdm_decode_attention": "P I I I I P I P I P P I F P N",
-    "pdm_prefill_attention": "P I I I P I I I I P I I P P P I F P N",
+    "pdm_prefill_attention": "P I I I I P I I I I P I I P P P I F P N",
     "pdm_linear": "P I I I P I P P N",
     "pdm_argmax": "P I I I P N",
     "pdm_store_kv": "P I I P I P I P I I",
 }
 
 # these return 0, or 1 for an index outside what the caller passed; the others return nothing
-RESTYPES = {name: ctypes.c_int for name in ("pdm_qk_norm_rope", "pdm_prefill_attention", "pdm_store_kv")}
+RESTYPES = {
+    name: ctypes.c_int
+    for name in ("pdm_qk_norm_rope", "pdm_prefill_attention", "pdm_decode_attention", "pdm_store_kv")
+}
 
 
 def cache_dir() -> Path:
@@ -81,10 +85,9 @@ def build(cc: str) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only home: the temporary directory, per user
-        target = Path(tempfile.gettempdir()) / f"pdmesh-kernels-{os.getuid()}" / target.name
+        target = _private_temp_dir() / target.name
         if target.exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
         subprocess.run(
@@ -99,6 +102,17 @@ def build(cc: str) -> Path:
         tmp.unlink(missing_ok=True)
     logger.info("built CPU kernels %s", target)
     return target
+
+
+def _private_temp_dir() -> Path:
+    """``$TMPDIR/pdmesh-kernels-<uid>``, made 0700; refused (``OSError``) when another user owns it
+    or others may write to it, since a library found there would be loaded into this process."""
+    path = Path(tempfile.gettempdir()) / f"pdmesh-kernels-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{path} is not a private directory of this user; not loading kernels from it")
+    return path
 
 
 @functools.cache

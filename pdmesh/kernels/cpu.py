@@ -43,13 +43,21 @@ def _require(ok: bool, what: str) -> None:
 
 def _f32_contiguous(name: str, t: torch.Tensor | None) -> None:
     if t is not None:
-        _require(t.dtype == torch.float32 and t.is_contiguous(), f"{name} must be contiguous float32")
+        _require(
+            t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous(),
+            f"{name} must be contiguous float32 on the CPU",
+        )
+
+
+def _on_cpu(name: str, *tensors: torch.Tensor) -> None:
+    _require(all(t.device.type == "cpu" for t in tensors), f"{name}: tensors must be on the CPU")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, threads: int = 1) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x**2, -1) + eps))`` over the last dim of ``x`` (float32, rows may
     be strided, the last dim contiguous); returns a new contiguous tensor."""
     n = x.shape[-1]
+    _on_cpu("rms_norm", x)
     rows = x.reshape(-1, n) if x.dim() != 2 else x
     _require(
         rows.dtype == torch.float32 and rows.stride(-1) == 1,
@@ -66,7 +74,7 @@ def silu_mul(gate_up: torch.Tensor, threads: int = 1) -> torch.Tensor:
     """``silu(gate_up[..., :I]) * gate_up[..., I:]`` for ``gate_up`` ``[..., 2I]`` (contiguous)."""
     _f32_contiguous("silu_mul input", gate_up)
     inter = gate_up.shape[-1] // 2
-    _require(gate_up.shape[-1] == 2 * inter, "silu_mul: the last dim must be even")
+    _require(inter > 0 and gate_up.shape[-1] == 2 * inter, "silu_mul: the last dim must be even and non-zero")
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.float32)
     _lib().pdm_silu_mul(_ptr(gate_up), gate_up.numel() // (2 * inter), inter, _ptr(out), threads)
     return out
@@ -80,15 +88,16 @@ def qk_norm_rope(
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    eps: float,
+    q_norm: tuple[torch.Tensor, float] | None,
+    k_norm: tuple[torch.Tensor, float] | None,
     threads: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """From a fused projection ``qkv`` ``[T, (H + 2 KVH) * D]``: q ``[T, H, D]`` and k ``[T, KVH, D]``,
-    each head RMS-normed by its weight (when given) and then rotated (rotate-half rope) by the
-    ``[max_positions, D]`` ``cos``/``sin`` rows of its token's position ``positions`` ``[T]``."""
+    each head RMS-normed (``q_norm``/``k_norm``: weight ``[D]`` and eps, or None for no norm) and then
+    rotated (rotate-half rope) by the ``[max_positions, D]`` ``cos``/``sin`` rows of its token's
+    position ``positions`` ``[T]``."""
     t = qkv.shape[0]
+    _on_cpu("qk_norm_rope", qkv, positions)
     _require(
         qkv.dim() == 2 and qkv.dtype == torch.float32 and qkv.stride(1) == 1,
         "qk_norm_rope: qkv must be 2-D float32 with contiguous rows",
@@ -96,10 +105,18 @@ def qk_norm_rope(
     _require(qkv.shape[1] >= (heads + kv_heads) * head_dim, "qk_norm_rope: qkv is narrower than q and k")
     _require(head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM, f"qk_norm_rope: head_dim {head_dim} unsupported")
     _require(
-        cos.shape == sin.shape and cos.shape[-1] == head_dim, "qk_norm_rope: cos/sin must be [P, head_dim]"
+        cos.dim() == 2 and cos.shape == sin.shape and cos.shape[1] == head_dim,
+        "qk_norm_rope: cos/sin must be [P, head_dim]",
     )
+    q_weight, q_eps = q_norm if q_norm is not None else (None, 0.0)
+    k_weight, k_eps = k_norm if k_norm is not None else (None, 0.0)
     for name, tensor in (("cos", cos), ("sin", sin), ("q_weight", q_weight), ("k_weight", k_weight)):
         _f32_contiguous(f"qk_norm_rope {name}", tensor)
+    for name, weight in (("q", q_weight), ("k", k_weight)):
+        _require(
+            weight is None or weight.numel() == head_dim,
+            f"qk_norm_rope: the {name} norm weight is not [head_dim]",
+        )
     _require(
         positions.dtype == torch.int64 and positions.is_contiguous() and positions.numel() == t,
         "qk_norm_rope: positions must be contiguous int64, one per token",
@@ -108,7 +125,7 @@ def qk_norm_rope(
     k = torch.empty(t, kv_heads, head_dim, dtype=torch.float32)
     bad = _lib().pdm_qk_norm_rope(
         _ptr(qkv), qkv.stride(0), t, heads, kv_heads, head_dim, _ptr(positions), _ptr(cos), _ptr(sin),
-        cos.shape[0], _ptr(q_weight), _ptr(k_weight), eps, _ptr(q), _ptr(k), threads,
+        cos.shape[0], _ptr(q_weight), q_eps, _ptr(k_weight), k_eps, _ptr(q), _ptr(k), threads,
     )  # fmt: skip
     if bad:
         raise ValueError(f"qk_norm_rope: a position is outside the rotary table's {cos.shape[0]} positions")
@@ -123,6 +140,7 @@ def store_kv(
     K rows then the V rows."""
     tokens, width = k.shape[0], pool_rows.shape[1]
     _f32_contiguous("store_kv pool_rows", pool_rows)
+    _on_cpu("store_kv", rows, k, v)
     for name, t in (("k", k), ("v", v)):
         _require(
             t.dtype == torch.float32 and t.dim() == 3 and t.shape[0] == tokens and t.shape[1] * t.shape[2] == width
@@ -140,10 +158,16 @@ def store_kv(
         raise ValueError("store_kv: a slot lies outside the pool")
 
 
+def supports_attention(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the attention kernels take this head layout (whole query groups, D a multiple of 8)."""
+    return kv_heads > 0 and heads % kv_heads == 0 and head_dim % 8 == 0
+
+
 def _rows_of_heads(name: str, t: torch.Tensor, batch: int, kv_heads: int, head_dim: int) -> None:
     _require(
         t.shape == (batch, kv_heads, head_dim)
         and t.dtype == torch.float32
+        and t.device.type == "cpu"
         and t.stride(2) == 1
         and t.stride(1) == head_dim,
         f"decode_attention: {name} must be float32 [B, KVH, D] with contiguous heads",
@@ -161,26 +185,32 @@ def decode_attention(
 ) -> torch.Tensor:
     """Appends this step's ``k``/``v`` ``[B, KVH, D]`` at position ``lens[b] - 1`` of the workspace
     buffer ``buf`` ``[2, KVH, B, width, D]`` and returns attention of ``q`` ``[B, H, D]`` over each
-    sequence's first ``lens[b]`` positions, ``[B, H, D]``. The caller keeps every length within
-    ``1..width`` (the workspace sizes ``width`` from them); the library itself never reads or
-    writes outside ``buf`` and answers zeros for a length outside that range."""
+    sequence's first ``lens[b]`` positions, ``[B, H, D]``. A length outside ``1..width`` raises
+    ``ValueError`` (checked in C, where the lengths are read anyway)."""
+    _require(buf.dim() == 5 and buf.shape[0] == 2, "decode_attention: buf must be [2, KVH, B, width, D]")
     _, kv_heads, batch, width, head_dim = buf.shape
     _f32_contiguous("decode_attention buf", buf)
     _f32_contiguous("decode_attention q", q)
+    _require(q.dim() == 3, "decode_attention: q must be [B, H, D]")
     heads = q.shape[1]
     _require(q.shape == (batch, heads, head_dim), "decode_attention: q must be [B, H, D]")
-    _require(heads % kv_heads == 0 and head_dim % 8 == 0, "decode_attention: heads or head_dim unsupported")
+    _require(supports_attention(heads, kv_heads, head_dim), "decode_attention: heads or head_dim unsupported")
     _rows_of_heads("k", k, batch, kv_heads, head_dim)
     _rows_of_heads("v", v, batch, kv_heads, head_dim)
     _require(
-        lens.dtype == torch.int64 and lens.is_contiguous() and lens.numel() == batch,
+        lens.dtype == torch.int64
+        and lens.device.type == "cpu"
+        and lens.is_contiguous()
+        and lens.numel() == batch,
         "decode_attention: lens must be contiguous int64, one per sequence",
     )
     out = torch.empty(batch, heads, head_dim, dtype=torch.float32)
-    _lib().pdm_decode_attention(
+    failed = _lib().pdm_decode_attention(
         _ptr(buf), kv_heads, batch, width, head_dim, _ptr(k), k.stride(0), _ptr(v), v.stride(0),
         _ptr(lens), _ptr(q), heads, scale, _ptr(out), threads,
     )  # fmt: skip
+    if failed:
+        raise ValueError(f"decode_attention: a length is outside 1..{width} (or scratch memory ran out)")
     return out
 
 
@@ -223,7 +253,8 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Packe
 def linear(x: torch.Tensor, packed: PackedLinear, threads: int = 1) -> torch.Tensor:
     """``x @ W.T + b`` for ``x`` ``[..., in_features]`` (float32, last dim contiguous)."""
     _require(
-        x.dtype == torch.float32 and x.shape[-1] == packed.in_features, "linear: x must be float32 [..., in]"
+        x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] == packed.in_features,
+        "linear: x must be float32 [..., in] on the CPU",
     )
     flat = x.dim() == 2  # the usual case: no reshape and no view (a few microseconds per call)
     rows = x if flat else x.reshape(-1, packed.in_features)
@@ -251,15 +282,27 @@ def prefill_attention(
     """Causal attention of a prefill batch's new tokens ``q`` ``[T, H, D]`` (sequence after
     sequence) over each sequence's whole context, read from one layer's pool view ``kv_cache``
     ``[blocks, 2, block_size, KVH, D]`` (already holding the new tokens) through ``block_tables``
-    ``[B, width]``; ``query_lens``/``context_lens`` ``[B]`` int64. Returns ``[T, H, D]``."""
+    ``[B, width]``; ``query_lens``/``context_lens`` ``[B]`` int64. Returns ``[T, H, D]``. Lengths
+    and block ids are checked in C (where they are read anyway): a block id outside the pool, a
+    context shorter than its queries or longer than its table, or queries outside q's rows raise
+    ``ValueError``."""
+    _require(
+        kv_cache.dim() == 5 and kv_cache.shape[1] == 2,
+        "prefill_attention: kv_cache must be [N, 2, bs, KVH, D]",
+    )
     num_blocks, _, block_size, kv_heads, head_dim = kv_cache.shape
-    heads = q.shape[1]
     _f32_contiguous("prefill_attention q", q)
     _require(q.dim() == 3 and q.shape[2] == head_dim, "prefill_attention: q must be [T, H, D]")
-    _require(heads % kv_heads == 0 and head_dim % 8 == 0, "prefill_attention: heads or head_dim unsupported")
+    heads = q.shape[1]
     _require(
-        kv_cache.dtype == torch.float32 and kv_cache.stride(4) == 1 and kv_cache.stride(3) == head_dim,
-        "prefill_attention: kv_cache must be float32 with contiguous heads",
+        supports_attention(heads, kv_heads, head_dim), "prefill_attention: heads or head_dim unsupported"
+    )
+    _require(
+        kv_cache.dtype == torch.float32
+        and kv_cache.device.type == "cpu"
+        and kv_cache.stride(4) == 1
+        and kv_cache.stride(3) == head_dim,
+        "prefill_attention: kv_cache must be float32 on the CPU with contiguous heads",
     )
     for name, t in (
         ("block_tables", block_tables),
@@ -267,7 +310,7 @@ def prefill_attention(
         ("context_lens", context_lens),
     ):
         _require(
-            t.dtype == torch.int64 and t.is_contiguous(),
+            t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous(),
             f"prefill_attention: {name} must be contiguous int64",
         )
     batch = query_lens.numel()
@@ -282,12 +325,14 @@ def prefill_attention(
     )
     out = torch.empty_like(q)
     bad = _lib().pdm_prefill_attention(
-        _ptr(q), heads, kv_heads, head_dim, _ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1),
+        _ptr(q), q.shape[0], heads, kv_heads, head_dim, _ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1),
         kv_cache.stride(2), block_size, _ptr(block_tables), block_tables.shape[1], num_blocks, _ptr(query_start),
         _ptr(query_lens), _ptr(context_lens), batch, scale, _ptr(out), threads,
     )  # fmt: skip
     if bad:
-        raise ValueError("prefill_attention: a block table or context length points outside the pool")
+        raise ValueError(
+            "prefill_attention: a block id, context length or query length points outside the pool or q"
+        )
     return out
 
 
@@ -295,8 +340,12 @@ def argmax(x: torch.Tensor, threads: int = 1) -> list[int]:
     """``x.argmax(dim=-1).tolist()`` for float32 ``x`` ``[rows, n]`` with contiguous rows (the first
     index on ties, a NaN above all, as torch)."""
     _require(
-        x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1 and x.shape[1] > 0,
-        "argmax: x must be non-empty 2-D float32 with contiguous rows",
+        x.dim() == 2
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.stride(1) == 1
+        and x.shape[1] > 0,
+        "argmax: x must be non-empty 2-D float32 on the CPU with contiguous rows",
     )
     out = torch.empty(x.shape[0], dtype=torch.int64)
     _lib().pdm_argmax(_ptr(x), x.shape[0], x.shape[1], x.stride(0), _ptr(out), threads)

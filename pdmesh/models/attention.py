@@ -103,6 +103,14 @@ class PagedAttention(nn.Module):
             out = self._decode(q, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
+    def _native(self, q: torch.Tensor) -> bool:
+        """Whether attention runs in the CPU kernels (float32 here, and a head layout they take)."""
+        return (
+            cpu_kernels.enabled(q)
+            and self.kv_cache.dtype == torch.float32
+            and cpu_kernels.supports_attention(self.num_heads, self.num_kv_heads, self.head_dim)
+        )
+
     def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
         """One sequence's first ``length`` cached tokens as ``[1, KVH, length, D]``."""
         num_blocks = -(-length // cache.shape[1])
@@ -113,7 +121,7 @@ class PagedAttention(nn.Module):
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        if cpu_kernels.enabled(q) and self.kv_cache.dtype == torch.float32:
+        if self._native(q):
             if meta.lengths is None:  # the first layer builds them for all
                 meta.lengths = (torch.tensor(meta.query_lens), torch.tensor(meta.context_lens))
             return cpu_kernels.prefill_attention(
@@ -153,7 +161,7 @@ class PagedAttention(nn.Module):
         small = 2 * q.shape[0] * ws.length * k[0].numel() <= SMALL_DECODE_ELEMENTS
         # memory-bound work over the whole batch: both cores' bandwidth, unless it is small
         with nullcontext() if small else all_threads():
-            if cpu_kernels.enabled(q):
+            if self._native(q):
                 threads = torch.get_num_threads()
                 return ws.update_and_attend(
                     self.layer_index, self.kv_cache, k, v, q, meta, self.scale, threads

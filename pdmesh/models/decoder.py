@@ -47,7 +47,7 @@ class GQAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        if cpu_kernels.enabled(qkv) and self.hd <= cpu_kernels.MAX_HEAD_DIM:
+        if cpu_kernels.enabled(qkv) and self.hd % 2 == 0 and self.hd <= cpu_kernels.MAX_HEAD_DIM:
             return self._forward_fused(qkv, positions, rope, meta)
         q, k, v = qkv.split(self.sizes, dim=-1)
         q, k = q.view(t, self.nh, self.hd), k.view(t, self.nkv, self.hd)
@@ -60,11 +60,19 @@ class GQAttention(nn.Module):
         self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata
     ) -> torch.Tensor:
         """The q/k norms and rope as one CPU kernel over the fused projection's rows."""
-        qw = self.q_norm.weight if self.q_norm is not None else None
-        kw = self.k_norm.weight if self.k_norm is not None else None
-        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        q_norm = (self.q_norm.weight, self.q_norm.eps) if self.q_norm is not None else None
+        k_norm = (self.k_norm.weight, self.k_norm.eps) if self.k_norm is not None else None
         q, k = cpu_kernels.qk_norm_rope(
-            qkv, self.nh, self.nkv, self.hd, positions, rope.cos, rope.sin, qw, kw, eps, configured_threads()
+            qkv,
+            self.nh,
+            self.nkv,
+            self.hd,
+            positions,
+            rope.cos,
+            rope.sin,
+            q_norm,
+            k_norm,
+            configured_threads(),
         )
         v = qkv[:, (self.nh + self.nkv) * self.hd :].view(qkv.shape[0], self.nkv, self.hd)
         return self.o_proj(self.attn(q, k, v, meta))

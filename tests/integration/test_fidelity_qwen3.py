@@ -62,6 +62,18 @@ def test_greedy_tokens_match_transformers_without_native_kernels(
         build.load.cache_clear()
 
 
+def test_greedy_tokens_match_transformers_with_a_head_dim_the_attention_kernels_do_not_take(
+    model_factory, prompt_ids
+) -> None:
+    # head_dim 12 (not a multiple of 8): q/k norms and rope still run fused, attention in PyTorch
+    model_dir = model_factory("qwen3", head_dim=12)
+    hf = load_hf(model_dir)
+    expected = [hf_greedy(hf, ids) for ids in prompt_ids]
+    engine = LLMEngine(EngineConfig(model_dir=model_dir))
+    assert_greedy_alone_and_batched(engine, prompt_ids, expected)
+    assert prefill_logits_diff(model_dir, hf, prompt_ids) <= 1e-4
+
+
 def test_tokenizer_and_chat_template(tokenizer) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Will it rain?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

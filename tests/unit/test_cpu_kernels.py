@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +22,15 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def kernels_built() -> None:
-    # on an AVX2 machine the kernels must build: a missing compiler is a failure here, not a skip
-    assert build.load() is not None, "the CPU kernels did not build (see the log for the compiler error)"
+def kernels_built() -> Iterator[None]:
+    # these tests are about the kernels, whatever PDMESH_CPU_KERNELS says; on an AVX2 machine they
+    # must build: a missing compiler is a failure here, not a skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(build.SWITCH, raising=False)
+        build.load.cache_clear()
+        assert build.load() is not None, "the CPU kernels did not build (see the log for the compiler error)"
+        yield
+    build.load.cache_clear()
 
 
 @pytest.mark.parametrize("rows,n", [(1, 64), (32, 512), (300, 520), (7, 13)])
@@ -57,7 +65,8 @@ def test_qk_norm_rope_matches_torch(norm: bool, tokens: int) -> None:
         q, k = F.rms_norm(q, (d,), qw, 1e-6), F.rms_norm(k, (d,), kw, 1e-6)
     cos, sin = rope.cos[positions].unsqueeze(1), rope.sin[positions].unsqueeze(1)
     q_ref, k_ref = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    q_out, k_out = cpu.qk_norm_rope(qkv, heads, kv_heads, d, positions, rope.cos, rope.sin, qw, kw, 1e-6, 2)
+    q_norm, k_norm = ((qw, 1e-6), (kw, 1e-6)) if norm else (None, None)
+    q_out, k_out = cpu.qk_norm_rope(qkv, heads, kv_heads, d, positions, rope.cos, rope.sin, q_norm, k_norm, 2)
     torch.testing.assert_close(q_out, q_ref, **TOL)
     torch.testing.assert_close(k_out, k_ref, **TOL)
 
@@ -107,10 +116,10 @@ def test_refuses_layouts_it_does_not_take() -> None:
         cpu.rms_norm(torch.randn(4, 8, dtype=torch.float64), None, 1e-6)
     with pytest.raises(ValueError, match="head_dim"):
         cpu.qk_norm_rope(torch.randn(2, 3 * 1024), 1, 1, 1024, torch.zeros(2, dtype=torch.long),
-                         torch.randn(4, 1024), torch.randn(4, 1024), None, None, 1e-6)  # fmt: skip
+                         torch.randn(4, 1024), torch.randn(4, 1024), None, None)  # fmt: skip
     with pytest.raises(ValueError, match="outside the rotary table"):
         cpu.qk_norm_rope(torch.randn(2, 3 * 64), 1, 1, 64, torch.tensor([0, 9]),
-                         torch.randn(4, 64), torch.randn(4, 64), None, None, 1e-6)  # fmt: skip
+                         torch.randn(4, 64), torch.randn(4, 64), None, None)  # fmt: skip
     buf, q = torch.randn(2, 1, 2, 16, 8), torch.randn(2, 2, 8)
     with pytest.raises(ValueError, match="lens"):
         cpu.decode_attention(
@@ -235,3 +244,88 @@ def test_store_kv_refuses_heads_that_are_not_contiguous() -> None:
     k = torch.randn(2, 8, 2).transpose(1, 2)  # [2, 2, 8] with strided heads
     with pytest.raises(ValueError, match="contiguous heads"):
         cpu.store_kv(pool_rows, rows, 0, k, torch.randn(2, 2, 8))
+
+
+def test_attention_kernels_refuse_buffers_without_separate_k_and_v() -> None:
+    q, k, v = torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    with pytest.raises(ValueError, match=r"buf must be \[2,"):
+        cpu.decode_attention(torch.randn(1, 1, 2, 16, 8), k, v, torch.tensor([1, 2]), q, 1.0)
+    with pytest.raises(ValueError, match=r"kv_cache must be \[N, 2,"):
+        cpu.prefill_attention(torch.randn(3, 1, 8), torch.randn(4, 1, 8, 1, 8), torch.tensor([[1]]),
+                              torch.tensor([3]), torch.tensor([3]), 1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="heads or head_dim"):
+        cpu.decode_attention(torch.randn(2, 0, 2, 16, 8), k[:, :0], v[:, :0], torch.tensor([1, 2]), q, 1.0)
+
+
+def test_decode_attention_refuses_a_length_outside_the_buffer() -> None:
+    buf, q = torch.randn(2, 1, 2, 16, 8), torch.randn(2, 2, 8)
+    k, v = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    for lens in ([17, 3], [0, 3]):
+        with pytest.raises(ValueError, match="outside 1..16"):
+            cpu.decode_attention(buf, k, v, torch.tensor(lens), q, 1.0)
+
+
+@pytest.mark.parametrize(
+    "query_lens,context_lens",
+    [([300, -297], [300, 3]), ([3, 0], [2, 0]), ([3, 0], [3, 1 << 40]), ([3, 0], [3, 1 << 61])],
+)
+def test_prefill_attention_refuses_lengths_outside_q_or_the_table(query_lens, context_lens) -> None:
+    layer = torch.randn(4, 2, 8, 1, 8)
+    tables = torch.tensor([[1, 2], [3, 0]])
+    with pytest.raises(ValueError, match="outside the pool or q"):
+        cpu.prefill_attention(torch.randn(3, 1, 8), layer, tables, torch.tensor(query_lens),
+                              torch.tensor(context_lens), 1.0)  # fmt: skip
+
+
+def test_qk_norm_rope_refuses_tables_and_weights_of_the_wrong_shape() -> None:
+    qkv, positions = torch.randn(2, 3 * 64), torch.tensor([0, 1])
+    table = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="cos/sin"):
+        cpu.qk_norm_rope(qkv, 1, 1, 64, positions, torch.randn(64), torch.randn(64), None, None)
+    with pytest.raises(ValueError, match="q norm weight"):
+        cpu.qk_norm_rope(qkv, 1, 1, 64, positions, table, table, (torch.randn(1), 1e-6), None)
+    with pytest.raises(ValueError, match="k norm weight"):
+        cpu.qk_norm_rope(qkv, 1, 1, 64, positions, table, table, None, (torch.randn(65), 1e-6))
+
+
+def test_qk_norm_rope_uses_each_norm_s_own_eps() -> None:
+    qkv, positions = torch.randn(1, 3 * 8) * 1e-3, torch.tensor([0])  # tiny values: eps matters
+    table, w = torch.ones(1, 8), torch.ones(8)
+    q, k = cpu.qk_norm_rope(qkv, 1, 1, 8, positions, table, torch.zeros(1, 8), (w, 1e-6), (w, 1.0))
+    torch.testing.assert_close(q[0, 0], F.rms_norm(qkv[0, :8], (8,), w, 1e-6), **TOL)
+    torch.testing.assert_close(k[0, 0], F.rms_norm(qkv[0, 8:16], (8,), w, 1.0), **TOL)
+
+
+def test_kernels_refuse_tensors_off_the_cpu_and_empty_widths() -> None:
+    meta = torch.empty(2, 8, device="meta")
+    with pytest.raises(ValueError, match="CPU"):
+        cpu.rms_norm(meta, None, 1e-6)
+    with pytest.raises(ValueError, match="CPU"):
+        cpu.linear(meta, cpu.pack_linear(torch.randn(4, 8)))
+    with pytest.raises(ValueError, match="CPU"):
+        cpu.argmax(meta)
+    with pytest.raises(ValueError, match="non-zero"):
+        cpu.silu_mul(torch.randn(3, 0))
+
+
+def test_nan_stays_nan_through_exp() -> None:
+    # a NaN upstream (an overflow) must show in the output, as with PyTorch, not vanish as weight 0
+    gu = torch.randn(1, 16)
+    gu[0, 2] = float("nan")
+    assert torch.isnan(cpu.silu_mul(gu)[0, 2])
+    buf, q = torch.randn(2, 1, 1, 8, 8), torch.randn(1, 1, 8)
+    buf[0, 0, 0, 1, 0] = float("nan")  # one key element: its score is NaN
+    out = cpu.decode_attention(buf, torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.tensor([3]), q, 1.0)
+    assert torch.isnan(out).all()
+
+
+def test_refuses_a_temporary_directory_others_can_write(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PDMESH_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    shared = tmp_path / f"pdmesh-kernels-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant a library here
+    with pytest.raises(OSError, match="not a private directory"):
+        build.build(build.compiler())

@@ -15,14 +15,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* exp(x) for 8 floats: range reduction by ln2, degree-6 polynomial, exponent by integer add.
- * Inputs below -87.3 give 0, above 88.7 give +inf (as expf). */
+#define MAX_HEAD_DIM 512 /* the per-head scratch of norm_rope_head (MAX_HEAD_DIM in cpu.py) */
+
+/* exp(x) for 8 floats: range reduction by ln2, degree-6 polynomial, exponent by integer add
+ * (within 1.3 ulp). Inputs below -87.3 give 0, above 88.376 (where 2^n would need n = 128) +inf,
+ * NaN gives NaN. */
 static inline __m256 exp256(__m256 x) {
-    const __m256 hi = _mm256_set1_ps(88.7228f);
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f);
     const __m256 lo = _mm256_set1_ps(-87.3365f);
     const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
     const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
     const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    const __m256 input = x;
     __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
     x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
@@ -39,7 +43,8 @@ static inline __m256 exp256(__m256 x) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     y = _mm256_andnot_ps(under, y);
-    return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+    return _mm256_blendv_ps(y, input, _mm256_cmp_ps(input, input, _CMP_UNORD_Q)); /* NaN stays NaN */
 }
 
 static inline float hsum256(__m256 v) {
@@ -111,7 +116,7 @@ void pdm_silu_mul(const float *gu, int64_t rows, int64_t inter, float *out, int 
  * cos/sin rows: out[i] = x[i] cos[i] - x[i+h] sin[i], out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h]. */
 static void norm_rope_head(const float *x, const float *w, float eps, const float *cs, const float *sn,
                            int64_t d, float *out) {
-    float tmp[512];
+    float tmp[MAX_HEAD_DIM];
     const float *src = x;
     if (w) {
         rms_norm_row(x, w, eps, d, tmp);
@@ -128,25 +133,27 @@ static void norm_rope_head(const float *x, const float *w, float eps, const floa
 /* q and k heads of a fused qkv projection [tokens, (H + 2 KVH) * d] (row stride qkv_stride):
  * optional per-head RMSNorm (qw / kw, NULL for none), rope at each token's position from the
  * [max_positions, d] cos / sin tables; writes q_out [tokens, H, d] and k_out [tokens, KVH, d].
- * Returns 0, or 1 when a position lies outside the tables (that token's rows are not written). */
+ * Returns 0, or 1 when a position lies outside the tables (that token's rows are not written) or d
+ * is odd or above MAX_HEAD_DIM (nothing written). */
 int pdm_qk_norm_rope(const float *qkv, int64_t qkv_stride, int64_t tokens, int64_t heads, int64_t kv_heads,
                      int64_t d, const int64_t *positions, const float *cos_table, const float *sin_table,
-                     int64_t max_positions, const float *qw, const float *kw, float eps, float *q_out,
-                     float *k_out, int threads) {
+                     int64_t max_positions, const float *qw, float q_eps, const float *kw, float k_eps,
+                     float *q_out, float *k_out, int threads) {
+    if (d > MAX_HEAD_DIM || d % 2) return 1;
     int bad_position = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) if (tokens >= 64)
+#pragma omp parallel for num_threads(threads) schedule(static) if (tokens >= 64) reduction(| : bad_position)
     for (int64_t t = 0; t < tokens; t++) {
         if (positions[t] < 0 || positions[t] >= max_positions) {
-            bad_position = 1; /* every writer stores the same value */
+            bad_position = 1;
             continue;
         }
         const float *row = qkv + t * qkv_stride;
         const float *cs = cos_table + positions[t] * d;
         const float *sn = sin_table + positions[t] * d;
         for (int64_t hh = 0; hh < heads; hh++)
-            norm_rope_head(row + hh * d, qw, eps, cs, sn, d, q_out + (t * heads + hh) * d);
+            norm_rope_head(row + hh * d, qw, q_eps, cs, sn, d, q_out + (t * heads + hh) * d);
         for (int64_t hh = 0; hh < kv_heads; hh++)
-            norm_rope_head(row + (heads + hh) * d, kw, eps, cs, sn, d, k_out + (t * kv_heads + hh) * d);
+            norm_rope_head(row + (heads + hh) * d, kw, k_eps, cs, sn, d, k_out + (t * kv_heads + hh) * d);
     }
     return bad_position;
 }
@@ -253,8 +260,8 @@ int pdm_store_kv(float *pool, int64_t pool_rows, int64_t width, const int64_t *r
                  const float *k, int64_t k_stride, const float *v, int64_t v_stride, int64_t tokens) {
     int bad_row = 0;
     for (int64_t i = 0; i < 2 * tokens; i++) {
-        const int64_t row = rows[i] + offset;
-        if (row < 0 || row >= pool_rows) {
+        int64_t row;
+        if (__builtin_add_overflow(rows[i], offset, &row) || row < 0 || row >= pool_rows) {
             bad_row = 1;
             continue;
         }
@@ -269,22 +276,25 @@ int pdm_store_kv(float *pool, int64_t pool_rows, int64_t width, const int64_t *r
  * First appends this step's k / v ([B, KVH, d] with row stride k_stride / v_stride between
  * sequences) at position lens[b] - 1 of each sequence, then for every (kv head, sequence) attends
  * its group of q heads (q [B, H, d] contiguous, head h reads kv head h / group) over the first
- * lens[b] positions: out [B, H, d]. d is a multiple of 8 (checked by the caller). */
-void pdm_decode_attention(float *buf, int64_t kv_heads, int64_t batch, int64_t width, int64_t d,
-                          const float *k_new, int64_t k_stride, const float *v_new, int64_t v_stride,
-                          const int64_t *lens, const float *q, int64_t heads, float scale, float *out,
-                          int threads) {
+ * lens[b] positions: out [B, H, d]. d is a multiple of 8 (checked by the caller). Returns 0, or 1
+ * when a length lies outside 1..width or scratch memory ran out (those rows are zeros). */
+int pdm_decode_attention(float *buf, int64_t kv_heads, int64_t batch, int64_t width, int64_t d,
+                         const float *k_new, int64_t k_stride, const float *v_new, int64_t v_stride,
+                         const int64_t *lens, const float *q, int64_t heads, float scale, float *out,
+                         int threads) {
     const int64_t group = heads / kv_heads;
     const int64_t plane = kv_heads * batch * width * d; /* K half -> V half */
-#pragma omp parallel num_threads(threads)
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *scores = (float *)malloc(sizeof(float) * width);
         const float **rows = (const float **)malloc(sizeof(float *) * width);
 #pragma omp for schedule(dynamic, 4)
         for (int64_t item = 0; item < kv_heads * batch; item++) {
             const int64_t kh = item / batch, b = item % batch, n = lens[b];
-            if (n < 1 || n > width) { /* the caller's contract; never touch memory outside buf */
+            if (!scores || !rows || n < 1 || n > width) { /* never touch memory outside buf */
                 memset(out + (b * heads + kh * group) * d, 0, sizeof(float) * group * d);
+                failed = 1;
                 continue;
             }
             float *keys = buf + (kh * batch + b) * width * d;
@@ -302,6 +312,7 @@ void pdm_decode_attention(float *buf, int64_t kv_heads, int64_t batch, int64_t w
         free(rows);
         free(scores);
     }
+    return failed;
 }
 
 /* Prefill attention straight from the paged pool, any mix of lengths and cached prefixes.
@@ -311,18 +322,21 @@ void pdm_decode_attention(float *buf, int64_t kv_heads, int64_t batch, int64_t w
  * kv + tables[b * table_width + j / block_size] * block_stride + (j % block_size) * token_stride,
  * its K there and its V value_offset floats further, head kh at kh * d (value_offset counts from
  * the K row). Each new token attends
- * causally (positions up to its own). Returns 0, or 1 when a block id is outside 0..num_blocks-1
- * (that sequence's rows are zeros). */
-int pdm_prefill_attention(const float *q, int64_t heads, int64_t kv_heads, int64_t d, const float *kv,
-                          int64_t block_stride, int64_t value_offset, int64_t token_stride, int64_t block_size,
-                          const int64_t *tables, int64_t table_width, int64_t num_blocks, const int64_t *query_start,
-                          const int64_t *query_lens, const int64_t *context_lens, int64_t batch, float scale,
-                          float *out, int threads) {
+ * causally (positions up to its own). Returns 0, or 1 when a block id is outside 0..num_blocks-1, a
+ * context is shorter than its queries or longer than the table, rows fall outside q's tokens, or
+ * scratch memory ran out (that sequence's rows are zeros where they exist). */
+int pdm_prefill_attention(const float *q, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
+                          const float *kv, int64_t block_stride, int64_t value_offset, int64_t token_stride,
+                          int64_t block_size, const int64_t *tables, int64_t table_width, int64_t num_blocks,
+                          const int64_t *query_start, const int64_t *query_lens, const int64_t *context_lens,
+                          int64_t batch, float scale, float *out, int threads) {
     const int64_t group = heads / kv_heads;
+    const int64_t capacity = table_width * block_size; /* the most tokens a table can address */
     int bad_block = 0;
-    int64_t longest = 1;
-    for (int64_t b = 0; b < batch; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;
-#pragma omp parallel num_threads(threads)
+    int64_t longest = 1; /* scratch size: the longest context that passes the checks below */
+    for (int64_t b = 0; b < batch; b++)
+        if (context_lens[b] <= capacity && context_lens[b] > longest) longest = context_lens[b];
+#pragma omp parallel num_threads(threads) reduction(| : bad_block)
     {
         float *scores = (float *)malloc(sizeof(float) * longest);
         const float **keys = (const float **)malloc(sizeof(float *) * longest);
@@ -333,7 +347,11 @@ int pdm_prefill_attention(const float *q, int64_t heads, int64_t kv_heads, int64
         for (int64_t item = 0; item < batch * kv_heads; item++) {
             const int64_t b = item / kv_heads, kh = item % kv_heads;
             const int64_t n = query_lens[b], ctx = context_lens[b], first = query_start[b];
-            int ok = ctx >= n && ctx <= table_width * block_size;
+            if (n < 0 || first < 0 || first > tokens - n) { /* rows outside q / out: touch nothing */
+                bad_block = 1;
+                continue;
+            }
+            int ok = scores && keys && dense && ctx >= n && ctx <= capacity;
             for (int64_t j = 0; ok && j < ctx; j++) {
                 const int64_t block = tables[b * table_width + j / block_size];
                 ok = block >= 0 && block < num_blocks;
@@ -343,13 +361,13 @@ int pdm_prefill_attention(const float *q, int64_t heads, int64_t kv_heads, int64
                 memcpy(dense + (ctx + j) * d, src + value_offset, sizeof(float) * d);
                 keys[j] = dense + j * d;
             }
-            const float *values = dense + ctx * d;
             if (!ok) {
                 bad_block = 1;
                 for (int64_t i = 0; i < n; i++)
                     memset(out + ((first + i) * heads + kh * group) * d, 0, sizeof(float) * group * d);
                 continue;
             }
+            const float *values = dense + ctx * d;
             for (int64_t i = 0; i < n; i++) {
                 const int64_t visible = ctx - n + i + 1;
                 for (int64_t g = 0; g < group; g++) {
