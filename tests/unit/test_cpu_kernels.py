@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -235,8 +234,11 @@ def test_builds_in_the_temporary_directory_when_the_cache_cannot_be_made(tmp_pat
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("PDMESH_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     path = build.build(build.compiler())
-    assert path.exists() and path.parent.parent == Path(tempfile.gettempdir())
+    assert path.exists() and path.parent == tmp_path / "tmp" / f"pdmesh-kernels-{os.getuid()}"
+    assert path.parent.stat().st_mode & 0o777 == 0o700
 
 
 def test_store_kv_refuses_heads_that_are_not_contiguous() -> None:
