@@ -2,8 +2,10 @@
 
 ``enabled(t)`` says whether the kernels apply to tensor ``t`` (float32 on a CPU where the library
 built, see ``build``); callers keep their PyTorch expression otherwise. Each function checks the
-layout it hands to C (shapes, strides, dtypes) and raises ``ValueError`` naming what is off, so a
-pointer never reaches the library with a layout it does not expect. ``threads`` is how many
+layout it hands to C (shapes, strides, dtypes, devices) and raises ``ValueError`` naming what is off,
+so a pointer never reaches the library with a layout it does not expect; indices that come with the
+data (positions, block ids, slot rows, lengths) are checked in C, where they are read, and reported
+as a ``ValueError`` too. ``threads`` is how many
 OpenMP threads a kernel may use; the row-wise kernels only split work above a few tens of
 thousands of values (a decode step's rows stay on one thread, as ``models.threads`` wants).
 """

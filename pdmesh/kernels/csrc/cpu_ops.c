@@ -1,10 +1,13 @@
-/* pdmesh CPU kernels (float32, AVX2 + FMA, OpenMP): the small ops around a decoder layer's
- * products, and decode attention over the dense decode workspace.
+/* pdmesh CPU kernels (float32, AVX2 + FMA, OpenMP): a decoder layer's products over weights packed
+ * once, the small ops around them (norms, rope, SwiGLU, the KV store), prefill attention read from
+ * the paged pool, decode attention over the dense decode workspace, and the greedy argmax.
  *
  * Built at first use by pdmesh/kernels/build.py and called through ctypes (pdmesh/kernels/cpu.py),
- * which checks shapes, dtypes and contiguity before any pointer reaches this file. Each function
- * computes what the matching PyTorch expression in pdmesh/models computes, up to float rounding
- * (summation order, a polynomial exp within 2 ulp).
+ * which checks shapes, dtypes, strides and devices before any pointer reaches this file; indices
+ * that come with the data (positions, block ids, slot rows, lengths) are checked here, where they
+ * are read, and reported through the return value. Each function computes what the matching
+ * PyTorch expression in pdmesh/models computes, up to float rounding (summation order, a
+ * polynomial exp within 1.3 ulp).
  *
  * Parallel loops use the OpenMP runtime PyTorch itself loaded (libgomp.so.1 is matched by soname),
  * with the thread count the caller passes.
@@ -158,6 +161,7 @@ int pdm_qk_norm_rope(const float *qkv, int64_t qkv_stride, int64_t tokens, int64
     return bad_position;
 }
 
+/* a . b over d values, d a multiple of 8 (the attention kernels only run for such d) */
 static inline float dot(const float *a, const float *b, int64_t d) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
