@@ -134,21 +134,38 @@ def qk_norm_rope(
     return q, k
 
 
+def supports_attention(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the attention kernels take this head layout (whole query groups, D a multiple of 8)."""
+    return kv_heads > 0 and heads % kv_heads == 0 and head_dim % 8 == 0
+
+
+def _rows_of_heads(what: str, name: str, t: torch.Tensor, rows: int, kv_heads: int, head_dim: int) -> None:
+    """``t`` is float32 ``[rows, KVH, D]`` on the CPU, each head's D values contiguous and the heads
+    of a row adjacent (rows may be any distance apart, as in a slice of a fused qkv)."""
+    _require(
+        t.shape == (rows, kv_heads, head_dim)
+        and t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and t.stride(2) == 1
+        and t.stride(1) == head_dim,
+        f"{what}: {name} must be float32 [T, KVH, D] with contiguous heads",
+    )
+
+
 def store_kv(
     pool_rows: torch.Tensor, rows: torch.Tensor, offset: int, k: torch.Tensor, v: torch.Tensor
 ) -> None:
     """``pool_rows[rows + offset] = cat(k, v)`` for ``k``/``v`` ``[T, KVH, D]`` (heads contiguous, any
     token stride) into the pool seen as rows of ``KVH * D`` values; ``rows`` ``[2T]`` int64, the
     K rows then the V rows."""
-    tokens, width = k.shape[0], pool_rows.shape[1]
+    _require(k.dim() == 3, "store_kv: k must be float32 [T, KVH, D] with contiguous heads")
+    tokens, kv_heads, head_dim = k.shape
+    width = pool_rows.shape[1]
     _f32_contiguous("store_kv pool_rows", pool_rows)
-    _on_cpu("store_kv", rows, k, v)
-    for name, t in (("k", k), ("v", v)):
-        _require(
-            t.dtype == torch.float32 and t.dim() == 3 and t.shape[0] == tokens and t.shape[1] * t.shape[2] == width
-            and t.stride(2) == 1 and t.stride(1) == t.shape[2],
-            f"store_kv: {name} must be float32 [T, KVH, D] with contiguous heads",
-        )  # fmt: skip
+    _on_cpu("store_kv", rows)
+    _require(kv_heads * head_dim == width, "store_kv: a token's K/V is not one pool row")
+    _rows_of_heads("store_kv", "k", k, tokens, kv_heads, head_dim)
+    _rows_of_heads("store_kv", "v", v, tokens, kv_heads, head_dim)
     _require(
         rows.dtype == torch.int64 and rows.is_contiguous() and rows.numel() == 2 * tokens, "store_kv: rows"
     )
@@ -158,22 +175,6 @@ def store_kv(
     )  # fmt: skip
     if bad:
         raise ValueError("store_kv: a slot lies outside the pool")
-
-
-def supports_attention(heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether the attention kernels take this head layout (whole query groups, D a multiple of 8)."""
-    return kv_heads > 0 and heads % kv_heads == 0 and head_dim % 8 == 0
-
-
-def _rows_of_heads(name: str, t: torch.Tensor, batch: int, kv_heads: int, head_dim: int) -> None:
-    _require(
-        t.shape == (batch, kv_heads, head_dim)
-        and t.dtype == torch.float32
-        and t.device.type == "cpu"
-        and t.stride(2) == 1
-        and t.stride(1) == head_dim,
-        f"decode_attention: {name} must be float32 [B, KVH, D] with contiguous heads",
-    )
 
 
 def decode_attention(
@@ -197,8 +198,8 @@ def decode_attention(
     heads = q.shape[1]
     _require(q.shape == (batch, heads, head_dim), "decode_attention: q must be [B, H, D]")
     _require(supports_attention(heads, kv_heads, head_dim), "decode_attention: heads or head_dim unsupported")
-    _rows_of_heads("k", k, batch, kv_heads, head_dim)
-    _rows_of_heads("v", v, batch, kv_heads, head_dim)
+    _rows_of_heads("decode_attention", "k", k, batch, kv_heads, head_dim)
+    _rows_of_heads("decode_attention", "v", v, batch, kv_heads, head_dim)
     _require(
         lens.dtype == torch.int64
         and lens.device.type == "cpu"

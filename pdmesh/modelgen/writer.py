@@ -71,3 +71,14 @@ def write_model(
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     log.info("wrote %s (%s, %s) to %s", arch, preset, dtype, out)
     return out
+
+
+def write_shards(out_dir: Path | str, tensors: dict[str, torch.Tensor], shards: dict[str, list[str]]) -> None:
+    """Writes ``tensors`` as Hugging Face's sharded layout: each ``shards`` file holds the listed
+    names, and ``model.safetensors.index.json`` maps every name to its file."""
+    out = Path(out_dir)
+    weight_map: dict[str, str] = {}
+    for file, names in shards.items():
+        save_file({name: tensors[name] for name in names}, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -48,9 +48,9 @@ class DecodeWorkspace:
         self._valid = False
         # per step
         self.rebuild = True
-        self.bias: torch.Tensor | None = None  # [KVH * B, 1, S]: 0 where a token is, -inf past it
         self.length = 0  # S: the longest context of the step
         self.lengths: torch.Tensor | None = None  # [B] int64: each sequence's context this step
+        self._bias: torch.Tensor | None = None  # attend()'s length bias for this step (lazy)
         self._rows: torch.Tensor | None = None  # where the step's new tokens go (lazy)
 
     def invalidate(self) -> None:
@@ -77,8 +77,8 @@ class DecodeWorkspace:
         self.rebuild = not same_batch
         self._valid = False  # until commit(): a failure midway leaves layers half-updated
         self._batch, self._lens, self._width, self.length = list(seqs), list(context_lens), width, longest
-        self.bias = self._length_bias(context_lens, longest, device, dtype)
-        self._rows = None
+        self.lengths = torch.tensor(context_lens, device=device)
+        self._bias = self._rows = None
         return True
 
     def commit(self) -> None:
@@ -91,14 +91,19 @@ class DecodeWorkspace:
         self._valid = False
         self._width = 0
 
-    def _length_bias(
-        self, lens: list[int], longest: int, device: torch.device, dtype: torch.dtype
-    ) -> torch.Tensor:
-        self.lengths = lengths = torch.tensor(lens, device=device)
-        past_end = torch.arange(longest, device=device)[None, :] >= lengths[:, None]
-        bias = torch.zeros(past_end.shape, device=device, dtype=dtype).masked_fill_(past_end, float("-inf"))
-        batch = len(lens)
-        return bias.expand(self.num_kv_heads, batch, longest).reshape(self.num_kv_heads * batch, 1, longest)
+    def _length_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[KVH * B, 1, S]``: 0 where a token is, -inf past each sequence's length (built once a
+        step, by the first layer that attends in PyTorch; the CPU kernel reads ``lengths``)."""
+        if self._bias is None:
+            lengths, longest = self.lengths, self.length
+            past_end = torch.arange(longest, device=lengths.device)[None, :] >= lengths[:, None]
+            bias = torch.zeros(past_end.shape, device=lengths.device, dtype=dtype)
+            bias.masked_fill_(past_end, float("-inf"))
+            batch = lengths.numel()
+            self._bias = bias.expand(self.num_kv_heads, batch, longest).reshape(
+                self.num_kv_heads * batch, 1, longest
+            )
+        return self._bias
 
     def _buffer(self, layer: int, like: torch.Tensor) -> torch.Tensor:
         """Layer ``layer``'s ``[2, KVH, B, width, D]`` view of its (grown when needed) storage."""
@@ -175,6 +180,6 @@ class DecodeWorkspace:
         keys = buf[0].reshape(kvh * batch, self._width, dim)[:, : self.length]
         values = buf[1].reshape(kvh * batch, self._width, dim)[:, : self.length]
         queries = q.view(batch, kvh, group, dim).transpose(0, 1).reshape(kvh * batch, group, dim)
-        scores = torch.baddbmm(self.bias, queries, keys.transpose(1, 2), alpha=scale)
+        scores = torch.baddbmm(self._length_bias(q.dtype), queries, keys.transpose(1, 2), alpha=scale)
         out = torch.bmm(torch.softmax(scores, dim=-1), values)
         return out.view(kvh, batch, group, dim).transpose(0, 1).reshape(batch, heads, dim)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.modelgen.writer import write_shards
 from pdmesh.models import load_model
 from pdmesh.models.fp8 import SCALE_SUFFIX
 
@@ -95,13 +96,7 @@ def fp8_and_reference(model_factory, tmp_path_factory) -> tuple[Path, Path]:
         "model-00001-of-00002.safetensors": [k for k in stored if not k.endswith(SCALE_SUFFIX)],
         "model-00002-of-00002.safetensors": scales,
     }
-    weight_map = {}
-    for file, keys in shards.items():
-        save_file({k: stored[k] for k in keys}, str(fp8_dir / file))
-        weight_map.update(dict.fromkeys(keys, file))
-    (fp8_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    write_shards(fp8_dir, stored, shards)
     return fp8_dir, reference
 
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pdmesh.modelgen import write_model
+from pdmesh.modelgen.writer import write_shards
 from pdmesh.models import AttentionMetadata, load_model
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,13 +62,7 @@ def test_sharded_checkpoint_loads_the_same(tiny_qwen3, tmp_path) -> None:
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for file in ("config.json", "generation_config.json"):
         (tmp_path / file).write_text((tiny_qwen3 / file).read_text())
-    weight_map = {}
-    for file, keys in shards.items():
-        save_file({k: weights[k] for k in keys}, str(tmp_path / file))
-        weight_map.update(dict.fromkeys(keys, file))
-    (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    write_shards(tmp_path, weights, shards)
     assert torch.equal(_logits(tmp_path), _logits(tiny_qwen3))
 
 
