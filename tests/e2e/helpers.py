@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import httpx
@@ -39,10 +40,25 @@ def list_instances(controller: str):
     return asyncio.run(_instances(controller))
 
 
+def wait_until(condition, timeout_s: float, what: str) -> float:
+    """Polls ``condition`` every 0.1 s; returns the seconds it took, fails naming ``what``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s}s"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def instance_busy(controller: str, instance_id: str) -> bool:
+    """Whether the controller's latest heartbeat from ``instance_id`` shows a running request."""
+    return any(
+        i.instance_id == instance_id and i.load.running > 0 and i.load.free_blocks < i.load.total_blocks
+        for i in list_instances(controller)
+    )
+
+
 def wait_blocks_idle(controller: str, timeout_s: float = 15.0) -> list:
     """Waits until every worker reports all KV blocks free (heartbeats carry the load)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     instances = []
     while time.monotonic() < deadline:

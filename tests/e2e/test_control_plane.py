@@ -21,7 +21,7 @@ from pdmesh.launcher import ROOT
 from pdmesh.rpc.client import open_channel
 from pdmesh.v1 import controller_pb2, controller_pb2_grpc
 from tests.e2e.conftest import start_stack
-from tests.e2e.helpers import list_instances
+from tests.e2e.helpers import list_instances, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,14 +66,6 @@ def complete(stack, prompt: str, max_tokens: int, timeout: float = 60.0) -> http
 
 def _model(stack) -> str:
     return httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
-
-
-def wait_until(condition, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s}s"
-        time.sleep(0.2)
-    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tests.e2e.conftest import start_stack
-from tests.e2e.helpers import stream_chat, wait_blocks_idle
+from tests.e2e.helpers import instance_busy, stream_chat, wait_blocks_idle, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -61,10 +61,13 @@ def test_client_disconnect_frees_blocks_within_a_second(model_factory, tmp_path_
                 lines = response.iter_lines()
                 for _ in range(5):
                     next(lines)
+                # leave only once the controller has seen decode-0 holding the request's blocks: an
+                # idle heartbeat sent before its KV pull would otherwise pass the idle check below
+                wait_until(lambda: instance_busy(stack.controller_address, "decode-0"), 10, "decode-0 busy")
         gone = time.monotonic()
+        wait_until(lambda: "aborting in the engine" in stack.log_tail("decode-0", 200), 3, "the abort")
         wait_blocks_idle(stack.controller_address, timeout_s=3)
         assert time.monotonic() - gone < 1.5
-        assert "aborting in the engine" in stack.log_tail("decode-0", 200)
     finally:
         stack.stop()
 
