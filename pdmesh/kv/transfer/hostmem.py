@@ -6,8 +6,11 @@ walks two page tables). With the pool on 2 MiB pages the receiver's CPU time for
 fell from ~40 ms to ~17 ms on the 2-core dev VM (docs/transfer.md). The engine reads the same pool
 for attention and may gain too (not measured).
 
-How: over-allocate by one huge page, ``madvise(MADV_HUGEPAGE)`` the 2 MiB-aligned range before
-anything touches it, then zero it (the first touch faults huge pages in). This works with THP set to
+How: map fresh anonymous memory one huge page larger than asked, ``madvise(MADV_HUGEPAGE)`` the
+2 MiB-aligned range before anything touches it, then zero it (the first touch faults huge pages in).
+Not from ``torch.empty``: its memory comes from malloc, which may hand back heap memory an earlier
+tensor already faulted in on 4 KiB pages (the advice then changes nothing until khugepaged gets
+there); a fresh mapping has no pages yet. This works with THP set to
 ``always`` or ``madvise`` (the usual defaults); with ``never``, or off Linux, the pool is plain memory.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import mmap
 import sys
 
 import torch
@@ -43,8 +47,8 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not sys.platform.startswith("linux"):
         return torch.zeros(shape, dtype=dtype)
-    # torch.empty leaves the pages untouched, so the advice applies before the first fault
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive while it is used
     start = -raw.data_ptr() % HUGE_PAGE
     _madvise_huge(raw.data_ptr() + start, nbytes)
     return raw[start : start + nbytes].zero_().view(dtype).view(shape)
