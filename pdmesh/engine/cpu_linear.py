@@ -104,7 +104,8 @@ def pack_linears(model: nn.Module) -> int:
         weight = module.weight.detach()
         bias = module.bias.detach() if module.bias is not None else None
         if native:
-            module.forward = _NativeForward(cpu_kernels.pack_linear(weight, bias))
+            module.packed_linear = cpu_kernels.pack_linear(weight, bias)  # also read by fused_decode
+            module.forward = _NativeForward(module.packed_linear)
         else:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
             module.forward = _PackedForward(packed, bias, weight.shape[0])

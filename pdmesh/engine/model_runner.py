@@ -1,9 +1,10 @@
 """Turns a scheduled batch into model inputs (token ids, positions, slots, block tables) and logits.
 
-On CPU the model's linears use oneDNN over weights packed once (``cpu_linear``), and float32
-decode keeps the batch's K/V in a ``DecodeWorkspace`` across steps (up to ``workspace_bytes``);
-prefill projects only each sequence's last position through the LM head, and a non-final prompt
-chunk none at all.
+On CPU the model's linears use weights packed once (``cpu_linear``), and float32 decode keeps the
+batch's K/V in a ``DecodeWorkspace`` across steps (up to ``workspace_bytes``) and, for the dense
+decoder families with the CPU kernels, runs one kernel call per layer (``fused_decode``); prefill
+projects only each sequence's last position through the LM head, and a non-final prompt chunk
+none at all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from pdmesh.engine.cpu_linear import pack_linears
+from pdmesh.engine.fused_decode import FusedDecoder
 from pdmesh.engine.sequence import Sequence
 from pdmesh.models import AttentionMetadata
 from pdmesh.models.decode_workspace import DecodeWorkspace
@@ -34,8 +36,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         model.bind_kv_cache(pool)
+        self.fused: FusedDecoder | None = None
         if device.type == "cpu":
             pack_linears(model)
+            self.fused = FusedDecoder.build(model, pool)
         self.workspace = self._make_workspace(workspace_bytes)
 
     def _make_workspace(self, budget: int) -> DecodeWorkspace | None:
@@ -104,7 +108,10 @@ class ModelRunner:
             ids, positions, meta = self.prepare_decode(seqs)
             # small elementwise ops on one thread; the products take the threads back (all_threads)
             with single_thread(self.workspace is not None):
-                hidden = self.model(ids, positions, meta)
+                if self.fused is not None and self.fused.applies(meta):
+                    hidden = self.fused.forward(ids, positions, meta)
+                else:
+                    hidden = self.model(ids, positions, meta)
             if meta.workspace is not None:
                 meta.workspace.commit()
         return self.model.compute_logits(hidden).float()

@@ -1,4 +1,4 @@
-"""Builds the CPU kernels (``csrc/cpu_ops.c``) once per source and compiler, and loads them.
+"""Builds the CPU kernels (``csrc/*.c``) once per source and compiler, and loads them.
 
 The library is compiled at first use with the system C compiler (``$CC``, else ``cc``) for
 AVX2 + FMA with OpenMP, into ``$PDMESH_KERNEL_CACHE`` (default ``~/.cache/pdmesh/kernels``; the
@@ -30,12 +30,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "cpu_ops.c", CSRC / "decode_layer.c"]
+HEADERS = [CSRC / "cpu_ops.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 SWITCH = "PDMESH_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 120
 
-# argument types, in the order of the C prototypes in csrc/cpu_ops.c
+# argument types, in the order of the C prototypes in csrc/
 _CTYPES = {"P": ctypes.c_void_p, "I": ctypes.c_int64, "F": ctypes.c_float, "N": ctypes.c_int}
 SIGNATURES = {
     "pdm_rms_norm": "P I P F I I P N",
@@ -44,15 +46,26 @@ SIGNATURES = {
     "pdm_decode_attention": "P I I I I P I P I P P I F P N",
     "pdm_prefill_attention": "P I I I I P I I I I P I I P P P I F P N",
     "pdm_linear": "P I I I P I P P N",
+    "pdm_linear_add": "P I I I P I P P N",
+    "pdm_decode_layer": "P P I P P",
+    "pdm_decode_scratch_floats": "I I I I I I",
     "pdm_argmax": "P I I I P N",
     "pdm_store_kv": "P I I P I P I P I I",
 }
 
-# these return 0, or 1 for an index outside what the caller passed; the others return nothing
+# these return 0, or an error code for an index outside what the caller passed; the scratch size
+# is a count; the others return nothing
 RESTYPES = {
     name: ctypes.c_int
-    for name in ("pdm_qk_norm_rope", "pdm_prefill_attention", "pdm_decode_attention", "pdm_store_kv")
+    for name in (
+        "pdm_qk_norm_rope",
+        "pdm_prefill_attention",
+        "pdm_decode_attention",
+        "pdm_store_kv",
+        "pdm_decode_layer",
+    )
 }
+RESTYPES["pdm_decode_scratch_floats"] = ctypes.c_int64
 
 
 def cache_dir() -> Path:
@@ -78,7 +91,8 @@ def compiler() -> str | None:
 
 def build(cc: str) -> Path:
     """The library for the current source, compiled now unless already in the cache."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    text = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
+    key = hashlib.sha256(text + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_ops-{key}.so"
     if target.exists():
         return target
@@ -91,7 +105,7 @@ def build(cc: str) -> Path:
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
         subprocess.run(
-            [cc, *FLAGS, "-o", str(tmp), str(SOURCE)],
+            [cc, *FLAGS, "-o", str(tmp), *map(str, SOURCES)],
             check=True,
             capture_output=True,
             text=True,

@@ -53,6 +53,11 @@ class DecodeWorkspace:
         self._bias: torch.Tensor | None = None  # attend()'s length bias for this step (lazy)
         self._rows: torch.Tensor | None = None  # where the step's new tokens go (lazy)
 
+    @property
+    def width(self) -> int:
+        """Positions per sequence in this step's buffers."""
+        return self._width
+
     def invalidate(self) -> None:
         """Forgets the batch: the next decode step rebuilds (after a prefill or a failed step)."""
         self._valid = False
@@ -145,10 +150,17 @@ class DecodeWorkspace:
     ) -> torch.Tensor:
         """``update`` and ``attend`` as one CPU kernel (float32 on a CPU where it built): the append
         and the attention in one pass over each sequence's K and V. Returns ``[B, H, D]``."""
-        buf = self._buffer(layer, k)
-        if self.rebuild:  # the kernel's append then writes the values the gather just copied
-            self._gather(buf, kv_cache, meta.block_tables)
+        buf = self.layer_buffer(layer, kv_cache, meta.block_tables)
         return cpu_kernels.decode_attention(buf, k, v, self.lengths, q.contiguous(), scale, threads)
+
+    def layer_buffer(self, layer: int, kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s buffer for an attention kernel that appends the step's K/V itself: on a
+        rebuild, first filled from the pool (the append then writes what the gather copied, or the
+        token the pool does not hold yet)."""
+        buf = self._buffer(layer, kv_cache)
+        if self.rebuild:
+            self._gather(buf, kv_cache, block_tables)
+        return buf
 
     def _append_rows(self, device: torch.device) -> torch.Tensor:
         """Rows of ``buf.view(-1, D)`` the step's new tokens go to, ordered (K/V, head, sequence)."""

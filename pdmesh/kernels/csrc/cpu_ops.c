@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_ops.h"
+
 #define MAX_HEAD_DIM 512 /* the per-head scratch of norm_rope_head (MAX_HEAD_DIM in cpu.py) */
 
 /* exp(x) for 8 floats: range reduction by ln2, degree-6 polynomial, exponent by integer add
@@ -413,9 +415,10 @@ int pdm_prefill_attention(const float *q, int64_t tokens, int64_t heads, int64_t
     } while (0)
 
 /* rows 1..4 of x (row pointers; rows past `rows` repeat a valid one and are not stored) times one
- * panel: writes `rows` x `ncols` outputs at y (row stride ldy). */
+ * panel: writes `rows` x `ncols` outputs at y (row stride ldy), or adds them to y's values when
+ * `add` (a residual: y + (bias + x.w), the sum PyTorch's `h + linear(x)` forms). */
 static void linear_block(const float *const xr[LINEAR_MR], const float *panel, int64_t k_len, const float *bias,
-                         float *y, int64_t ldy, int rows, int ncols) {
+                         float *y, int64_t ldy, int rows, int ncols, int add) {
     __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0;
     if (bias) {
         b0 = _mm256_loadu_ps(bias);
@@ -437,20 +440,25 @@ static void linear_block(const float *const xr[LINEAR_MR], const float *panel, i
     float tmp[LINEAR_MR][LINEAR_NR];
     const __m256 acc[LINEAR_MR][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
     for (int r = 0; r < rows; r++) {
+        float *yr = y + r * ldy;
         if (ncols == LINEAR_NR) {
-            for (int j = 0; j < 3; j++) _mm256_storeu_ps(y + r * ldy + 8 * j, acc[r][j]);
+            for (int j = 0; j < 3; j++) {
+                __m256 v = acc[r][j];
+                if (add) v = _mm256_add_ps(_mm256_loadu_ps(yr + 8 * j), v);
+                _mm256_storeu_ps(yr + 8 * j, v);
+            }
         } else {
             for (int j = 0; j < 3; j++) _mm256_storeu_ps(tmp[r] + 8 * j, acc[r][j]);
-            memcpy(y + r * ldy, tmp[r], sizeof(float) * ncols);
+            for (int c = 0; c < ncols; c++) yr[c] = add ? yr[c] + tmp[r][c] : tmp[r][c];
         }
     }
 }
 
-/* x [m, k] (row stride ldx) -> y [m, n] (contiguous); packed as above, 32-byte aligned. Rows go
- * LINEAR_MC at a time, so that a block of inputs stays in L2 while every panel streams past it
- * (one block covers a decode batch: its weights are read once). */
-void pdm_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
-                const float *bias, float *y, int threads) {
+/* x [m, k] (row stride ldx) -> y [m, n] (contiguous; y += when `add`); packed as above, 32-byte
+ * aligned. Rows go LINEAR_MC at a time, so that a block of inputs stays in L2 while every panel
+ * streams past it (one block covers a decode batch: its weights are read once). */
+static void linear_rows(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
+                        const float *bias, float *y, int threads, int add) {
     const int64_t panels = (n + LINEAR_NR - 1) / LINEAR_NR;
     for (int64_t m_block = 0; m_block < m; m_block += LINEAR_MC) {
         const int64_t m_end = m - m_block < LINEAR_MC ? m : m_block + LINEAR_MC;
@@ -463,10 +471,21 @@ void pdm_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const float *
                 const int rows = (int)(m_end - m0 < LINEAR_MR ? m_end - m0 : LINEAR_MR);
                 const float *xr[LINEAR_MR];
                 for (int r = 0; r < LINEAR_MR; r++) xr[r] = x + (m0 + (r < rows ? r : 0)) * ldx;
-                linear_block(xr, panel, k, bp, y + m0 * n + p * LINEAR_NR, n, rows, ncols);
+                linear_block(xr, panel, k, bp, y + m0 * n + p * LINEAR_NR, n, rows, ncols, add);
             }
         }
     }
+}
+
+void pdm_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
+                const float *bias, float *y, int threads) {
+    linear_rows(x, m, k, ldx, packed, n, bias, y, threads, 0);
+}
+
+/* y [m, n] += x W^T + bias: a projection added onto the residual stream it feeds. */
+void pdm_linear_add(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
+                    const float *bias, float *y, int threads) {
+    linear_rows(x, m, k, ldx, packed, n, bias, y, threads, 1);
 }
 
 /* Greedy picks: the index of each row's largest value (the first on ties, NaN above all, as
