@@ -23,7 +23,8 @@ from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.kernels.layer import DecodeLayerWeights, DecodeStepInputs, Norm, decode_layers
 from pdmesh.models import AttentionMetadata
 from pdmesh.models.attention import SMALL_DECODE_ELEMENTS
-from pdmesh.models.decoder import DecoderForCausalLM, GQAttention
+from pdmesh.models.base import StackedCausalLM
+from pdmesh.models.decoder import DecoderForCausalLM, DecoderLayer, GQAttention
 from pdmesh.models.layers import GatedMLP, RMSNorm
 from pdmesh.models.threads import configured_threads
 
@@ -35,8 +36,15 @@ def _norm(module: RMSNorm | None) -> Norm | None:
 
 
 def _layer_weights(layer: nn.Module) -> DecodeLayerWeights | None:
+    """The layer's weights when it is exactly the standard dense layer (a subclass may compute
+    something else), else None."""
+    if type(layer) is not DecoderLayer:
+        return None
     attn, mlp = layer.self_attn, layer.mlp
     if type(attn) is not GQAttention or type(mlp) is not GatedMLP:
+        return None
+    norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
+    if any(norm is not None and type(norm) is not RMSNorm for norm in norms):
         return None
     packed = [
         getattr(m, "packed_linear", None)
@@ -77,11 +85,19 @@ class FusedDecoder:
     @classmethod
     def build(cls, model: nn.Module, pool: torch.Tensor) -> FusedDecoder | None:
         """The fused decoder for ``model`` over the KV ``pool``, or None where it does not apply."""
-        if not isinstance(model, DecoderForCausalLM) or model.rope is None:
+        standard = (
+            isinstance(model, DecoderForCausalLM)
+            and type(model).forward is StackedCausalLM.forward
+            and type(model.model.norm) is RMSNorm
+            and model.rope is not None
+        )
+        if not standard or not (cpu_kernels.enabled(pool) and cpu_kernels.enabled(model.rope.cos)):
             return None
-        if not (cpu_kernels.enabled(pool) and cpu_kernels.enabled(model.rope.cos)):
+        try:
+            layers = [_layer_weights(layer) for layer in model.model.layers]
+        except ValueError as exc:  # a layout the kernel refuses: the module path still serves it
+            log.warning("decode steps keep the module path: %s", exc)
             return None
-        layers = [_layer_weights(layer) for layer in model.model.layers]
         if not layers or any(w is None for w in layers):
             return None
         log.info("decode steps run one kernel call per layer (%d layers)", len(layers))
@@ -109,8 +125,7 @@ class FusedDecoder:
             lengths=workspace.lengths,
             width=workspace.width,
         )
-        batch, (_, kv_heads, _, head_dim, _) = h.shape[0], self.layers[0].shape
-        small = 2 * batch * workspace.length * kv_heads * head_dim <= SMALL_DECODE_ELEMENTS
+        small = workspace.step_kv_elements() <= SMALL_DECODE_ELEMENTS  # as the module path decides
         threads = configured_threads()
         caches = [layer.self_attn.attn.kv_cache for layer in decoder.layers]
         decode_layers(

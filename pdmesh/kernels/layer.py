@@ -91,6 +91,7 @@ class DecodeLayerWeights:
                 (packed.in_features, packed.out_features) == (fan_in, fan_out),
                 f"decode layer: {name} is {packed.in_features}->{packed.out_features}, not {fan_in}->{fan_out}",
             )
+            _check_packed(name, packed)
         for name, norm, size in (
             ("input_norm", input_norm, hidden),
             ("post_norm", post_norm, hidden),
@@ -111,6 +112,22 @@ class DecodeLayerWeights:
             gate_up.weight_ptr, gate_up.bias_ptr, down.weight_ptr, down.bias_ptr,
             head_dim**-0.5,
         )  # fmt: skip
+
+
+def _check_packed(name: str, packed: PackedLinear) -> None:
+    """The packed weight (and bias) hold what ``pack_linear`` writes for their features."""
+    panels = -(-packed.out_features // cpu.LINEAR_PANEL)
+    _f32_contiguous(f"decode layer {name} weight", packed.weight)
+    _require(
+        packed.weight.numel() == panels * packed.in_features * cpu.LINEAR_PANEL
+        and packed.weight.data_ptr() % 32 == 0,
+        f"decode layer: {name} is not a weight packed by pack_linear",
+    )
+    if packed.bias is not None:
+        _f32_contiguous(f"decode layer {name} bias", packed.bias)
+        _require(
+            packed.bias.numel() == panels * cpu.LINEAR_PANEL, f"decode layer: {name}'s bias is not padded"
+        )
 
 
 @dataclass
@@ -173,7 +190,8 @@ def decode_layers(
     hidden, heads, kv_heads, head_dim, inter = layers[0].shape
     batch = h.shape[0]
     lib = _lib()
-    scratch = torch.empty(lib.pdm_decode_scratch_floats(batch, hidden, heads, kv_heads, head_dim, inter))
+    floats = lib.pdm_decode_scratch_floats(batch, hidden, heads, kv_heads, head_dim, inter)
+    scratch = torch.empty(floats, dtype=torch.float32)  # not the default dtype: C writes float32
     args = _StepStruct(
         batch, step.positions.data_ptr(), step.cos.data_ptr(), step.sin.data_ptr(), step.cos.shape[0],
         step.pool_rows.data_ptr(), step.pool_rows.shape[0], step.slot_rows.data_ptr(), step.lengths.data_ptr(),

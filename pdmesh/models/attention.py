@@ -158,7 +158,7 @@ class PagedAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         ws = meta.workspace
-        small = 2 * q.shape[0] * ws.length * k[0].numel() <= SMALL_DECODE_ELEMENTS
+        small = ws.step_kv_elements() <= SMALL_DECODE_ELEMENTS
         # memory-bound work over the whole batch: both cores' bandwidth, unless it is small
         with nullcontext() if small else all_threads():
             if self._native(q):

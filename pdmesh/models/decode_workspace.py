@@ -58,6 +58,10 @@ class DecodeWorkspace:
         """Positions per sequence in this step's buffers."""
         return self._width
 
+    def step_kv_elements(self) -> int:
+        """K and V values this step's attention reads per layer (the batch at its longest context)."""
+        return 2 * len(self._batch) * self.length * self.num_kv_heads * self.head_dim
+
     def invalidate(self) -> None:
         """Forgets the batch: the next decode step rebuilds (after a prefill or a failed step)."""
         self._valid = False

@@ -10,6 +10,7 @@ import torch
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
+from pdmesh.engine.fused_decode import FusedDecoder
 from pdmesh.engine.types import EngineRequest, SamplingParams
 from pdmesh.kernels import build, cpu
 from pdmesh.kernels.layer import DecodeLayerWeights, DecodeStepInputs, Norm, decode_layers
@@ -72,18 +73,27 @@ def test_fused_decode_gives_the_per_op_logits_to_the_bit(model_factory, arch: st
     # qwen3: per-head q/k norms; qwen2: biased q/k/v; llama: llama3 rope scaling
     model = model_factory(arch, "tiny")
     engine = _engine(model, True)
-    forward, fused_steps = engine.runner.fused.forward, []
-    engine.runner.fused.forward = lambda *args: fused_steps.append(1) or forward(*args)
+    forward, rebuilds = engine.runner.fused.forward, []
+
+    def counting(input_ids, positions, meta):
+        rebuilds.append(meta.workspace.rebuild)
+        return forward(input_ids, positions, meta)
+
+    engine.runner.fused.forward = counting
     fused, plain = _recorded_logits(engine), _recorded_logits(_engine(model, False))
     assert len(fused) == len(plain) == 20  # a prefill, then the longest request's 19 more tokens
-    assert len(fused_steps) == len(fused) - 1  # every step but the prefill
+    assert len(rebuilds) == len(fused) - 1  # every step but the prefill ran fused
+    assert True in rebuilds and rebuilds.count(False) > 10  # requests leaving rebuild, others append
     for a, b in zip(fused, plain, strict=True):
         assert torch.equal(a, b)
 
 
-def test_moe_models_keep_the_module_path(model_factory) -> None:
+def test_moe_models_and_overridden_forwards_keep_the_module_path(model_factory) -> None:
     engine = LLMEngine(EngineConfig(model_dir=model_factory("qwen3_moe", "tiny")))
     assert engine.runner.fused is None
+    model = LLMEngine(EngineConfig(model_dir=model_factory("qwen3", "tiny"))).runner.model
+    model.__class__ = type("ScaledEmbeddings", (type(model),), {"forward": lambda self, *args: None})
+    assert FusedDecoder.build(model, torch.zeros(4, 2, 2, 4, 2, 16)) is None
 
 
 def _packed(
@@ -91,6 +101,14 @@ def _packed(
 ) -> cpu.PackedLinear:
     weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
     return cpu.pack_linear(weight, torch.randn(out_features, generator=gen) if bias else None)
+
+
+_SHAPES = {
+    "qkv": ((HEADS + 2 * KV_HEADS) * DIM, HIDDEN),
+    "o": (HIDDEN, HEADS * DIM),
+    "gate_up": (2 * INTER, HIDDEN),
+    "down": (HIDDEN, INTER),
+}
 
 
 def _layer(gen: torch.Generator, **changes) -> DecodeLayerWeights:
@@ -101,11 +119,8 @@ def _layer(gen: torch.Generator, **changes) -> DecodeLayerWeights:
         input_norm=Norm(torch.rand(HIDDEN, generator=gen) + 0.5, 1e-6),
         post_norm=Norm(torch.rand(HIDDEN, generator=gen) + 0.5, 1e-5),
         q_norm=Norm(torch.rand(DIM, generator=gen) + 0.5, 1e-6),
-        k_norm=Norm(torch.rand(DIM, generator=gen) + 0.5, 1e-6),
-        qkv=_packed((HEADS + 2 * KV_HEADS) * DIM, HIDDEN, gen, bias=True),
-        o=_packed(HIDDEN, HEADS * DIM, gen),
-        gate_up=_packed(2 * INTER, HIDDEN, gen),
-        down=_packed(HIDDEN, INTER, gen),
+        k_norm=Norm(torch.rand(DIM, generator=gen) + 0.5, 1e-2),  # eps apart: a swap shows
+        **{name: _packed(*shape, gen, bias=True) for name, shape in _SHAPES.items()},
     )
     parts.update(changes)
     return DecodeLayerWeights(**parts)
@@ -170,7 +185,8 @@ def test_one_layer_call_equals_the_per_op_kernels_and_stores_the_new_kv() -> Non
 
 def test_a_layer_without_qk_norms_or_biases_matches_too() -> None:
     gen = torch.Generator().manual_seed(1)
-    layer = _layer(gen, q_norm=None, k_norm=None, qkv=_packed((HEADS + 2 * KV_HEADS) * DIM, HIDDEN, gen))
+    plain = {name: _packed(*shape, gen) for name, shape in _SHAPES.items()}
+    layer = _layer(gen, q_norm=None, k_norm=None, **plain)
     step = _Step(gen)
     expected = step.per_op(layer)
     assert torch.equal(step.run(layer), expected)
@@ -201,6 +217,9 @@ def test_bad_layouts_are_refused_before_any_pointer_reaches_c() -> None:
         _layer(gen, input_norm=Norm(torch.ones(HIDDEN + 1), 1e-6))
     with pytest.raises(ValueError, match="unsupported head layout"):
         _layer(gen, heads=3)
+    truncated = _packed(HIDDEN, INTER, gen)
+    with pytest.raises(ValueError, match="not a weight packed by pack_linear"):
+        _layer(gen, down=cpu.PackedLinear(truncated.weight[:-1], None, INTER, HIDDEN))
     layer, step = _layer(gen), _Step(gen)
     with pytest.raises(ValueError, match="workspace is not"):
         decode_layers(

@@ -48,7 +48,8 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes < HUGE_PAGE or not sys.platform.startswith("linux"):
         return torch.zeros(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive while it is used
+    # the tensor's storage holds the mapping (never closed by hand: that would leave it dangling)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     _madvise_huge(raw.data_ptr() + start, nbytes)
     return raw[start : start + nbytes].zero_().view(dtype).view(shape)
