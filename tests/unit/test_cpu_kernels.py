@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,24 +11,12 @@ import torch.nn.functional as F
 
 from pdmesh.kernels import build, cpu
 from pdmesh.models.layers import RotaryEmbedding, _rotate_half
+from tests.unit.conftest import NEEDS_AVX2
 
-pytestmark = pytest.mark.skipif(
-    not build.cpu_supported(), reason="needs an x86-64 CPU with AVX2 (hardware), which this one lacks"
-)
+# these tests are about the kernels, whatever PDMESH_CPU_KERNELS says
+pytestmark = [NEEDS_AVX2, pytest.mark.usefixtures("cpu_kernels_built")]
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels_built() -> Iterator[None]:
-    # these tests are about the kernels, whatever PDMESH_CPU_KERNELS says; on an AVX2 machine they
-    # must build: a missing compiler is a failure here, not a skip
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(build.SWITCH, raising=False)
-        build.load.cache_clear()
-        assert build.load() is not None, "the CPU kernels did not build (see the log for the compiler error)"
-        yield
-    build.load.cache_clear()
 
 
 @pytest.mark.parametrize("rows,n", [(1, 64), (32, 512), (300, 520), (7, 13)])

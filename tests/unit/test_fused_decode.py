@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,28 +11,14 @@ from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.fused_decode import FusedDecoder
 from pdmesh.engine.types import EngineRequest, SamplingParams
-from pdmesh.kernels import build, cpu
+from pdmesh.kernels import cpu
 from pdmesh.kernels.layer import DecodeLayerWeights, DecodeStepInputs, Norm, decode_layers
 from pdmesh.models.layers import RotaryEmbedding
+from tests.unit.conftest import NEEDS_AVX2
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        not build.cpu_supported(), reason="needs an x86-64 CPU with AVX2 (hardware), which this one lacks"
-    ),
-]
+pytestmark = [pytest.mark.timeout(120), NEEDS_AVX2, pytest.mark.usefixtures("cpu_kernels_built")]
 
 HIDDEN, HEADS, KV_HEADS, DIM, INTER, BLOCK = 32, 4, 2, 8, 48, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels_built() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(build.SWITCH, raising=False)
-        build.load.cache_clear()
-        assert build.load() is not None, "the CPU kernels did not build (see the log for the compiler error)"
-        yield
-    build.load.cache_clear()
 
 
 def _engine(model_dir, fused: bool) -> LLMEngine:
