@@ -53,8 +53,9 @@ def _layer_weights(layer: nn.Module) -> DecodeLayerWeights | None:
     ]
     if any(p is None for p in packed):
         return None
-    head_layout = attn.hd % 2 == 0 and attn.hd <= cpu_kernels.MAX_HEAD_DIM
-    if not (head_layout and cpu_kernels.supports_attention(attn.nh, attn.nkv, attn.hd)):
+    if not (
+        cpu_kernels.supports_rope(attn.hd) and cpu_kernels.supports_attention(attn.nh, attn.nkv, attn.hd)
+    ):
         return None
     qkv, o, gate_up, down = packed
     return DecodeLayerWeights(
@@ -82,6 +83,7 @@ class FusedDecoder:
         self.layers = layers
         self.pool_rows = pool.view(-1, model.config.num_kv_heads * model.config.head_dim)
         self.num_layers, self.block_size = pool.shape[1], pool.shape[3]
+        self.caches = [layer.self_attn.attn.kv_cache for layer in model.model.layers]
 
     @classmethod
     def build(cls, model: nn.Module, pool: torch.Tensor) -> FusedDecoder | None:
@@ -116,24 +118,22 @@ class FusedDecoder:
         decoder = self.model.model
         h = decoder.embed_tokens(input_ids).contiguous()
         workspace = meta.workspace
-        base = (meta.slot_blocks * self.num_layers * 2) * self.block_size + meta.slot_offsets
         step = DecodeStepInputs(
             positions=positions.contiguous(),
             cos=self.model.rope.cos,
             sin=self.model.rope.sin,
             pool_rows=self.pool_rows,
-            slot_rows=torch.cat((base, base + self.block_size)),
+            slot_rows=meta.layer0_slot_rows(self.num_layers, self.block_size),
             lengths=workspace.lengths,
             width=workspace.width,
         )
         small = workspace.step_kv_elements() <= SMALL_DECODE_ELEMENTS  # as the module path decides
         threads = configured_threads()
-        caches = [layer.self_attn.attn.kv_cache for layer in decoder.layers]
         decode_layers(
             self.layers,
             h,
             step,
-            lambda i: workspace.layer_buffer(i, caches[i], meta.block_tables),
+            lambda i: workspace.layer_buffer(i, self.caches[i], meta.block_tables),
             lambda i: i * 2 * self.block_size,
             threads,
             1 if small else threads,

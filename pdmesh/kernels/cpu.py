@@ -105,7 +105,7 @@ def qk_norm_rope(
         "qk_norm_rope: qkv must be 2-D float32 with contiguous rows",
     )
     _require(qkv.shape[1] >= (heads + kv_heads) * head_dim, "qk_norm_rope: qkv is narrower than q and k")
-    _require(head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM, f"qk_norm_rope: head_dim {head_dim} unsupported")
+    _require(supports_rope(head_dim), f"qk_norm_rope: head_dim {head_dim} unsupported")
     _require(
         cos.dim() == 2 and cos.shape == sin.shape and cos.shape[1] == head_dim,
         "qk_norm_rope: cos/sin must be [P, head_dim]",
@@ -132,6 +132,11 @@ def qk_norm_rope(
     if bad:
         raise ValueError(f"qk_norm_rope: a position is outside the rotary table's {cos.shape[0]} positions")
     return q, k
+
+
+def supports_rope(head_dim: int) -> bool:
+    """Whether ``qk_norm_rope`` takes this head size (even, within its per-head scratch)."""
+    return head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM
 
 
 def supports_attention(heads: int, kv_heads: int, head_dim: int) -> bool:

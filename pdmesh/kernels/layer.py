@@ -79,7 +79,9 @@ class DecodeLayerWeights:
     ) -> None:
         hidden, inter = qkv.in_features, down.in_features
         _require(cpu.supports_attention(heads, kv_heads, head_dim), "decode layer: unsupported head layout")
-        _require(head_dim <= cpu.MAX_HEAD_DIM, f"decode layer: head_dim {head_dim} above {cpu.MAX_HEAD_DIM}")
+        _require(
+            cpu.supports_rope(head_dim), f"decode layer: head_dim {head_dim} unsupported by the rope kernel"
+        )
         shapes = {
             "qkv": (qkv, hidden, (heads + 2 * kv_heads) * head_dim),
             "o": (o, heads * head_dim, hidden),

@@ -52,6 +52,15 @@ class AttentionMetadata:
     slot_rows: torch.Tensor | None = None  # layer 0's K then V pool rows of the new tokens (lazy)
     lengths: tuple[torch.Tensor, torch.Tensor] | None = None  # prefill: query/context lens (lazy)
 
+    def layer0_slot_rows(self, num_layers: int, block_size: int) -> torch.Tensor:
+        """``slot_rows``, worked out once a step: in the pool ``[N, layers, 2, block, KVH, D]``
+        seen as rows of one token's K or V, layer 0's rows of the new tokens' K, then of their V
+        (layer i's are ``i * 2 * block_size`` further)."""
+        if self.slot_rows is None:
+            base = (self.slot_blocks * num_layers * 2) * block_size + self.slot_offsets
+            self.slot_rows = torch.cat((base, base + block_size))
+        return self.slot_rows
+
 
 class PagedAttention(nn.Module):
     """Writes K/V into the paged cache and attends (grouped-query aware)."""
@@ -80,14 +89,12 @@ class PagedAttention(nn.Module):
         """Copies the new tokens' K and V into their slots: one row copy (tens of times faster on
         CPU than assigning through advanced indexing of the strided per-layer view)."""
         block_size = self.kv_cache.shape[2]
-        if meta.slot_rows is None:  # the first layer works out layer 0's rows for all layers
-            base = (meta.slot_blocks * self.num_layers * 2) * block_size + meta.slot_offsets
-            meta.slot_rows = torch.cat((base, base + block_size))
+        slot_rows = meta.layer0_slot_rows(self.num_layers, block_size)
         offset = self.layer_index * 2 * block_size
         if cpu_kernels.enabled(k) and self.pool_rows.dtype == torch.float32:
-            cpu_kernels.store_kv(self.pool_rows, meta.slot_rows, offset, k, v)
+            cpu_kernels.store_kv(self.pool_rows, slot_rows, offset, k, v)
             return
-        rows = meta.slot_rows + offset
+        rows = slot_rows + offset
         self.pool_rows.index_copy_(0, rows, torch.cat((k, v)).view(rows.shape[0], -1))
 
     def forward(

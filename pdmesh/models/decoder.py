@@ -47,7 +47,7 @@ class GQAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        if cpu_kernels.enabled(qkv) and self.hd % 2 == 0 and self.hd <= cpu_kernels.MAX_HEAD_DIM:
+        if cpu_kernels.enabled(qkv) and cpu_kernels.supports_rope(self.hd):
             return self._forward_fused(qkv, positions, rope, meta)
         q, k, v = qkv.split(self.sizes, dim=-1)
         q, k = q.view(t, self.nh, self.hd), k.view(t, self.nkv, self.hd)
