@@ -40,12 +40,12 @@ def list_instances(controller: str):
     return asyncio.run(_instances(controller))
 
 
-def wait_until(condition, timeout_s: float, what: str) -> float:
-    """Polls ``condition`` every 0.1 s; returns the seconds it took, fails naming ``what``."""
+def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1) -> float:
+    """Polls ``condition`` every ``poll_s``; returns the seconds it took, fails naming ``what``."""
     started = time.monotonic()
     while not condition():
         assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s}s"
-        time.sleep(0.1)
+        time.sleep(poll_s)
     return time.monotonic() - started
 
 

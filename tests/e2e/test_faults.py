@@ -5,7 +5,6 @@ every KV block returns to its pool and no KV handle key outlives its lease."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,15 +40,19 @@ def assert_handles_within_lease(stack) -> None:
         assert 0 < ttl_ms <= LEASE_S * 1000, f"{key!r} has TTL {ttl_ms} ms"
 
 
-def burst(stack, n: int, max_tokens: int, during=None) -> list[tuple[str, list[dict], list[str]]]:
-    """n concurrent streams; ``during()`` runs once the streams are under way."""
+def burst(stack, n: int, max_tokens: int, during) -> list[tuple[str, list[dict], list[str]]]:
+    """n concurrent streams; ``during()`` runs while they are sent and waits itself for its moment."""
     payload = body(stack, max_tokens)
-    with ThreadPoolExecutor(n + 1) as pool:
+    with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(stream_chat, stack.base_url, payload, 120) for _ in range(n)]
-        if during is not None:
-            time.sleep(0.5)
-            during()
+        during()
         return [f.result() for f in futures]
+
+
+def kill_once_logged(stack, victim: str, needle: str) -> None:
+    """SIGKILLs ``victim`` as soon as its log shows ``needle``: the moment it holds work of the burst."""
+    wait_until(lambda: needle in stack.log_tail(victim, 50), 30, f"{needle!r} in {victim}'s log", poll_s=0.01)
+    stack.kill(victim, signal.SIGKILL)
 
 
 def test_client_disconnect_frees_blocks_within_a_second(model_factory, tmp_path_factory):
@@ -72,13 +75,20 @@ def test_client_disconnect_frees_blocks_within_a_second(model_factory, tmp_path_
         stack.stop()
 
 
-def test_prefill_worker_killed_during_burst(tiny_qwen3, tmp_path_factory):
-    stack = start_stack(tiny_qwen3, tmp_path_factory, prefill=2, decode=1, controller_args=FAST_HEALTH)
+def test_prefill_worker_killed_during_burst(model_factory, tmp_path_factory):
+    # the same prompt eight times: cache-aware routing sends all of them to prefill-0, which the small
+    # model keeps busy over a few tenths of a second; it is killed once it has served the first one
+    stack = start_stack(
+        model_factory("qwen3", "small"), tmp_path_factory, prefill=2, decode=1, controller_args=FAST_HEALTH
+    )
     try:
-        results = burst(stack, 8, 48, during=lambda: stack.kill("prefill-0", signal.SIGKILL))
+        results = burst(stack, 8, 48, during=lambda: kill_once_logged(stack, "prefill-0", "prefilled"))
         for _, chunks, payloads in results:
             assert payloads[-1] == "[DONE]"
             assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        retries = [line for line in stack.log_tail("coordinator", 400).splitlines() if "retrying" in line]
+        assert retries, "no request was in flight at prefill-0 when it was killed"
+        assert "prefilled" in stack.log_tail("prefill-1", 200)  # the survivor took them over
         wait_blocks_idle(stack.controller_address)
         assert_handles_within_lease(stack)
     finally:
@@ -91,17 +101,8 @@ def test_decode_worker_killed_mid_stream_migrates(model_factory, tmp_path_factor
         model_factory("qwen3", "small"), tmp_path_factory, prefill=1, decode=2, controller_args=FAST_HEALTH
     )
     try:
-        killed = threading.Event()
-
-        def kill_decode():
-            deadline = time.monotonic() + 30
-            while "pulled" not in stack.log_tail("decode-0", 50) and time.monotonic() < deadline:
-                time.sleep(0.01)  # decode-0 holds a stream once it has pulled a request's KV
-            stack.kill("decode-0", signal.SIGKILL)
-            killed.set()
-
-        results = burst(stack, 6, 200, during=kill_decode)
-        assert killed.is_set()
+        # decode-0 holds a stream once it has pulled a request's KV
+        results = burst(stack, 6, 200, during=lambda: kill_once_logged(stack, "decode-0", "pulled"))
         reference, _, _ = stream_chat(stack.base_url, body(stack, 200))
         for text, chunks, payloads in results:
             assert payloads[-1] == "[DONE]"

@@ -153,15 +153,23 @@ def test_official_openai_client(pd_stack):
 
     client = OpenAI(base_url=f"{pd_stack.base_url}/v1", api_key="unused")
     model = client.models.list().data[0].id
-    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0)
-    assert reply.choices[0].message.content is not None
-    assert reply.usage.completion_tokens >= 1
-    stream = client.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=8, stream=True, stream_options={"include_usage": True}
-    )
+    greedy = {
+        "model": model,
+        "messages": MESSAGES,
+        "max_tokens": 8,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},  # our extension, sent the way the client sends any
+    }
+    reply = client.chat.completions.create(**greedy)
+    answer = reply.choices[0].message.content
+    assert answer and reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 8
+    stream = client.chat.completions.create(**greedy, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) is not None
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    # the stream spells out the same greedy answer as the plain call
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
 
 
 def test_grpc_generate_stream(pd_stack):
@@ -222,8 +230,21 @@ def test_no_kv_blocks_leak(pd_stack):
 
 
 def test_streamed_chunks_are_json(pd_stack):
-    _, chunks, _ = stream_chat(
-        pd_stack.base_url, {"model": model_id(pd_stack), "messages": MESSAGES, "max_tokens": 3}
+    from openai.types.chat import ChatCompletionChunk
+
+    model = model_id(pd_stack)
+    response = httpx.post(
+        f"{pd_stack.base_url}/v1/chat/completions",
+        json={"model": model, "messages": MESSAGES, "max_tokens": 3, "stream": True},
+        timeout=60,
     )
-    assert all(json.dumps(c) for c in chunks)
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [event for event in response.text.split("\n\n") if event.strip()]
+    assert all(event.startswith("data: ") and "\n" not in event for event in events), events
+    payloads = [event[len("data: ") :] for event in events]
+    assert payloads[-1] == "[DONE]"
+    # every other event is one JSON object that the official client's chunk type accepts
+    chunks = [ChatCompletionChunk.model_validate(json.loads(p)) for p in payloads[:-1]]
+    assert chunks and len({c.id for c in chunks}) == 1
+    assert all(c.object == "chat.completion.chunk" and c.model == model for c in chunks)

@@ -87,8 +87,8 @@ def test_agent_registers_heartbeats_and_watcher_follows():
     async def main() -> None:
         async with running_controller() as controller:
             watcher = ClusterWatcher(controller.address, "test")
-            seen: list[int] = []
-            watcher.add_listener(lambda view: seen.append(view.version))
+            seen: list[ClusterViewData] = []
+            watcher.add_listener(seen.append)
             await watcher.start()
             assert watcher.connected and watcher.view.instances == ()
             agent = InstanceAgent(controller.address, instance(), lambda: LoadData(running=2, total_blocks=8))
@@ -98,9 +98,17 @@ def test_agent_registers_heartbeats_and_watcher_follows():
             got = view.get("prefill-0")
             assert got.role == Role.PREFILL and got.address == "127.0.0.1:6001" and got.model == "tiny"
             assert view.has_healthy(Role.PREFILL) and not view.has_healthy(Role.PREFILL, Role.DECODE)
-            assert seen and seen == sorted(seen)
-            await asyncio.sleep(0.35)  # a few heartbeats: alive past suspect_after_s, load reported
+            versions = [v.version for v in seen]
+            assert versions and versions == sorted(versions)
+            # heartbeats keep it alive past suspect_after_s: wait for one that lands later than that
+            # after the join, then no view may ever have shown it suspect
+            joined = controller.membership.get("prefill-0").last_heartbeat
+            suspect_after_s = FAST["suspect_after_s"]
+            await wait_until(
+                lambda: controller.membership.get("prefill-0").last_heartbeat - joined > suspect_after_s
+            )
             assert controller.membership.get("prefill-0").state == InstanceState.HEALTHY
+            assert all(state_of(v, "prefill-0") != InstanceState.SUSPECT for v in seen)
             [listed] = await list_instances(controller.address)
             assert listed.load.running == 2 and listed.load.total_blocks == 8
             await agent.stop()
@@ -126,7 +134,7 @@ def test_silent_instance_turns_suspect_then_dies():
             await watcher.wait_for(gone("decode-0"), 5)
             dead_s = time.monotonic() - started
             assert 0.1 < suspect_s < dead_s < 3.0, (suspect_s, dead_s)
-            await asyncio.sleep(0.05)
+            await wait_until(lambda: dead)  # the hook runs as a task after the sweep that removed it
             assert dead == ["decode-0"]
             await watcher.stop()
 
@@ -235,12 +243,7 @@ def spawn_controller(port: int) -> subprocess.Popen:
     args = [
         "--port",
         str(port),
-        "--heartbeat-interval-s",
-        "0.1",
-        "--suspect-after-s",
-        "0.4",
-        "--dead-after-s",
-        "0.8",
+        *(arg for name, value in FAST.items() for arg in (f"--{name.replace('_', '-')}", str(value))),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
@@ -274,7 +277,9 @@ def test_process_stops_on_sigterm_and_watcher_rides_out_a_restart():
             assert await stop_with_sigterm(proc) == 0, proc.stderr.read().decode()
             assert time.monotonic() - started < 5
             await watcher.wait_for(lambda v: not watcher.connected, 5)
-            await asyncio.sleep(0.5)  # longer than dead_after_s: the last view stays put meanwhile
+            # the scenario is time passing with no controller: nothing can be waited for, so sleep past
+            # dead_after_s (plus two heartbeat periods) and check that the last view stayed put meanwhile
+            await asyncio.sleep(FAST["dead_after_s"] + 2 * FAST["heartbeat_interval_s"])
             assert not watcher.connected and healthy("prefill-0")(watcher.view)
 
             proc = spawn_controller(port)

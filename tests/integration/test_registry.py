@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+import redis.asyncio as aioredis
 
 from pdmesh.kv.registry import HandleUnavailable, KVError, KVRegistry, RedisKVRegistry, RegistryUnavailable
 from pdmesh.kv.types import HandleState, KVHandle, KVLayout
@@ -31,6 +32,23 @@ def make_handle(instance: str = "prefill-0", blocks: list[int] | None = None) ->
         prefill_address="127.0.0.1:9001",
         extra={"note": "x"},
     )
+
+
+async def pttl_ms(redis_url: str, registry: RedisKVRegistry, handle_id: str) -> int:
+    """The handle key's remaining TTL as Redis itself reports it (-2: no such key)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return await client.pttl(f"{registry.prefix}kv:{handle_id}")
+    finally:
+        await client.aclose()
+
+
+async def wait_key_gone(redis_url: str, registry: RedisKVRegistry, handle_id: str) -> None:
+    """Waits until Redis has expired the handle's key (the TTL really ran out, by Redis' clock)."""
+    deadline = time.monotonic() + 10
+    while await pttl_ms(redis_url, registry, handle_id) != -2:
+        assert time.monotonic() < deadline, f"handle {handle_id} still in Redis after 10s"
+        await asyncio.sleep(0.02)
 
 
 def run_with_registry(redis_url: str, body) -> None:
@@ -87,7 +105,7 @@ def test_claim_after_ttl_expiry_is_refused(redis_url: str) -> None:
     async def body(registry: RedisKVRegistry) -> None:
         handle = make_handle()
         await registry.register(handle, ttl_s=0.2)
-        await asyncio.sleep(0.35)
+        await wait_key_gone(redis_url, registry, handle.handle_id)
         with pytest.raises(HandleUnavailable, match="expired"):
             await registry.claim(handle.handle_id, "decode-0", ttl_s=10)
         assert await registry.get(handle.handle_id) is None
@@ -100,11 +118,12 @@ def test_renew_extends_a_claimed_lease(redis_url: str) -> None:
     async def body(registry: RedisKVRegistry) -> None:
         handle = make_handle()
         await registry.register(handle, ttl_s=30)
-        await registry.claim(handle.handle_id, "decode-0", ttl_s=0.3)
-        for _ in range(4):
-            await asyncio.sleep(0.15)
-            assert await registry.renew(handle.handle_id, ttl_s=0.3)
-        assert (await registry.get(handle.handle_id)).state == HandleState.CLAIMED
+        await registry.claim(handle.handle_id, "decode-0", ttl_s=5)
+        assert 0 < await pttl_ms(redis_url, registry, handle.handle_id) <= 5000  # the claim set the lease
+        assert await registry.renew(handle.handle_id, ttl_s=20)
+        assert 5000 < await pttl_ms(redis_url, registry, handle.handle_id) <= 20000  # and renew moved it on
+        got = await registry.get(handle.handle_id)
+        assert got.state == HandleState.CLAIMED and got.expires_at > time.time() + 5
         assert not await registry.renew("no-such-handle", ttl_s=1)
 
     run_with_registry(redis_url, body)
@@ -136,7 +155,8 @@ def test_released_handle_keeps_only_a_short_ttl(redis_url: str) -> None:
             handle = make_handle()
             await registry.register(handle, ttl_s=30)
             await registry.release(handle.handle_id)
-            await asyncio.sleep(0.35)
+            assert 0 < await pttl_ms(redis_url, registry, handle.handle_id) <= 200
+            await wait_key_gone(redis_url, registry, handle.handle_id)
             assert await registry.get(handle.handle_id) is None
         finally:
             await registry.close()

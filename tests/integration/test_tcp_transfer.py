@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -37,8 +38,13 @@ def make_pool(layout: KVLayout, num_blocks: int, seed: int) -> torch.Tensor:
     return values.to(getattr(torch, layout.dtype)).contiguous()
 
 
-def serve(conn, layout_dict: dict, num_blocks: int, seed: int, exposed: dict, send_delay_s: float) -> None:
-    """Child process: a transfer server over a seeded pool until told to stop (or the pipe closes)."""
+def serve(
+    conn, layout_dict: dict, num_blocks: int, seed: int, exposed: dict, send_delay_s: float, sent
+) -> None:
+    """Child process: a transfer server over a seeded pool until told to stop (or the pipe closes).
+
+    With ``send_delay_s`` every run of blocks waits that long before it is sent, and ``sent`` (an
+    event) is set once a run has gone out: the parent's sign that a pull is under way."""
     import pdmesh.kv.transfer.tcp as tcp
 
     if send_delay_s:
@@ -47,6 +53,7 @@ def serve(conn, layout_dict: dict, num_blocks: int, seed: int, exposed: dict, se
         def slow_send(sock, view):
             time.sleep(send_delay_s)
             original(sock, view)
+            sent.set()
 
         tcp.send_run = slow_send
     layout = KVLayout.from_dict(layout_dict)
@@ -62,7 +69,9 @@ class ServerProcess(SpawnedServer):
     def __init__(
         self, layout: KVLayout, exposed: dict, send_delay_s: float = 0.0, num_blocks: int = NUM_BLOCKS
     ):
-        super().__init__(serve, layout.to_dict(), num_blocks, SEED, exposed, send_delay_s, start_timeout_s=30)
+        self.sent = mp.get_context("spawn").Event()
+        args = (layout.to_dict(), num_blocks, SEED, exposed, send_delay_s, self.sent)
+        super().__init__(serve, *args, start_timeout_s=30)
 
 
 BF16 = dataclasses.replace(LAYOUT, dtype="bfloat16")
@@ -200,7 +209,7 @@ def test_server_killed_mid_transfer_fails_promptly(servers) -> None:
 
     thread = threading.Thread(target=pull)
     thread.start()
-    time.sleep(0.5)
+    assert proc.sent.wait(10), "the server sent nothing"  # the pull is under way: 31 runs still to go
     assert thread.is_alive(), "the pull finished before the server was killed"
     killed = time.monotonic()
     os.kill(proc.process.pid, signal.SIGKILL)

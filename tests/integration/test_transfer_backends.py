@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -40,26 +41,29 @@ def seeded(num_blocks: int) -> torch.Tensor:
     return torch.randn((num_blocks, *LAYOUT.block_shape), generator=generator)
 
 
-def _slow_down(backend: str, delay_s: float) -> None:
-    """Makes the server pause ``delay_s`` per run of blocks (tcp, device) or before its ack (shm, mooncake)."""
+def _slow_down(backend: str, delay_s: float, underway) -> None:
+    """Makes the server pause ``delay_s`` per run of blocks (tcp, device) or before its ack (shm, mooncake).
+
+    ``underway`` (an event) is set once a pull is in progress: a first run sent (tcp; device, whose
+    group has formed by then), or the client's copy done and the ack held back (shm, mooncake)."""
     if backend in ACK_DELAYED:
         import pdmesh.kv.transfer.mooncake as mooncake
         import pdmesh.kv.transfer.shm as shm
 
-        (shm if backend == "shm" else mooncake).before_ack = lambda: time.sleep(delay_s)
+        (shm if backend == "shm" else mooncake).before_ack = lambda: (underway.set(), time.sleep(delay_s))
         return
     import pdmesh.kv.transfer.device as device
     import pdmesh.kv.transfer.tcp as tcp
 
     mod = tcp if backend == "tcp" else device
     original = mod.send_run
-    mod.send_run = lambda *args: (time.sleep(delay_s), original(*args))
+    mod.send_run = lambda *args: (time.sleep(delay_s), original(*args), underway.set())
 
 
-def serve(conn, backend: str, exposed: dict, delay_s: float, device: str = "cpu") -> None:
+def serve(conn, backend: str, exposed: dict, delay_s: float, device: str, underway) -> None:
     """Child process: a ``backend`` server over the seeded pool until told to stop."""
     if delay_s:
-        _slow_down(backend, delay_s)
+        _slow_down(backend, delay_s, underway)
     pool = allocate_pool(backend, NUM_BLOCKS, LAYOUT, name=f"test-{uuid.uuid4().hex[:12]}", device=device)
     pool.copy_(seeded(NUM_BLOCKS).to(device))
     server = make_transfer_server(backend, pool, LAYOUT, "127.0.0.1", 0)
@@ -72,7 +76,8 @@ class Server(SpawnedServer):
     """A spawned ``serve`` process of ``backend``."""
 
     def __init__(self, backend: str, exposed: dict, delay_s: float = 0.0, device: str = "cpu") -> None:
-        super().__init__(serve, backend, exposed, delay_s, device)
+        self.underway = mp.get_context("spawn").Event()
+        super().__init__(serve, backend, exposed, delay_s, device, self.underway)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +152,7 @@ def test_server_killed_mid_transfer_fails_within_a_bound(servers, backend: str) 
 
     thread = threading.Thread(target=pull)
     thread.start()
-    time.sleep(1.0)  # device: the group forms first
+    assert proc.underway.wait(30), "the pull never got under way"
     assert thread.is_alive(), "the pull finished before the server was killed"
     killed = time.monotonic()
     os.kill(proc.process.pid, signal.SIGKILL)

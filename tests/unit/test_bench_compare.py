@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from pdmesh.bench.compare import (
     compute_ratios,
     deployments,
     format_comparison,
+    main,
     ratio,
 )
 from pdmesh.bench.compare_predict import compare_side, measured_lengths, rel_error, worker_limits
@@ -124,11 +124,21 @@ def test_measured_lengths_and_limits():
     assert limits.kv_transfer_s_per_token == pytest.approx(2e-6)
 
 
-def test_parser_defaults_and_worker_args():
+def test_parser_defaults_and_worker_args(capsys):
     args = build_parser().parse_args(["--worker-arg", "kv-cache-memory-mib=32", "--goodput", "ttft:9"])
-    assert isinstance(args, argparse.Namespace)
     assert args.worker_arg == [("kv-cache-memory-mib", "32")] and args.goodput == ["ttft:9"]
     assert (args.prefill, args.decode, args.cores_per_worker) == (1, 1, 1)
+    defaults = build_parser().parse_args([])
+    assert defaults.worker_arg == [] and defaults.goodput == ["ttft:1000", "tpot:50"]
+    # bad usage: a one-line message naming the problem and a non-zero exit, before any stack starts
+    with pytest.raises(SystemExit) as exited:
+        main(["--worker-arg", "kv-cache-memory-mib"])
+    assert exited.value.code == 2
+    assert "expected KEY=VALUE, got 'kv-cache-memory-mib'" in capsys.readouterr().err
+    assert main(["--prefill", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "pdmesh bench compare: --prefill and --decode must be >= 1"
+    assert main(["--goodput", "ttft:soon"]) == 2
+    assert "'soon' is not a number of milliseconds" in capsys.readouterr().err
 
 
 def test_plot_is_small_png(tmp_path: Path):

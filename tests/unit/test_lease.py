@@ -4,6 +4,7 @@ state writes refused for a stale token."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -19,20 +20,45 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def wait_for(condition, timeout_s: float, what: str) -> None:
+    """Polls the async ``condition()`` every 10 ms; fails naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"{what} not within {timeout_s}s"
+        await asyncio.sleep(0.01)
+
+
+async def wait_expired(redis, lock: LeaseLock) -> None:
+    """Waits until Redis itself has dropped the lease key (its TTL ran out)."""
+    ttl_s = lock.ttl_ms / 1000
+    await wait_for(lambda: _gone(redis, lock.lease_key), 10 * ttl_s + 2, f"expiry of {lock.lease_key}")
+
+
+async def _gone(redis, key: str) -> bool:
+    return not await redis.exists(key)
+
+
+async def _pttl_below(redis, key: str, limit_ms: float) -> bool:
+    return 0 < await redis.pttl(key) < limit_ms
+
+
 def test_one_holder_renew_expire_and_growing_tokens(redis_url):
     async def main() -> None:
         prefix = f"t{uuid.uuid4().hex[:8]}:"
         redis = connect(redis_url)
-        a = LeaseLock(redis, "a:1", ttl_s=0.3, prefix=prefix)
-        b = LeaseLock(redis, "b:1", ttl_s=0.3, prefix=prefix)
+        a = LeaseLock(redis, "a:1", ttl_s=1.0, prefix=prefix)
+        b = LeaseLock(redis, "b:1", ttl_s=1.0, prefix=prefix)
         first = await a.acquire()
         assert first > 0 and await b.acquire() == 0
         assert (await b.holder()).address == "a:1" and (await b.holder()).token == first
-        await asyncio.sleep(0.2)
+        assert 0 < await redis.pttl(a.lease_key) <= a.ttl_ms
+        # let Redis count down part of the lease, then renew: the TTL goes back up to the full lease
+        await wait_for(lambda: _pttl_below(redis, a.lease_key, 0.7 * a.ttl_ms), 5, "lease countdown")
+        before = await redis.pttl(a.lease_key)
         assert await a.renew()
-        await asyncio.sleep(0.2)
+        assert before < await redis.pttl(a.lease_key) <= a.ttl_ms
         assert await b.acquire() == 0  # the renewal kept it
-        await asyncio.sleep(0.4)  # a stops renewing: the lease expires
+        await wait_expired(redis, a)  # a stops renewing: the lease expires
         second = await b.acquire()
         assert second > first
         assert not await a.renew()  # a cannot take it back by renewing
@@ -52,7 +78,7 @@ def test_stale_token_cannot_write(redis_url):
         old_token = await old.acquire()
         info = InstanceInfoData("p0", Role.PREFILL, "127.0.0.1:1")
         await store.put_instance(old_token, info, draining=False)
-        await asyncio.sleep(0.3)
+        await wait_expired(redis, old)
         new_token = await new.acquire()
         assert new_token > old_token
         with pytest.raises(FencedOut):

@@ -86,6 +86,13 @@ def test_router_skips_unhealthy_and_tried_instances():
     assert router.pick(Role.MIXED) is None
 
 
+async def until(condition, timeout_s: float = 5.0) -> None:
+    """Yields to the event loop until ``condition()`` holds (the gate's tasks run meanwhile)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0)
+
+
 def test_admission_queues_then_refuses_with_retry_after():
     async def scenario():
         gate = AdmissionGate(max_inflight=1, max_queue=1, queue_timeout_s=5)
@@ -96,9 +103,9 @@ def test_admission_queues_then_refuses_with_retry_after():
                 await release.wait()
 
         first = asyncio.create_task(hold())
-        await asyncio.sleep(0.05)
-        second = asyncio.create_task(hold())  # waits in the queue
-        await asyncio.sleep(0.05)
+        await until(lambda: gate.inflight == 1)  # first holds the only slot
+        second = asyncio.create_task(hold())
+        await until(lambda: gate.waiting == 1)  # second waits in the queue
         with pytest.raises(GenerationError) as refused:
             async with gate.admit():
                 pass
