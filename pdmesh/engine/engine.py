@@ -26,7 +26,7 @@ from pdmesh.engine.sampling import sample
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import Sequence
 from pdmesh.engine.types import EngineRequest, EngineStats, FinishReason, RequestMode, TokenOutput
-from pdmesh.engine.validation import validate_request
+from pdmesh.engine.validation import validate_ownership, validate_static
 from pdmesh.kv.types import KVLayout
 from pdmesh.models import load_model
 
@@ -82,6 +82,7 @@ class LLMEngine:
         self._pending: list[TokenOutput] = []
         self._external: Counter[int] = Counter()  # caller-owned block -> references held
         self._order = 0
+        self.ran_batch = False  # whether the last step ran a batch (False: nothing could run)
         self._rng = torch.Generator().manual_seed(config.seed)
         log.info(
             "engine ready: %s, %d KV blocks of %d tokens", mc.fingerprint(), num_blocks, config.block_size
@@ -121,7 +122,8 @@ class LLMEngine:
         """Queues ``request``; ValueError (naming the problem) when it is invalid or can never fit."""
         if request.request_id in self._seqs:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
-        validate_request(request, self._max_model_len, self.vocab_size, self.blocks, self._external)
+        self.check_request(request)
+        validate_ownership(request, self._external)
         seq = Sequence(request, self._order, self._generator(request))
         self._order += 1
         if request.mode == RequestMode.DECODE:
@@ -134,6 +136,10 @@ class LLMEngine:
                 return
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
+
+    def check_request(self, request: EngineRequest) -> None:
+        """The checks that read nothing a step changes: safe from any thread (ValueError naming the problem)."""
+        validate_static(request, self._max_model_len, self.vocab_size, self.blocks)
 
     def _generator(self, request: EngineRequest) -> torch.Generator | None:
         if request.sampling.greedy:
@@ -195,6 +201,7 @@ class LLMEngine:
         """Runs one batch; returns this step's outputs (and any queued abort/finish outputs)."""
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
+        self.ran_batch = batch is not None
         if batch is None:
             return outputs
         try:

@@ -1,4 +1,9 @@
-"""Checks a request must pass at submission; each failure is a ValueError that names the problem."""
+"""Checks a request must pass at submission; each failure is a ValueError that names the problem.
+
+``validate_static`` reads only what never changes after the engine loaded (vocabulary, context length,
+pool size), so any thread may call it while a step runs; ``validate_ownership`` reads the blocks a
+caller owns and runs on the engine's thread.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,8 @@ from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.types import EngineRequest, RequestMode
 
 
-def validate_request(
-    request: EngineRequest,
-    max_model_len: int,
-    vocab_size: int,
-    blocks: BlockManager,
-    external: Mapping[int, int],
+def validate_static(
+    request: EngineRequest, max_model_len: int, vocab_size: int, blocks: BlockManager
 ) -> None:
     """Raises ValueError when ``request`` is malformed or could never fit in this engine."""
     request.sampling.validate()
@@ -35,14 +36,21 @@ def validate_request(
             f"but the cache has only {blocks.num_blocks}"
         )
     if request.mode == RequestMode.DECODE:
-        _validate_decode(request, vocab_size, blocks, external)
+        _validate_decode(request, vocab_size, blocks)
     elif request.first_token is not None or request.kv_block_ids is not None:
         raise ValueError(f"first_token and kv_block_ids are for DECODE requests, not {request.mode.value}")
 
 
-def _validate_decode(
-    request: EngineRequest, vocab_size: int, blocks: BlockManager, external: Mapping[int, int]
-) -> None:
+def validate_ownership(request: EngineRequest, external: Mapping[int, int]) -> None:
+    """A DECODE request's blocks must be ones the caller holds from ``allocate_kv``."""
+    if request.mode != RequestMode.DECODE or request.kv_block_ids is None:
+        return
+    foreign = [b for b in request.kv_block_ids if external.get(b, 0) <= 0]
+    if foreign:
+        raise ValueError(f"kv_block_ids {foreign[:4]} were not allocated with allocate_kv (or are in use)")
+
+
+def _validate_decode(request: EngineRequest, vocab_size: int, blocks: BlockManager) -> None:
     if request.first_token is None or request.kv_block_ids is None:
         raise ValueError("a DECODE request needs first_token and kv_block_ids")
     if not 0 <= request.first_token < vocab_size:
@@ -52,6 +60,3 @@ def _validate_decode(
         raise ValueError(f"kv_block_ids has {len(request.kv_block_ids)} blocks; the prompt's KV needs {need}")
     if len(set(request.kv_block_ids)) != len(request.kv_block_ids):
         raise ValueError("kv_block_ids has duplicates")
-    foreign = [b for b in request.kv_block_ids if external.get(b, 0) <= 0]
-    if foreign:
-        raise ValueError(f"kv_block_ids {foreign[:4]} were not allocated with allocate_kv (or are in use)")

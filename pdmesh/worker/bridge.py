@@ -22,15 +22,20 @@ class EngineBridge:
         """Yields every output of ``request`` until the finished one.
 
         Raises ValueError (synchronously at the first iteration) when the engine refuses the request.
-        Closing the iterator early aborts the request in the engine, which frees its blocks.
+        Closing the iterator early aborts the request in the engine, which frees its blocks; a prefill
+        that finished after its caller left has its pinned blocks freed here, since nobody else will.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        closed = False
 
-        def on_output(output: TokenOutput) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, output)
+        def deliver(output: TokenOutput) -> None:  # on the event loop, so ``closed`` cannot race
+            if closed:
+                self._free_orphan(output)
+            else:
+                queue.put_nowait(output)
 
-        self.runner.submit(request, on_output)
+        self.runner.submit(request, lambda output: loop.call_soon_threadsafe(deliver, output))
         finished = False
         try:
             while True:
@@ -40,9 +45,17 @@ class EngineBridge:
                 if finished:
                     return
         finally:
+            closed = True
+            while not queue.empty():
+                self._free_orphan(queue.get_nowait())
             if not finished:
                 log.info("[%s] aborting in the engine: its caller went away", request.request_id)
                 self.runner.abort(request.request_id)
+
+    def _free_orphan(self, output: TokenOutput) -> None:
+        if output.kv_block_ids:
+            log.info("[%s] freeing %d blocks nobody took", output.request_id, len(output.kv_block_ids))
+            self.runner.free_kv(output.kv_block_ids)
 
     async def run_to_end(self, request: EngineRequest) -> TokenOutput:
         """Runs ``request`` and merges its outputs into one (all tokens and their logprobs, the last

@@ -43,6 +43,7 @@ class DecodeHandler:
         self.lease_s = lease_s
         # (prefill address, handle_id): tells the prefill worker to free its blocks now
         self.release_remote = release_remote
+        self._background: set[asyncio.Task] = set()  # referenced until done: the loop holds tasks weakly
 
     async def generate_local(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
@@ -102,7 +103,7 @@ class DecodeHandler:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ALLOCATE_WAIT_S
         while True:
-            block_ids = self.bridge.runner.allocate_kv(num_tokens)
+            block_ids = await self.bridge.runner.allocate_kv(num_tokens)
             if block_ids is not None:
                 return block_ids
             if loop.time() > deadline:
@@ -134,7 +135,17 @@ class DecodeHandler:
         except KVError as exc:
             log.warning("[%s] could not mark handle released: %s", handle.request_id, exc)
         if handle.prefill_address:
-            asyncio.ensure_future(self.release_remote(handle.prefill_address, handle.handle_id))
+            self._spawn(self.release_remote(handle.prefill_address, handle.handle_id))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Waits briefly for the releases still being sent (the prefill reaper is their fallback)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=1.0)
 
 
 def _raise_on_failure(output: TokenOutput) -> None:

@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import sys
+
+import grpc
 
 from pdmesh.cluster import InstanceInfoData, LoadData, Role
 from pdmesh.config import WorkerConfig
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.runner import EngineRunner
-from pdmesh.kv.registry import RedisKVRegistry
+from pdmesh.kv.registry import KVError, RedisKVRegistry
 from pdmesh.kv.transfer.base import allocate_pool, make_transfer_client, make_transfer_server
 from pdmesh.kv.types import KVLayout
 from pdmesh.logs import setup_logging
-from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
+from pdmesh.rpc.channels import ChannelCache
+from pdmesh.rpc.client import DEFAULT_DEADLINE_S
 from pdmesh.rpc.controller_client import InstanceAgent
 from pdmesh.rpc.server import RunningServer, serve_until_signal, start_server
 from pdmesh.settings_cli import add_config_flags, config_from_flags
@@ -55,7 +57,8 @@ class Worker:
         self.prefill: PrefillHandler | None = None
         self.server: RunningServer | None = None
         self.agent: InstanceAgent | None = None
-        self._tasks: list[asyncio.Task] = []
+        self.peers = ChannelCache(max_size=64)  # prefill workers this one tells to release KV
+        self.decode: DecodeHandler | None = None
         self._reaper: asyncio.Task | None = None
         self._switch_lock = asyncio.Lock()
 
@@ -68,13 +71,14 @@ class Worker:
         pool, layout = self.runner.kv_pool, self.runner.kv_layout
         self.server = await start_server(self._register, ["pdmesh.v1.Worker"], cfg.host, cfg.port)
         instance_id = self.instance_id = cfg.instance_id or f"{cfg.role}-{cfg.host}-{self.server.port}"
+        await self._expire_previous_handles()
         if cfg.role in ("prefill", "mixed"):
             self._start_prefill()
         self.transfer_client = make_transfer_client(cfg.transfer_backend, pool, layout)
-        decode = DecodeHandler(
-            self.bridge, self.registry, self.transfer_client, instance_id, cfg.kv_lease_s, release_remote
+        self.decode = DecodeHandler(
+            self.bridge, self.registry, self.transfer_client, instance_id, cfg.kv_lease_s, self.release_remote
         )
-        self._servicer.decode_handler = decode
+        self._servicer.decode_handler = self.decode
         info = InstanceInfoData(
             instance_id=instance_id,
             role=Role(cfg.role),
@@ -85,6 +89,17 @@ class Worker:
         self.agent = InstanceAgent(cfg.controller, info, self._load)
         await self.agent.start()
         log.info("%s worker %s serving on %s", cfg.role, instance_id, self.address)
+
+    async def _expire_previous_handles(self) -> None:
+        """Handles that a previous process with this instance id registered (it crashed and was
+        restarted) can never be pulled: expire them now rather than when their leases run out."""
+        try:
+            count = await self.registry.invalidate_instance(self.instance_id)
+        except KVError as exc:
+            log.warning("%s: could not expire the handles of a previous process: %s", self.instance_id, exc)
+            return
+        if count:
+            log.warning("%s: expired %d KV handles its previous process left", self.instance_id, count)
 
     def _register(self, server) -> None:
         self._servicer = WorkerServicer(self.config.role, None, None, self.bridge, self.switch_role)
@@ -147,6 +162,16 @@ class Worker:
                 await self.agent.update_info(info)
             return endpoint
 
+    async def release_remote(self, address: str, handle_id: str) -> None:
+        """Tells a prefill worker to free a handle's blocks now (best effort: its reaper is the fallback)."""
+        stub = worker_pb2_grpc.WorkerStub(self.peers.get(address))
+        try:
+            await stub.Release(worker_pb2.ReleaseRequest(handle_id=handle_id), timeout=DEFAULT_DEADLINE_S)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("[%s] Release at %s failed: %s", handle_id.split(":")[0], address, exc.code().name)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.peers.discard(address)  # that worker is gone; a new one may take the address
+
     def _load(self) -> LoadData:
         s = self.runner.stats()
         pinned = self.prefill.pinned_handles if self.prefill is not None else 0
@@ -165,11 +190,13 @@ class Worker:
     async def stop(self) -> None:
         if self.agent is not None:
             await self.agent.stop()
-        for task in [*self._tasks, self._reaper]:
-            if task is not None:
-                task.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self.server is not None:
             await self.server.stop(grace_s=2.0)
+        if self.decode is not None:
+            await self.decode.close()
+        await self.peers.close()
         if self.prefill is not None:
             self.prefill.free_all()
         if self.transfer_server is not None:
@@ -177,19 +204,11 @@ class Worker:
         close_client = getattr(self.transfer_client, "close", None)
         if close_client is not None:
             close_client()
-        with contextlib.suppress(Exception):
+        try:
             await self.registry.close()
+        except Exception as exc:  # noqa: BLE001 - stopping: the engine must stop whatever Redis says
+            log.warning("closing the KV registry client failed: %r", exc)
         self.runner.stop()
-
-
-async def release_remote(address: str, handle_id: str) -> None:
-    """Tells a prefill worker to free a handle's blocks now (best effort: its reaper is the fallback)."""
-    try:
-        async with open_channel(address) as channel:
-            stub = worker_pb2_grpc.WorkerStub(channel)
-            await stub.Release(worker_pb2.ReleaseRequest(handle_id=handle_id), timeout=DEFAULT_DEADLINE_S)
-    except Exception as exc:  # noqa: BLE001 - the reaper frees it within the lease anyway
-        log.warning("[%s] Release at %s failed: %s", handle_id.split(":")[0], address, exc)
 
 
 def build_runner(config: WorkerConfig) -> EngineRunner:

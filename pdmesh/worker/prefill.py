@@ -2,7 +2,9 @@
 
 Every pinned block is freed exactly once: on ``Release`` from the decode worker, or by the reaper
 when the registry says the handle was released, expired or invalidated, or (Redis away) when the
-local lease has run out with a grace period.
+local lease has run out with a grace period. The reaper never looks at a handle whose registration is
+still in flight: "not in Redis yet" is not "dead" (a slow Redis would otherwise free blocks the
+coordinator is about to hand to a decode worker).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PrefillResult:
 class _Pinned:
     block_ids: list[int]
     expires_at: float
+    registering: bool = True  # until registry.register returned
 
 
 class PrefillHandler:
@@ -95,13 +98,18 @@ class PrefillHandler:
             expires_at=time.time() + self.lease_s,
             prefill_address=self.address,
         )
-        self._pinned[handle.handle_id] = _Pinned(list(block_ids), handle.expires_at)
+        pinned = self._pinned[handle.handle_id] = _Pinned(list(block_ids), handle.expires_at)
         self.transfer_server.expose(handle.handle_id, list(block_ids))
         try:
             await self.registry.register(handle, self.lease_s)
         except KVError as exc:
-            self.free(handle.handle_id)
+            await self.release(handle.handle_id)  # the write may have landed before the error
             raise WorkerError(ErrorKind.INTERNAL, f"cannot register the KV handle: {exc}") from exc
+        except BaseException:  # cancelled: nobody will pull it (a key written expires with its lease)
+            self.free(handle.handle_id)
+            raise
+        finally:
+            pinned.registering = False
         log.info(
             "[%s] prefilled %d tokens into %d blocks, handle %s",
             request_id,
@@ -139,6 +147,8 @@ class PrefillHandler:
         return reaped
 
     async def _is_dead(self, handle_id: str, pinned: _Pinned) -> bool:
+        if pinned.registering:
+            return False
         try:
             handle = await self.registry.get(handle_id)
         except KVError:
