@@ -24,6 +24,7 @@ TOOLS = {
     ("bench", "transfer"): ("pdmesh.kv.transfer.bench", "main"),
     ("bench", "engine"): ("pdmesh.engine.bench", "main"),
     ("bench", "compare"): ("pdmesh.bench.compare", "main"),
+    ("bench", "soak"): ("pdmesh.bench.soak", "main"),
     ("profile",): ("pdmesh.planner.profile", "main_profile"),
     ("plan",): ("pdmesh.planner.plan", "main_plan"),
 }
@@ -51,6 +52,12 @@ def _up_parser(sub) -> None:
         default=None,
         help="how KV moves (default tcp)",
     )
+    p.add_argument(
+        "--no-restart",
+        dest="restart",
+        action="store_false",
+        help="leave a worker that dies dead (default: restart it, backing off while it keeps crashing)",
+    )
 
 
 def _make_model_parser(sub) -> None:
@@ -73,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in [*SERVICES, *WORKER_ROLES]:
         sub.add_parser(name, help=f"run the {name} service (see `pdmesh {name} --help`)", add_help=False)
     bench = sub.add_parser(
-        "bench", help="benchmarks: serve, transfer, engine, compare (see `pdmesh bench X --help`)"
+        "bench", help="benchmarks: serve, transfer, engine, compare, soak (see `pdmesh bench X --help`)"
     )
     bench.add_argument("what", choices=sorted(k[1] for k in TOOLS if k[0] == "bench"))
     sub.add_parser(
@@ -124,6 +131,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis_url=args.redis_url,
             log_dir=args.log_dir,
             worker_args={"transfer-backend": args.transfer_backend} if args.transfer_backend else {},
+            restart_workers=args.restart,
         )
     except ValueError as exc:
         print(f"pdmesh up: {exc}", file=sys.stderr)

@@ -2,6 +2,12 @@
 
 ``pdmesh up`` runs it in the foreground; the end-to-end tests use it as a library, so what the tests
 exercise is exactly what a user starts.
+
+Each service runs in a session (and process group) of its own, so that ``stop()`` can end it with
+everything it started: SIGTERM to the group, a bounded wait, then SIGKILL to the group. With
+``StackSpec.restart_workers`` a supervisor thread restarts a worker process that dies, as Kubernetes
+restarts a container: same instance id and flags, at once the first time, then with an exponential
+back-off while it keeps crashing (a crash loop); a worker that ran ``restart_reset_s`` resets the count.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +36,8 @@ from pdmesh.rpc.client import wait_healthy
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
+SUPERVISE_INTERVAL_S = 0.2  # how often the supervisor looks for dead workers
+KILL_WAIT_S = 5.0  # a SIGKILLed process is gone at once unless stuck in the kernel; never wait forever
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,6 +82,12 @@ class StackSpec:
     # one CPU list per worker in start order ("0", "0-1", "2,4"): pinned with taskset (or
     # sched_setaffinity), with OMP_NUM_THREADS/MKL_NUM_THREADS set to its core count. None: no pinning.
     worker_cpus: list[str] | None = None
+    # Restart a worker process that dies (``pdmesh up``); off for the library, whose fault tests
+    # kill workers and expect them to stay dead.
+    restart_workers: bool = False
+    restart_backoff_s: float = 1.0  # delay before the 2nd restart in a row; doubles each time after
+    restart_backoff_max_s: float = 30.0
+    restart_reset_s: float = 60.0  # a worker that ran this long before dying restarts at once
 
     def __post_init__(self) -> None:
         if self.mode not in ("pd", "mixed"):
@@ -87,14 +103,45 @@ class StackSpec:
                 raise ValueError(f"worker_cpus needs one CPU list per worker ({self.prefill + self.decode})")
             for cpus in self.worker_cpus:
                 parse_cpus(cpus)
+        if not 0 < self.restart_backoff_s <= self.restart_backoff_max_s or self.restart_reset_s <= 0:
+            raise ValueError("need 0 < restart_backoff_s <= restart_backoff_max_s and restart_reset_s > 0")
+
+
+@dataclass
+class _Launch:
+    """How one service was started, so that the supervisor can start it again the same way."""
+
+    argv: list[str]
+    env: dict[str, str]
+    preexec: Callable[[], None] | None
+    started_at: float = 0.0
+    crashes: int = 0  # deaths in a row, each before ``restart_reset_s`` of running
+    restart_at: float | None = None  # when a dead worker is due to start again
+
+
+@dataclass(frozen=True)
+class Restart:
+    """One restart of a worker by the supervisor."""
+
+    name: str
+    old_pid: int
+    exit_code: int
+    at: float  # time.time() of the restart
+    delay_s: float
+    new_pid: int
 
 
 class LocalStack:
-    """The processes of one local deployment; ``stop()`` ends every one of them."""
+    """The processes of one local deployment; ``stop()`` ends every one of them, in bounded time."""
 
     def __init__(self, spec: StackSpec) -> None:
         self.spec = spec
         self.processes: dict[str, subprocess.Popen] = {}
+        self.restarts: list[Restart] = []
+        self._launches: dict[str, _Launch] = {}
+        self._lock = threading.Lock()  # processes and launches: the supervisor thread changes them
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
         self.redis: RedisServer | None = None
         self.redis_url = spec.redis_url
         self.controller_address = ""
@@ -112,6 +159,7 @@ class LocalStack:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._stopping.clear()
         try:
             self._start_redis()
             self._start_controller()
@@ -120,6 +168,9 @@ class LocalStack:
                 self._start_worker(name, role, worker_cpus)
             self._start_coordinator()
             self.wait_ready()
+            if self.spec.restart_workers:
+                self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+                self._supervisor.start()
         except BaseException:
             self.stop()
             raise
@@ -190,7 +241,6 @@ class LocalStack:
         argv = [sys.executable, "-m", module]
         for key, value in args.items():
             argv += [f"--{key}", value]
-        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process's lifetime
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         preexec = None
@@ -201,11 +251,21 @@ class LocalStack:
                 argv = ["taskset", "-c", cpus, *argv]  # taskset execs: the pid stays the worker's
             else:
                 preexec = functools.partial(os.sched_setaffinity, 0, parse_cpus(cpus))
-        self.processes[name] = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=preexec
-        )
-        out.close()
+        self._launches[name] = _Launch(argv, env, preexec)
+        self._popen(name)
         log.info("started %s (pid %d)", name, self.processes[name].pid)
+
+    def _popen(self, name: str) -> subprocess.Popen:
+        """Starts (or starts again) a service in a session of its own: its process group is its pid."""
+        launch = self._launches[name]
+        with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                launch.argv, stdout=out, stderr=subprocess.STDOUT, env=launch.env, cwd=ROOT,
+                preexec_fn=launch.preexec, start_new_session=True,
+            )  # fmt: skip
+        launch.started_at = time.monotonic()
+        self.processes[name] = proc
+        return proc
 
     def wait_ready(self) -> None:
         """Waits until the coordinator answers /health with 200 (one prefill and decode registered)."""
@@ -233,36 +293,105 @@ class LocalStack:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Sends ``sig`` to one process of the stack (fault tests)."""
-        self.processes[name].send_signal(sig)
+        """Sends ``sig`` to one process of the stack, not its group (fault tests)."""
+        with self._lock:
+            self.processes[name].send_signal(sig)
+
+    def pid(self, name: str) -> int:
+        """The pid of a service's current process (a restarted worker has a new one)."""
+        with self._lock:
+            return self.processes[name].pid
+
+    # -- supervision --------------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        """Restarts dead workers until ``stop()``; one bad restart never ends the supervision."""
+        workers = [name for name, _ in self._worker_plan()]
+        while not self._stopping.wait(SUPERVISE_INTERVAL_S):
+            for name in workers:
+                try:
+                    with self._lock:
+                        if not self._stopping.is_set():
+                            self._supervise_one(name, time.monotonic())
+                except Exception:  # noqa: BLE001 - logged; the next pass tries again
+                    log.exception("supervising %s failed", name)
+
+    def _supervise_one(self, name: str, now: float) -> None:
+        launch, proc = self._launches[name], self.processes[name]
+        if launch.restart_at is None:
+            code = proc.poll()
+            if code is None:
+                return
+            _kill_group(proc)  # whatever it started goes with it
+            ran_s = now - launch.started_at
+            launch.crashes = 1 if ran_s >= self.spec.restart_reset_s else launch.crashes + 1
+            delay = self._backoff(launch.crashes)
+            launch.restart_at = now + delay
+            loop = f" (crash loop: {launch.crashes} in a row)" if launch.crashes > 1 else ""
+            log.warning(
+                "%s (pid %d) exited with code %s after %.1fs; restarting in %.1fs%s",
+                name, proc.pid, _exit_text(code), ran_s, delay, loop,
+            )  # fmt: skip
+            if delay > 0:
+                return
+        if now < launch.restart_at:
+            return
+        launch.restart_at = None
+        new = self._popen(name)
+        self.restarts.append(
+            Restart(name, proc.pid, proc.returncode, time.time(), self._backoff(launch.crashes), new.pid)
+        )
+        log.warning("restarted %s (pid %d, restart #%d)", name, new.pid, self.restart_count(name))
+
+    def _backoff(self, crashes: int) -> float:
+        """0 for the first death, then backoff, 2x backoff, ... up to the maximum (Kubernetes' shape)."""
+        if crashes <= 1:
+            return 0.0
+        return min(self.spec.restart_backoff_s * 2 ** (crashes - 2), self.spec.restart_backoff_max_s)
+
+    def restart_count(self, name: str) -> int:
+        """How many times the supervisor restarted ``name``."""
+        return sum(1 for r in self.restarts if r.name == name)
+
+    # -- stopping -----------------------------------------------------------------------------------
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM every process (coordinator first, controller last), then SIGKILL stragglers."""
-        controllers = [n for n in self.processes if n.startswith("controller")]
-        order = [
-            "coordinator",
-            *[n for n in self.processes if n != "coordinator" and n not in controllers],
-            *controllers,
-        ]
-        for name in order:
-            proc = self.processes.get(name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        """Ends every process in bounded time, also after a failed start; idempotent.
+
+        SIGTERM to each service's process group (coordinator first, controllers last), a wait of up to
+        ``timeout_s`` in all, then SIGKILL to every group (stragglers and anything they left behind);
+        Redis last. Returns within about ``timeout_s + KILL_WAIT_S`` plus Redis' own bounded stop.
+        """
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=KILL_WAIT_S)  # it wakes every SUPERVISE_INTERVAL_S
+            self._supervisor = None
+        with self._lock:
+            procs = [(name, self.processes[name]) for name in self._stop_order()]
+            self.processes.clear()
+        for _, proc in procs:
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for name in order:
-            proc = self.processes.get(name)
-            if proc is None:
-                continue
+        for name, proc in procs:
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", name)
-                proc.kill()
-                proc.wait()
-        self.processes.clear()
+                log.warning("%s (pid %d) did not stop within %.0fs; killing it", name, proc.pid, timeout_s)
+            _kill_group(proc)
+        for name, proc in procs:
+            try:
+                proc.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) survived SIGKILL for %.0fs; leaving it", name, proc.pid, KILL_WAIT_S)
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+    def _stop_order(self) -> list[str]:
+        controllers = [n for n in self.processes if n.startswith("controller")]
+        rest = [n for n in self.processes if n != "coordinator" and n not in controllers]
+        return [n for n in ("coordinator",) if n in self.processes] + rest + controllers
 
     def __enter__(self) -> LocalStack:
         self.start()
@@ -270,3 +399,24 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _exit_text(code: int) -> str:
+    """``-9 (SIGKILL)`` for a death by signal, else the exit status."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signals the process group of ``proc`` (its pid: each service leads a session of its own)."""
+    if proc.returncode is not None and os.path.exists(f"/proc/{proc.pid}"):
+        # reaped earlier, and its pid belongs to another process now: that group is not ours
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    _signal_group(proc, signal.SIGKILL)
