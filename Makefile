@@ -42,3 +42,19 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pdmesh
+
+# make soak: 10 minutes of Poisson load on a 2P+2D stack while a random worker is SIGKILLed every
+# 20 s; one JSON object (also in .pdmesh/soak.json), exit 1 when an invariant fails. See
+# docs/operations.md, "Soak". ARGS adds or overrides flags (e.g. ARGS="--rate 4").
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/pdmesh bench soak --duration 600 --rate 2 --kill-every 20 --json-out .pdmesh/soak.json $(ARGS)
+
+# make fuzz: the HTTP API fuzzed from its own OpenAPI schema (schemathesis) over a real PD stack,
+# FUZZ_EXAMPLES random examples per operation besides the coverage phase; the suite runs 25, fixed.
+# See docs/operations.md, "Fuzzing the HTTP API".
+FUZZ_EXAMPLES ?= 1000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	PDMESH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -rA -p no:cacheprovider \
+	  tests/e2e/test_fuzz_http.py

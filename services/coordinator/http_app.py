@@ -10,13 +10,16 @@
   ``finish_reason`` "stop"); while streaming, text that may begin a stop string is held back.
   A stop token (``stop_token_ids``, or an end-of-sequence id) that ends a request is not
   rendered as text; it still counts in ``usage.completion_tokens``.
-- Only ``n`` = 1 and one prompt per request; ``echo`` and ``best_of`` > 1 are refused.
+- Chat messages need ``content`` (text, or text parts), except the assistant's (then empty).
+  Token ids (a prompt's, ``stop_token_ids``) must be in the vocabulary. Only ``n`` = 1 and one
+  prompt per request; ``echo`` and ``best_of`` > 1 are refused.
 - Logprobs (``logprobs``/``top_logprobs`` in chat, ``logprobs`` in completions, 0..20 top tokens)
   come in OpenAI's shapes (logprobs.py), in each stream chunk for the tokens of its text; tokens
   past a stop string's cut have none. Not asked: ``"logprobs": null``.
 - Errors are OpenAI error objects with a 4xx/5xx status (http_errors.py): FastAPI's 422 validation
-  answers become 400s. A backend error after a stream has started becomes an ``error`` event, then
-  ``[DONE]``.
+  answers become 400s (415 for a body that is not JSON). A backend error after a stream has
+  started becomes an ``error`` event, then ``[DONE]``. The OpenAPI schema (``/openapi.json``)
+  documents every answer of each route, errors included; ``make fuzz`` tests the server against it.
 - Every request has an id: the ``X-Request-Id`` header when the client sends one, else a new one;
   it is echoed in the response header and starts every log line (``[id]``).
 - A client that goes away closes the backend's iterator (the backend cancels at its worker).
@@ -37,7 +40,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pdmesh.engine.types import SamplingParams
 from pdmesh.tokenizer import Tokenizer
-from services.coordinator import logprobs
+from services.coordinator import http_schema, logprobs
 from services.coordinator import openai_api as api
 from services.coordinator.backend import GenerationBackend, GenerationChunk, GenerationError
 from services.coordinator.http_errors import ApiError, install_error_handlers
@@ -96,6 +99,9 @@ class OpenAIServer:
             raise ApiError("only n=1 is supported", param="n")
         if body.stream_options is not None and not body.stream:
             raise ApiError("stream_options is only allowed when stream is true", param="stream_options")
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
+            raise ApiError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         logprobs.check_request(body)
 
     def completion_prompt(self, body: api.CompletionRequest) -> list[int]:
@@ -116,9 +122,7 @@ class OpenAIServer:
         return list(prompt)
 
     def chat_prompt(self, body: api.ChatCompletionRequest) -> list[int]:
-        if not body.messages:
-            raise ApiError("messages must be a non-empty list", param="messages")
-        messages = [self._message_dict(m) for m in body.messages]
+        messages = [self._message_dict(i, m) for i, m in enumerate(body.messages)]
         try:
             return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         except jinja2.TemplateError as exc:
@@ -127,12 +131,16 @@ class OpenAIServer:
             raise ApiError(str(exc), param="messages") from exc
 
     @staticmethod
-    def _message_dict(message: api.ChatMessage) -> dict:
+    def _message_dict(index: int, message: api.ChatMessage) -> dict:
         data = message.model_dump(exclude_none=True)
         if isinstance(message.content, list):
-            if any(part.type != "text" for part in message.content):
-                raise ApiError("only text content parts are supported", param="messages")
             data["content"] = "".join(part.text or "" for part in message.content)
+        elif message.content is None:
+            # OpenAI's rule; templates would fail on the missing key with a message naming none.
+            if message.role != "assistant":
+                where = f"messages.{index}.content"
+                raise ApiError(f"{where} is required in a {message.role!r} message", param=where)
+            data["content"] = ""  # an assistant turn that only called tools has no text
         return data
 
     def prepare(self, body: api.SamplingRequest, prompt_ids: list[int], request_id: str, chat: bool) -> Job:
@@ -194,7 +202,7 @@ class OpenAIServer:
                 if stream.done:
                     break
         finally:
-            await aclose(generator)
+            await aclose(generator, job.request_id)
         if not stream.done:
             raise GenerationError("generation ended without finishing", status_code=502)
         return "".join(parts), stream
@@ -240,7 +248,7 @@ class OpenAIServer:
         except StopAsyncIteration:
             first = None
         except BaseException:
-            await aclose(generator)
+            await aclose(generator, job.request_id)
             raise
         return SSEResponse(self._events(job, first, generator), headers={"Cache-Control": "no-cache"})
 
@@ -274,7 +282,7 @@ class OpenAIServer:
             log.info("[%s] client disconnected; generation cancelled", job.request_id)
             raise
         finally:
-            await aclose(generator)
+            await aclose(generator, job.request_id)
         yield _sse("[DONE]")
 
     def _chunk(
@@ -305,25 +313,30 @@ def create_app(
     app.state.server = server
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
+    http_schema.document(app, model_name, tokenizer.vocab_size)
 
-    @app.get("/health")
+    health_answers = {503: {"model": api.HealthStatus, "description": "Not ready"}}
+    completion_answers = http_schema.generation_responses(api.CompletionResponse, api.CompletionChunk)
+    chat_answers = http_schema.generation_responses(api.ChatCompletionResponse, api.ChatCompletionChunk)
+
+    @app.get("/health", response_model=api.HealthStatus, responses=health_answers)
     async def health() -> JSONResponse:
         ready = backend.ready()
         return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": api.ModelList}})
     async def models() -> dict:
         return api.ModelList(data=[api.ModelCard(id=model_name, max_model_len=max_model_len)]).model_dump(
             mode="json"
         )
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=completion_answers)
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
         server.check_common(body)
         job = server.prepare(body, server.completion_prompt(body), request.state.request_id, chat=False)
         return await server.respond(job, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses=chat_answers)
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
         server.check_common(body)
         job = server.prepare(body, server.chat_prompt(body), request.state.request_id, chat=True)

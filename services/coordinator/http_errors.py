@@ -1,4 +1,10 @@
-"""Errors of the HTTP front as OpenAI error objects: refusals, validation failures, backend errors."""
+"""Errors of the HTTP front as OpenAI error objects: refusals, validation failures, backend errors.
+
+A body that fails validation is answered 400 naming the deepest field at fault (``prompt.0.1`` for a
+non-integer token id inside a list of lists, not the whole union), or 415 when it did not come as
+JSON at all. Starlette's own errors (404 unknown path, 405 with its ``Allow`` header) keep their
+status and headers. http_schema.py documents these answers in the OpenAPI schema.
+"""
 
 from __future__ import annotations
 
@@ -34,32 +40,94 @@ def error_response(
     return JSONResponse(api.error_body(message, error_type, param, code), status_code=status)
 
 
+def _is_union_tag(part) -> bool:
+    """Pydantic names the member of a union it tried: ``str``, ``list[int]``, ``constrained-str``..."""
+    return isinstance(part, str) and (
+        "[" in part
+        or part in ("str", "int", "float", "bool")
+        or part.startswith("constrained-")
+        or part[:1].isupper()
+    )
+
+
 def _field_path(loc) -> str:
     """``messages.0.role`` from a pydantic error location, without "body" and union member tags."""
-    parts = []
-    for part in loc:
-        if part == "body":
-            continue
-        if isinstance(part, str) and (
-            "[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper()
-        ):
-            break
-        parts.append(str(part))
-    return ".".join(parts)
+    return ".".join(str(part) for part in loc if part != "body" and not _is_union_tag(part))
+
+
+def _most_specific(errors: list[dict]) -> dict:
+    """The error that got deepest into the body: for a union, the member that matched best (a value
+    of the right type but out of bounds before a value of the wrong type)."""
+    return max(
+        errors,
+        key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")),
+        default={},
+    )
+
+
+_BOUNDS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+    "less_than": ("lt", "<"),
+}
+
+
+def _describe(error: dict, where: str) -> str:
+    """``temperature must be >= 0`` (as SamplingParams words it), else pydantic's message."""
+    kind, ctx = error.get("type"), error.get("ctx") or {}
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        limit = ctx.get(key)
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)
+        return f"{where} must be {op} {limit}"
+    if kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
+        return f"{where} must not be empty"
+    return f"{where}: {error.get('msg', 'invalid value')}"
+
+
+def _either(errors: list[dict], where: str) -> str:
+    """A value no member of a union took: "Input should be a valid string or a valid list"."""
+    wanted = []
+    for e in errors:
+        if _field_path(e.get("loc", ())) == where and e.get("type", "").endswith("_type"):
+            text = str(e.get("msg", "")).removeprefix("Input should be ")
+            if text not in wanted:
+                wanted.append(text)
+    return "Input should be " + " or ".join(wanted)
+
+
+def _json_content_type(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    return content_type == "application/json" or content_type.endswith("+json")
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Answers every error as an OpenAI error object."""
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = (exc.errors() or [{}])[0]
+        errors = list(exc.errors())
+        first = errors[0] if errors else {}
+        log.info("[%s] invalid body: %s", request.state.request_id, first.get("msg", "?"))
         if first.get("type") == "json_invalid":
             return error_response(
                 400, f"invalid JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": ")
             )
-        where = _field_path(first.get("loc", ()))
+        if not _json_content_type(request):
+            # FastAPI reads a body of another type as bytes, which then "is not an object".
+            given = request.headers.get("content-type", "")
+            return error_response(415, f"the body must be JSON (Content-Type: application/json), not {given}")
+        error = _most_specific(errors)
+        where = _field_path(error.get("loc", ()))
+        if error.get("type", "").endswith("_type"):
+            error = {**error, "msg": _either(errors, where)}
+        if not where and error.get("type") == "missing":
+            return error_response(400, "the request body is missing: send a JSON object")
         if not where:
-            return error_response(400, f"the request body must be a JSON object ({first.get('msg', '')})")
-        return error_response(400, f"{where}: {first.get('msg', 'invalid value')}", param=where)
+            return error_response(400, f"the request body must be a JSON object ({error.get('msg', '')})")
+        return error_response(400, _describe(error, where), param=where)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -76,7 +144,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

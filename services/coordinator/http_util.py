@@ -1,9 +1,15 @@
-"""ASGI plumbing for the HTTP front: request ids, disconnect-aware waiting and streaming."""
+"""ASGI plumbing for the HTTP front: request ids, disconnect-aware waiting and streaming.
+
+Nothing here swallows an error silently: a client gone mid-stream is logged at debug level (routine),
+a generation stream that fails to close at warning level (unexpected); the cancellations this module
+asks for itself are awaited and expected.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -15,6 +21,7 @@ from services.coordinator.openai_api import new_id
 
 REQUEST_ID_HEADER = "x-request-id"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ClientGone(Exception):
@@ -49,23 +56,42 @@ class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     async def __call__(self, scope, receive, send) -> None:
+        request_id = scope.get("state", {}).get("request_id", "-")
         streaming = asyncio.ensure_future(self.stream_response(send))
         watching = asyncio.ensure_future(self.listen_for_disconnect(receive))
         try:
             await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if watching.done() and not streaming.done():
+                log.debug("[%s] client disconnected mid-stream; stopping the stream", request_id)
         finally:
             for task in (streaming, watching):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await task
-            await aclose(self.body_iterator)
+            try:
+                for task in (streaming, watching):
+                    await _settle(task, request_id)
+            finally:
+                await aclose(self.body_iterator, request_id)
 
 
-async def aclose(iterator: Any) -> None:
+async def _settle(task: asyncio.Future, request_id: str) -> None:
+    """Waits for a task of the stream's to end; its errors but a broken connection propagate."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass  # SSEResponse cancelled it: the stream has ended one way or the other
+    except OSError as exc:  # the client's connection broke while we wrote to it
+        log.debug("[%s] client connection lost while streaming: %r", request_id, exc)
+
+
+async def aclose(iterator: Any, request_id: str = "-") -> None:
+    """Closes an async iterator (which cancels its generation); a failure to close is only logged."""
     close = getattr(iterator, "aclose", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            await close()
+    if close is None:
+        return
+    try:
+        await close()
+    except Exception:
+        log.warning("[%s] closing a generation stream failed", request_id, exc_info=True)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -83,7 +109,7 @@ async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
         watcher.cancel()
         if not work.done():
             work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError):  # the cancellation just asked for
                 await work
     if work.cancelled():
         raise ClientGone()

@@ -2,47 +2,88 @@
 
 Requests accept OpenAI's fields and vLLM's sampling extras (``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``); fields this server does not use
-(``user``, ``logit_bias``, ...) are ignored. Responses are serialized with every OpenAI field present
-(``null`` where there is no value), as OpenAI does.
+(``user``, ``logit_bias``, ...) are ignored. Request fields are validated strictly, as their JSON types
+say: ``true`` is not an integer (``3.0`` is, as in JSON Schema), ``"1"`` not a number, and numbers must
+be finite (no ``NaN`` or ``Infinity``, which Python's JSON parser would otherwise let through).
+``seed`` is a signed 64-bit integer and ``top_k`` -1 (disabled) or more, within 32 bits, as the
+workers' protocol carries them; ``top_p`` and ``repetition_penalty`` at least the smallest positive
+float32 (the protocol's type). The bounds the server enforces are declared on the fields, so that the
+OpenAPI schema documents them. Responses are serialized with every OpenAI field present (``null``
+where there is no value), as OpenAI does.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 
 from pdmesh.engine.types import SamplingParams
 
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+TOP_LOGPROBS_MAX = 20  # the engine's bound (SamplingParams.validate)
+# The workers get float32 sampling parameters: a positive value below the smallest positive float32
+# would reach them as 0 (and be refused there, for a value the client sent positive).
+FLOAT32_TINY = 2.0**-149
+
+# How request bodies are read: JSON types as declared, finite numbers only.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integers include ``3.0``; a client's serializer may write one."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer, given as 3 or 3.0 (not true, not "3"). Bounds go before it in Annotated[...], where the
+# JSON schema shows them as minimum/maximum.
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
+
+# The bounds below are the ones the server enforces anyway (SamplingParams.validate, the workers'
+# protocol); declared here, they are checked first and documented in the OpenAPI schema.
+TokenId = Annotated[
+    int, Field(ge=0), INTEGRAL
+]  # below the vocabulary size too (checked against the tokenizer)
+Budget = Annotated[int, Field(ge=1), INTEGRAL]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=TOP_LOGPROBS_MAX), INTEGRAL]
+NonEmptyText = Annotated[str, Field(min_length=1)]
+NonEmptyIds = Annotated[list[TokenId], Field(min_length=1)]
+
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **STRICT)
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = 1
+    max_tokens: Budget | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(ge=FLOAT32_TINY, le=1)] | None = None
+    n: Int | None = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), INTEGRAL] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX), INTEGRAL] | None = None
+    min_p: Fraction | None = None
+    repetition_penalty: Annotated[float, Field(ge=FLOAT32_TINY)] | None = None
     ignore_eos: bool | None = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -81,10 +122,15 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: one prompt, as text or token ids."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    prompt: (
+        NonEmptyText
+        | NonEmptyIds
+        | Annotated[list[NonEmptyText], Field(min_length=1)]
+        | Annotated[list[NonEmptyIds], Field(min_length=1)]
+    )
+    logprobs: TopLogprobs | None = None
     echo: bool | None = False
-    best_of: int | None = None
+    best_of: Int | None = None
     suffix: str | None = None
 
     def logprobs_top(self) -> int | None:
@@ -92,16 +138,16 @@ class CompletionRequest(SamplingRequest):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT)
 
-    type: str
+    type: Literal["text"]  # the only kind of part a text model takes
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
     """One message; extra keys (``tool_calls``, ``reasoning_content``...) reach the chat template."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT)
 
     role: str
     content: str | list[TextPart] | None = None
@@ -111,10 +157,10 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Budget | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -236,6 +282,23 @@ class CompletionChunk(BaseModel):
     choices: list[CompletionChoice]
     system_fingerprint: str | None = None
     usage: Usage | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object, as every 4xx/5xx answer carries it (documents the OpenAPI schema)."""
+
+    error: ErrorDetail
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "unavailable"]
 
 
 def error_body(

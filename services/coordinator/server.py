@@ -23,6 +23,9 @@ from services.coordinator.routing import Router
 
 log = logging.getLogger(__name__)
 
+HTTP_GRACE_S = 5  # open requests get this long to finish when the coordinator stops
+HTTP_STOP_TIMEOUT_S = HTTP_GRACE_S + 5  # then uvicorn closes them; past this, it is stuck
+
 
 class _QuietSignalsServer(uvicorn.Server):
     """uvicorn without its own signal handlers: the coordinator stops everything in one place."""
@@ -83,7 +86,9 @@ class Coordinator:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.host, self.config.http_port))
         self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="off", timeout_graceful_shutdown=HTTP_GRACE_S
+        )
         self.http = _QuietSignalsServer(config)
         self._http_task = asyncio.ensure_future(self.http.serve(sockets=[sock]))
         while not self.http.started:
@@ -94,8 +99,12 @@ class Coordinator:
     async def stop(self) -> None:
         if self.http is not None:
             self.http.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._http_task, timeout=10)
+            try:
+                await asyncio.wait_for(self._http_task, timeout=HTTP_STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("the HTTP server did not stop within %gs; cancelled it", HTTP_STOP_TIMEOUT_S)
+            except Exception:
+                log.warning("the HTTP server failed while stopping", exc_info=True)
         if self.grpc is not None:
             await self.grpc.stop(grace_s=2.0)
         await self.watcher.stop()
