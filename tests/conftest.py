@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,16 @@ import pytest
 # The suite runs many processes (workers, engines) on few cores: one math thread each keeps them from
 # fighting over the cores. Set before torch is imported anywhere; child processes inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A pytest run that is told to stop (CI's timeout, a developer's kill) unwinds like Ctrl-C, so that
+# every fixture's teardown stops the servers it started: each service runs in a process group of its
+# own and would otherwise outlive the run.
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")
