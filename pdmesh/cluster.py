@@ -41,10 +41,11 @@ class LoadData:
     prompt_tokens_total: int = 0  # prompt tokens prefilled since start; rates come from deltas
     prefix_cache_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
     prefix_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
+    unknown: bool = False  # the figures are not current (not measured, or not heard since a takeover)
 
     def idle(self) -> bool:
-        """Nothing running, waiting or pinned: the instance may switch its role."""
-        return self.running == 0 and self.waiting == 0 and self.pinned_handles == 0
+        """Nothing running, waiting or pinned, as far as is known: the instance may switch its role."""
+        return not self.unknown and self.running == 0 and self.waiting == 0 and self.pinned_handles == 0
 
 
 @dataclass

@@ -37,10 +37,26 @@ class ControllerConfig(BaseSettings):
         le=300,
         description="HA: the active controller's Redis lease; a standby takes over within 2x",
     )
+    recovery_grace_s: float | None = Field(
+        None,
+        gt=0,
+        le=300,
+        description=(
+            "HA: after taking the lease over an emptied Redis, how long the controller takes "
+            "registrations before it acts and publishes a view (at least lease_ttl_s); "
+            "default: 3 heartbeat intervals"
+        ),
+    )
     pd_ratio: str = Field(
         "off", description="target prefill:decode ratio: 'P:D' (e.g. 2:1), 'auto' (from demand) or 'off'"
     )
     ratio_interval_s: float = Field(2.0, gt=0, description="how often the ratio is checked")
+    demand_window_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="auto ratio: demand is averaged over about this long (moving average)",
+    )
     flip_cooldown_s: float = Field(30.0, ge=0, description="least time between two automatic role flips")
     drain_timeout_s: float = Field(60.0, gt=0, description="longest wait for a flipping worker to drain")
     prefill_capacity_tokens_per_s: float = Field(
@@ -100,6 +116,15 @@ class CoordinatorConfig(BaseSettings):
         0,
         ge=0,
         description="prompts shorter than this are prefilled by the decode instance itself (0: never)",
+    )
+    ready_prefill_instances: int = Field(
+        0, ge=0, description="readiness: healthy prefill instances before /ready answers 200"
+    )
+    ready_decode_instances: int = Field(
+        0, ge=0, description="readiness: healthy decode instances before /ready answers 200"
+    )
+    ready_mixed_instances: int = Field(
+        0, ge=0, description="readiness: healthy mixed instances before /ready answers 200"
     )
 
 

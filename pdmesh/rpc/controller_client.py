@@ -71,6 +71,7 @@ class InstanceAgent:
         self._load_fn = load_fn
         self._call_timeout_s = min(call_timeout_s, DEFAULT_DEADLINE_S)
         self._backoff = backoff or Backoff()
+        self._backoff_cap_s = self._backoff.max_s
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task | None = None
         self._registered = asyncio.Event()
@@ -86,6 +87,11 @@ class InstanceAgent:
     @property
     def registered(self) -> bool:
         return self._registered.is_set()
+
+    @property
+    def failures(self) -> int:
+        """Calls to the controller that failed in a row (0 after a success)."""
+        return self._failures
 
     async def update_info(self, info: InstanceInfoData) -> bool:
         """Replaces this instance's record (a role flip) and registers it again at once; True when
@@ -158,6 +164,9 @@ class InstanceAgent:
         self._failures = 0
         if reply.heartbeat_interval_ms > 0:
             self.heartbeat_interval_s = reply.heartbeat_interval_ms / 1000
+            # a controller taking over an emptied Redis gathers registrations for three heartbeat
+            # periods (at least): retries must come within that, however long the outage was
+            self._backoff.max_s = min(self._backoff_cap_s, max(0.5, 2 * self.heartbeat_interval_s))
         self.registrations += 1
         self._registered.set()
         log.info(
@@ -170,9 +179,10 @@ class InstanceAgent:
 
     async def _heartbeat(self) -> bool:
         """True while the controller knows this instance; False: register again."""
-        request = controller_pb2.HeartbeatRequest(
-            instance_id=self.info.instance_id, load=load_to_proto(self._load())
-        )
+        request = controller_pb2.HeartbeatRequest(instance_id=self.info.instance_id)
+        load = self._load()
+        if not load.unknown:  # no load at all tells the controller the figures are unknown
+            request.load.CopyFrom(load_to_proto(load))
         timeout = min(self._call_timeout_s, max(0.5, 2 * self.heartbeat_interval_s))
         try:
             reply = await self._stub().Heartbeat(request, timeout=timeout)
@@ -211,15 +221,16 @@ class InstanceAgent:
         moved = self.endpoints.follow(exc)
         if moved or exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             await self._close_channel()  # a fresh channel skips gRPC's own reconnect backoff
-        if moved:
-            self._backoff.reset()
+        # A redirect does not reset the backoff: during an outage standbys point at a stale active,
+        # and resetting on every redirect made workers re-register ten times a second. The first
+        # call that succeeds resets it.
 
     def _load(self) -> LoadData:
         try:
             return self._load_fn()
         except Exception:  # noqa: BLE001 - a broken load probe must not stop the heartbeats
-            log.exception("%s: load_fn failed; reporting an empty load", self.info.instance_id)
-            return LoadData()
+            log.exception("%s: load_fn failed; reporting the load as unknown", self.info.instance_id)
+            return LoadData(unknown=True)
 
     def _with_load(self) -> InstanceInfoData:
         info = self.info.copy()
@@ -244,6 +255,7 @@ class ClusterWatcher:
         self._listeners: list[ViewListener] = []
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._listener_tasks: set[asyncio.Task] = set()  # referenced until done
         self.connected = False
         self.views_received = 0
         self._failures = 0
@@ -318,8 +330,7 @@ class ClusterWatcher:
                     exc.details(),
                     self._view.summary(),
                 )
-                if self.endpoints.follow(exc):
-                    self._backoff.reset()
+                self.endpoints.follow(exc)  # the backoff carries on: a redirect is not a success
             except ValueError as exc:
                 log.error("bad cluster view from %s: %s; reconnecting", self.controller_address, exc)
             self._set_connected(False)
@@ -346,7 +357,10 @@ class ClusterWatcher:
         try:
             result = listener(view)
             if inspect.isawaitable(result):
-                asyncio.ensure_future(result).add_done_callback(_log_listener_error)
+                task = asyncio.ensure_future(result)
+                self._listener_tasks.add(task)
+                task.add_done_callback(self._listener_tasks.discard)
+                task.add_done_callback(_log_listener_error)
         except Exception:  # noqa: BLE001 - one bad listener must not stop the stream
             log.exception("cluster view listener failed")
 

@@ -53,6 +53,7 @@ def load_to_proto(load: LoadData) -> common_pb2.InstanceLoad:
         prompt_tokens_total=load.prompt_tokens_total,
         prefix_cache_hit_tokens=load.prefix_cache_hit_tokens,
         prefix_cache_query_tokens=load.prefix_cache_query_tokens,
+        unknown=load.unknown,
     )
 
 
@@ -67,6 +68,7 @@ def load_from_proto(msg: common_pb2.InstanceLoad) -> LoadData:
         prompt_tokens_total=msg.prompt_tokens_total,
         prefix_cache_hit_tokens=msg.prefix_cache_hit_tokens,
         prefix_cache_query_tokens=msg.prefix_cache_query_tokens,
+        unknown=msg.unknown,
     )
 
 

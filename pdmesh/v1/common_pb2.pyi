@@ -145,7 +145,7 @@ class KVHandle(_message.Message):
     def __init__(self, handle_id: _Optional[str] = ..., request_id: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., expires_at: _Optional[float] = ..., version: _Optional[int] = ..., prefill_address: _Optional[str] = ...) -> None: ...
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "queued_prefill_tokens", "pinned_handles", "prompt_tokens_total", "prefix_cache_hit_tokens", "prefix_cache_query_tokens")
+    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "queued_prefill_tokens", "pinned_handles", "prompt_tokens_total", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "unknown")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class InstanceLoad(_message.Message):
     PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_blocks: int
@@ -164,7 +165,8 @@ class InstanceLoad(_message.Message):
     prompt_tokens_total: int
     prefix_cache_hit_tokens: int
     prefix_cache_query_tokens: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_handles: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ...) -> None: ...
+    unknown: bool
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_handles: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., unknown: _Optional[bool] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
     __slots__ = ("instance_id", "role", "address", "transfer_endpoint", "state", "load", "model", "last_heartbeat")

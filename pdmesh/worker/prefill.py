@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from pdmesh.aio import raise_lost_cancellation
 from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams
 from pdmesh.kv.registry import KVError, KVRegistry
 from pdmesh.kv.transfer.base import KVTransferServer
@@ -166,6 +167,7 @@ class PrefillHandler:
                 await self.reap_once()
             except Exception:  # the reaper must outlive any one bad pass
                 log.exception("KV reaper pass failed")
+            raise_lost_cancellation()
 
     def free_all(self) -> None:
         for handle_id in list(self._pinned):

@@ -101,13 +101,19 @@ def render(method: str, reply) -> str:
     """What the command prints."""
     if method == "ListInstances":
         lines = [f"active {reply.active or '-'} (fencing token {reply.fencing_token}), ratio {reply.ratio}"]
+        if reply.demand:
+            lines.append(f"demand: {reply.demand}")
         lines.append(f"{'ID':<20} {'ROLE':<8} {'STATE':<9} {'ADDRESS':<22} RUN WAIT KV-FREE")
         for msg in reply.instances:
             i = instance_from_proto(msg)
             load = i.load
+            figures = (
+                f"{'?':>3} {'?':>4} ?  (load unknown)"
+                if load.unknown
+                else f"{load.running:>3} {load.waiting:>4} {load.free_blocks}/{load.total_blocks}"
+            )
             lines.append(
-                f"{i.instance_id:<20} {i.role.value:<8} {i.state.value:<9} {i.address:<22} "
-                f"{load.running:>3} {load.waiting:>4} {load.free_blocks}/{load.total_blocks}"
+                f"{i.instance_id:<20} {i.role.value:<8} {i.state.value:<9} {i.address:<22} {figures}"
             )
         return "\n".join(lines)
     if method == "SetRatio":

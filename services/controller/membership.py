@@ -44,7 +44,8 @@ class Membership:
         self._instances: dict[str, InstanceInfoData] = {}
         self._draining: set[str] = set()
         self._flip_targets: dict[str, Role] = {}  # instance id -> the role a flip in progress moves it to
-        self._load_unknown: set[str] = set()  # restored records whose load no heartbeat reported yet
+        # loads not current: restored records no heartbeat reported on yet, instances that sent none
+        self._load_unknown: set[str] = set()
         self._probe_failing: dict[str, float] = {}  # instance id -> when its probes started failing
         self.dirty: set[str] = set()  # ids whose stored record is out of date
         self._version = 0
@@ -70,6 +71,7 @@ class Membership:
         info = record.copy()
         if info.instance_id in self._draining and info.state == InstanceState.HEALTHY:
             info.state = InstanceState.DRAINING
+        info.load.unknown = info.instance_id in self._load_unknown
         return info
 
     def view(self) -> ClusterViewData:
@@ -85,6 +87,7 @@ class Membership:
         previous = self._instances.get(record.instance_id)
         self._instances[record.instance_id] = record
         self._probe_failing.pop(record.instance_id, None)
+        self._set_load_known(record.instance_id, not record.load.unknown)
         self.dirty.add(record.instance_id)
         if previous is None:
             log.info("instance %s (%s) joined at %s", record.instance_id, record.role.value, record.address)
@@ -94,14 +97,18 @@ class Membership:
         return self._public(record)
 
     def heartbeat(self, instance_id: str, load: LoadData | None = None) -> bool:
-        """Records a heartbeat; False when the instance is unknown (it must register again)."""
+        """Records a heartbeat; False when the instance is unknown (it must register again).
+
+        A heartbeat without a load (the instance could not measure it) keeps the last figures but
+        marks them unknown, so that no drain or ratio decision rests on them.
+        """
         record = self._instances.get(instance_id)
         if record is None:
             return False
         record.last_heartbeat = self._clock()
         if load is not None:
             record.load = load
-            self._load_unknown.discard(instance_id)
+        self._set_load_known(instance_id, load is not None and not load.unknown)
         if record.state == InstanceState.SUSPECT and instance_id not in self._probe_failing:
             self._recover(record)
         return True
@@ -147,8 +154,12 @@ class Membership:
             self.dirty.add(instance_id)
             self._bump()
 
+    def _set_load_known(self, instance_id: str, known: bool) -> None:
+        (self._load_unknown.discard if known else self._load_unknown.add)(instance_id)
+
     def load_known(self, instance_id: str) -> bool:
-        """False between taking over a stored state (loads are not stored) and the first heartbeat."""
+        """False between taking over a stored state (loads are not stored) and the first heartbeat with
+        a load, and after a heartbeat that came without one."""
         return instance_id not in self._load_unknown
 
     def flip_target(self, instance_id: str) -> Role | None:
@@ -238,6 +249,7 @@ class Membership:
         self._draining.discard(instance_id)
         self._flip_targets.pop(instance_id, None)
         self._probe_failing.pop(instance_id, None)
+        self._load_unknown.discard(instance_id)
         self.dirty.add(instance_id)
         return True
 

@@ -8,7 +8,6 @@ the instance suspect, for ``dead_after_s`` dead (``Membership.sweep``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -64,7 +63,13 @@ class HealthProber:
                 except Exception:  # noqa: BLE001 - the loop must outlive any one bad round
                     log.exception("health probes failed")
         finally:
-            for channel in self._channels.values():
-                with contextlib.suppress(Exception):
-                    await channel.close()
-            self._channels.clear()
+            await self.close()
+
+    async def close(self) -> None:
+        """Closes the probe channels (a failure to close one is logged, not raised: we are stopping)."""
+        channels, self._channels = dict(self._channels), {}
+        for address, channel in channels.items():
+            try:
+                await channel.close()
+            except Exception as exc:  # noqa: BLE001 - stopping: the rest must still close
+                log.debug("closing the probe channel to %s failed: %r", address, exc)

@@ -58,7 +58,18 @@ class Demand:
     prompt_tokens_per_s: float = 0.0
     queued_prefill_tokens: int = 0
     kv_usage: float = 0.0  # mean over decode instances, 0..1
-    decode_running: int = 0  # sequences running on decode instances, summed
+    decode_running: float = 0.0  # sequences running on decode instances, summed (averaged over time)
+
+    def describe(self, capacity: Capacity | None = None, prefill: int = 0, decode: int = 0) -> str:
+        """One line for logs, ``ctl list`` and test failures; with a capacity, the loads in instances."""
+        text = (
+            f"prompt {self.prompt_tokens_per_s:.1f} tok/s, queued {self.queued_prefill_tokens} tok, "
+            f"KV use {self.kv_usage:.2f}, decode batch {self.decode_running:.2f}"
+        )
+        if capacity is not None:
+            p_load, d_load = demand_split(self, prefill, decode, capacity)
+            text += f" -> prefill load {p_load:.2f}, decode load {d_load:.2f} instances"
+        return text
 
 
 @dataclass(frozen=True)
@@ -132,34 +143,66 @@ class RatioPolicy:
         return auto_prefill(demand, prefill, decode, self.capacity)
 
 
-class DemandMeter:
-    """Turns heartbeat loads into ``Demand``: prompt tokens/s from the counters' deltas (smoothed)."""
+class Ewma:
+    """An exponential moving average over time: a sample ``window_s`` old weighs 1/e of a new one."""
 
-    def __init__(self, smoothing: float = 0.5) -> None:
-        self.smoothing = smoothing
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.value: float | None = None
+
+    def update(self, sample: float, dt_s: float) -> float:
+        if self.value is None:
+            self.value = sample
+        else:
+            self.value += (1 - math.exp(-max(0.0, dt_s) / self.window_s)) * (sample - self.value)
+        return self.value
+
+
+class DemandMeter:
+    """Turns heartbeat loads into ``Demand``, each figure averaged over about ``window_s``.
+
+    Prompt tokens/s come from the deltas of the instances' prompt-token counters; KV use and the
+    running decode batch are samples of the latest heartbeats. All three are averaged over time, so
+    that one heartbeat caught between two requests does not flip a role. Instances whose load is
+    unknown (not measured, or not heard since a takeover) are left out of every figure.
+    """
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
         self._totals: dict[str, int] = {}
         self._last_t: float | None = None
-        self._rate = 0.0
+        self._rate = Ewma(window_s)
+        self._kv_usage = Ewma(window_s)
+        self._running = Ewma(window_s)
+        self.last = Demand()
+
+    @property
+    def measured(self) -> bool:
+        """Whether ``last`` holds a measurement yet."""
+        return self._last_t is not None
 
     def measure(self, instances: list[InstanceInfoData], now: float) -> Demand:
-        """Demand over the time since the previous call (the first call sees no prompt rate)."""
+        """Demand averaged up to ``now`` (the first call sees no prompt rate)."""
+        known = [i for i in instances if not i.load.unknown]
         delta = 0
-        totals = {}
-        for info in instances:
+        for info in known:
             total = info.load.prompt_tokens_total
-            totals[info.instance_id] = total
             delta += max(0, total - self._totals.get(info.instance_id, total))
-        if self._last_t is not None and now > self._last_t:
-            rate = delta / (now - self._last_t)
-            self._rate = self.smoothing * rate + (1 - self.smoothing) * self._rate
-        self._totals, self._last_t = totals, now
-        decode = [i for i in instances if i.role == Role.DECODE]
+            self._totals[info.instance_id] = total
+        present = {i.instance_id for i in instances}
+        self._totals = {k: v for k, v in self._totals.items() if k in present}
+        dt = now - self._last_t if self._last_t is not None else 0.0
+        self._last_t = now
+        decode = [i for i in known if i.role == Role.DECODE]
         usage = [1 - i.load.free_blocks / i.load.total_blocks for i in decode if i.load.total_blocks > 0]
-        return Demand(
-            prompt_tokens_per_s=self._rate,
-            queued_prefill_tokens=sum(
-                i.load.queued_prefill_tokens for i in instances if i.role == Role.PREFILL
-            ),
-            kv_usage=sum(usage) / len(usage) if usage else 0.0,
-            decode_running=sum(i.load.running for i in decode),
+        if dt > 0:
+            self._rate.update(delta / dt, dt)
+        self._kv_usage.update(sum(usage) / len(usage) if usage else 0.0, dt)
+        self._running.update(sum(i.load.running for i in decode), dt)
+        self.last = Demand(
+            prompt_tokens_per_s=self._rate.value or 0.0,
+            queued_prefill_tokens=sum(i.load.queued_prefill_tokens for i in known if i.role == Role.PREFILL),
+            kv_usage=self._kv_usage.value or 0.0,
+            decode_running=self._running.value or 0.0,
         )
+        return self.last

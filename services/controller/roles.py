@@ -94,6 +94,8 @@ class RoleManager:
         *,
         drain_timeout_s: float = 60.0,
         settle_s: float = 0.5,
+        demand_window_s: float = 10.0,
+        is_active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.membership = membership
         self.actuator = actuator
@@ -102,7 +104,8 @@ class RoleManager:
         self.persist = persist
         self.drain_timeout_s = drain_timeout_s
         self.settle_s = settle_s  # the draining mark reaches coordinators and a fresh load arrives
-        self.meter = DemandMeter()
+        self.meter = DemandMeter(demand_window_s)
+        self.is_active = is_active  # a controller that lost its lease mid-flip must not switch the worker
         self.flips = 0
         self._lock = asyncio.Lock()
 
@@ -142,6 +145,8 @@ class RoleManager:
         await self.persist()
         try:
             drained = await self.wait_drained(instance_id)
+            if not self.is_active():
+                raise FlipFailed(f"this controller is no longer active; {instance_id} keeps its role")
             await self.actuator.flip(drained, new_role)  # idempotent: a worker already switched stays
             self.membership.set_role(instance_id, new_role)
         finally:
@@ -180,7 +185,7 @@ class RoleManager:
             info = self.membership.get(instance_id)
             if info is None:
                 raise FlipFailed(f"{instance_id} left the cluster while draining")
-            if info.load.idle() and self.membership.load_known(instance_id):
+            if info.load.idle():  # an unknown load is never idle
                 return info
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -210,7 +215,14 @@ class RoleManager:
         chosen = self.pick(donor)
         if chosen is None:
             return None
-        log.info("ratio %s: %dP:%dD -> %dP (demand %s)", self.target, prefill, decode, wanted, demand)
+        log.info(
+            "ratio %s: %dP:%dD -> %dP (%s)",
+            self.target,
+            prefill,
+            decode,
+            wanted,
+            demand.describe(self.policy.capacity, prefill, decode),
+        )
         try:
             await self.flip(chosen.instance_id, new_role)
         except (FlipRefused, FlipFailed, TimeoutError, KeyError) as exc:
@@ -218,6 +230,14 @@ class RoleManager:
             self.policy.record_flip(now)  # back off as after a flip
             return None
         return chosen.instance_id
+
+    def describe_demand(self) -> str:
+        """The last measured demand in words (empty before the first ratio check)."""
+        if not self.meter.measured:
+            return ""
+        members = self.membership.instances()
+        prefill, decode = _count(members, Role.PREFILL), _count(members, Role.DECODE)
+        return self.meter.last.describe(self.policy.capacity, prefill, decode)
 
     async def run_forever(self, interval_s: float, is_active: Callable[[], bool]) -> None:
         """The ratio loop; does nothing while this controller is a standby."""

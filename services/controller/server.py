@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from pdmesh.aio import raise_lost_cancellation
 from pdmesh.config import ControllerConfig
 from pdmesh.planner.capacity import capacity_from_profile
 from pdmesh.rpc.server import RunningServer, start_server
@@ -38,6 +39,15 @@ def _no_op(instance_id: str) -> None:
 def sweep_interval_s(config: ControllerConfig) -> float:
     """How often the sweep runs: often enough that a state change shows up within a fraction of its delay."""
     return max(0.01, min(config.heartbeat_interval_s, config.suspect_after_s) / 2)
+
+
+def recovery_grace_s(config: ControllerConfig) -> float:
+    """How long a controller taking over a lost Redis state takes registrations before it acts: as
+    configured, else three heartbeat intervals (workers that were told to register again do so
+    within one or two)."""
+    if config.recovery_grace_s is not None:
+        return config.recovery_grace_s
+    return 3 * config.heartbeat_interval_s
 
 
 def instance_capacity(config: ControllerConfig) -> Capacity:
@@ -73,7 +83,12 @@ class ControllerService:
         self.on_instance_dead = on_instance_dead
         self.server: RunningServer | None = None
         self.leadership = Leadership(
-            membership, "", config.redis_url, config.lease_ttl_s, on_transition=self._on_transition
+            membership,
+            "",
+            config.redis_url,
+            config.lease_ttl_s,
+            on_transition=self._on_transition,
+            recovery_grace_s=recovery_grace_s(config),
         )
         self.prober = HealthProber(membership, config.probe_interval_s)
         capacity = instance_capacity(config)
@@ -85,6 +100,8 @@ class ControllerService:
             self.leadership.flush,
             drain_timeout_s=config.drain_timeout_s,
             settle_s=min(1.0, config.heartbeat_interval_s * 1.5),
+            demand_window_s=config.demand_window_s,
+            is_active=lambda: self.leadership.active,
         )
         servicer.leadership, servicer.roles = self.leadership, self.roles
         self._sweep_task: asyncio.Task | None = None
@@ -104,8 +121,8 @@ class ControllerService:
         return self.config.advertise_address or f"{self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        """Binds, tries for the lease once (so that the first controller up is active at once), then
-        starts the loops."""
+        """Binds, tries for the lease once (so that the first controller up holds it at once; over a new
+        Redis it acts after its settle period), then starts the loops."""
         register = lambda s: controller_pb2_grpc.add_ControllerServicer_to_server(self.servicer, s)  # noqa: E731
         self.server = await start_server(register, [SERVICE_NAME], self.config.host, self.config.port)
         self.leadership.address = self.address
@@ -149,6 +166,7 @@ class ControllerService:
         task = asyncio.ensure_future(coro)
         self._hook_tasks.add(task)
         task.add_done_callback(self._hook_tasks.discard)
+        task.add_done_callback(_log_failure)
 
     async def _flush_forever(self) -> None:
         """Writes membership changes to Redis (fenced) as they happen."""
@@ -159,6 +177,7 @@ class ControllerService:
                 await self.leadership.flush()
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad write
                 log.exception("storing the cluster state failed")
+            raise_lost_cancellation()
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful stop: NOT_SERVING, watch streams ended, then the server stops within ``grace_s``."""
@@ -208,6 +227,12 @@ class ControllerService:
                 await result
         except Exception:  # noqa: BLE001 - a failing hook must not take the controller down
             log.exception("on_instance_dead(%s) failed", instance_id)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """A background step failed (say, Redis went away meanwhile): say so in the log."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background controller step failed: %r", task.exception())
 
 
 async def create_controller(

@@ -3,7 +3,9 @@
 Protobuf stops here: requests turn into ``pdmesh.cluster`` dataclasses before they reach the
 membership, and views turn back into messages on the way out. A standby controller refuses every
 call with FAILED_PRECONDITION and the active controller's address in the trailing metadata
-(``pdmesh-active-controller``), so that clients follow it.
+(``pdmesh-active-controller``), so that clients follow it. A controller that holds the lease but is
+still settling (Redis lost its state) takes membership calls, holds view streams open without a view,
+and refuses the rest naming itself.
 """
 
 from __future__ import annotations
@@ -52,23 +54,40 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     def is_active(self) -> bool:
         return self.leadership is None or self.leadership.active
 
+    def is_holder(self) -> bool:
+        """Holds the lease: active, or settling before it acts (it takes registrations already)."""
+        return self.leadership is None or self.leadership.holding
+
     async def _require_active(self, context) -> None:
-        """FAILED_PRECONDITION naming the active controller when this one is a standby."""
-        if self.is_active():
-            return
-        active = self.leadership.active_address
-        where = f"the active controller is {active}" if active else "no controller is active yet"
+        """FAILED_PRECONDITION naming the active controller when this one is a standby (or settling)."""
+        if not self.is_active():
+            await self._refuse(context)
+
+    async def _require_holder(self, context) -> None:
+        """Membership calls: refused only by a standby."""
+        if not self.is_holder():
+            await self._refuse(context)
+
+    async def _refuse(self, context) -> None:
+        leadership = self.leadership
+        if leadership.settling:  # clients stay here: this controller acts soon
+            why = (
+                f"controller taking over after Redis lost its state: acting in {leadership.acts_in_s():.1f}s"
+            )
+            active = leadership.address
+        else:
+            active = leadership.active_address
+            where = f"the active controller is {active}" if active else "no controller is active yet"
+            why = f"standby controller: {where}"
         metadata = ((ACTIVE_METADATA_KEY, active),) if active else ()
-        await context.abort(
-            grpc.StatusCode.FAILED_PRECONDITION, f"standby controller: {where}", trailing_metadata=metadata
-        )
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why, trailing_metadata=metadata)
 
     def close(self) -> None:
         """Ends every open WatchCluster stream (before a graceful stop, so that it does not wait on them)."""
         self._closing.set()
 
     async def Register(self, request, context) -> controller_pb2.RegisterResponse:
-        await self._require_active(context)
+        await self._require_holder(context)
         if not request.HasField("instance"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance is missing")
         try:
@@ -79,7 +98,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         return controller_pb2.RegisterResponse(heartbeat_interval_ms=self._heartbeat_interval_ms)
 
     async def Heartbeat(self, request, context) -> controller_pb2.HeartbeatResponse:
-        await self._require_active(context)
+        await self._require_holder(context)
         await _require_instance_id(request.instance_id, "Heartbeat", context)
         load = load_from_proto(request.load) if request.HasField("load") else None
         known = self._membership.heartbeat(request.instance_id, load)
@@ -88,7 +107,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         return controller_pb2.HeartbeatResponse(known=known)
 
     async def Deregister(self, request, context) -> controller_pb2.DeregisterResponse:
-        await self._require_active(context)
+        await self._require_holder(context)
         await _require_instance_id(request.instance_id, "Deregister", context)
         self._membership.deregister(request.instance_id)
         return controller_pb2.DeregisterResponse()
@@ -100,6 +119,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             ratio=str(self.roles.target) if self.roles else "off",
             active=self.leadership.address if self.leadership else "",
             fencing_token=self.leadership.token if self.leadership else 0,
+            demand=self.roles.describe_demand() if self.roles else "",
         )
 
     async def SetRatio(self, request, context) -> controller_pb2.SetRatioResponse:
@@ -160,16 +180,20 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             await self._require_active(context)
 
     async def WatchCluster(self, request, context) -> AsyncIterator[controller_pb2.ClusterView]:
-        """The current view at once, then the latest view after each change (changes may coalesce)."""
+        """The current view at once, then the latest view after each change (changes may coalesce).
+
+        A controller settling after Redis lost its state holds the stream open and sends the first
+        view when it starts acting: until then the watcher routes on the view it had."""
         watcher = request.watcher_id or context.peer()
         log.info("watcher %s connected", watcher)
-        await self._require_active(context)
+        await self._require_holder(context)
         self.watchers += 1
         try:
             while not self._closing.is_set():
-                await self._require_active(context)
+                await self._require_holder(context)
                 view = self._membership.view()
-                yield view_to_proto(view)
+                if self.is_active():  # a settling controller's view may lack instances: not sent yet
+                    yield view_to_proto(view)
                 await self._wait_change_or_close(view.version)
         finally:
             self.watchers -= 1

@@ -3,7 +3,9 @@
 Keys (prefix ``pdmesh:``): ``ctl:instances`` (hash: instance id -> JSON record with its role, address,
 endpoint, model and draining mark), ``ctl:meta`` (hash: ``ratio``, ``version``). Loads and heartbeat
 times are not stored: they come again with the next heartbeats, and a controller that takes over
-gives every stored instance a fresh grace period.
+gives every stored instance a fresh grace period. When Redis lost the state (restarted empty, or a
+replica behind took over), a controller taking over completes what it finds with what it knew
+before (``merge_states``) and writes it back.
 """
 
 from __future__ import annotations
@@ -101,13 +103,40 @@ class ClusterStore:
         """Everything stored (empty on a fresh Redis)."""
         raw = await self.redis.hgetall(self.instances_key)
         meta = await self.redis.hgetall(self.meta_key)
-        instances, draining, flips = [], set(), {}
-        for instance_id in sorted(raw):
-            info, drained = decode_instance(instance_id, raw[instance_id])
-            instances.append(info)
-            if drained:
-                draining.add(instance_id)
-            flip_to = json.loads(raw[instance_id]).get("flip_to")
-            if flip_to:
-                flips[instance_id] = Role(flip_to)
-        return StoredState(instances, draining, meta.get("ratio"), int(meta.get("version", "0")), flips)
+        return parse_state(raw, meta)
+
+    async def snapshot(self) -> tuple[int | None, StoredState]:
+        """The fencing counter (None when missing) and the state, read in one transaction so that
+        the state is the one written under that counter."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(self.fence_key).hgetall(self.instances_key).hgetall(self.meta_key)
+            counter, raw, meta = await pipe.execute()
+        return (int(counter) if counter is not None else None), parse_state(raw, meta)
+
+
+def merge_states(fresh: StoredState, known: StoredState) -> StoredState:
+    """``fresh`` (read from a Redis that lost data) completed with what this controller knew before:
+    the records ``fresh`` lacks come from ``known``."""
+    missing = [i for i in known.instances if all(i.instance_id != f.instance_id for f in fresh.instances)]
+    ids = {i.instance_id for i in missing}
+    return StoredState(
+        instances=sorted([*fresh.instances, *missing], key=lambda i: i.instance_id),
+        draining=fresh.draining | (known.draining & ids),
+        ratio=fresh.ratio or known.ratio,
+        version=max(fresh.version, known.version),
+        flips={**{k: v for k, v in known.flips.items() if k in ids}, **fresh.flips},
+    )
+
+
+def parse_state(raw: dict[str, str], meta: dict[str, str]) -> StoredState:
+    """The state from the instances hash and the meta hash as Redis returns them."""
+    instances, draining, flips = [], set(), {}
+    for instance_id in sorted(raw):
+        info, drained = decode_instance(instance_id, raw[instance_id])
+        instances.append(info)
+        if drained:
+            draining.add(instance_id)
+        flip_to = json.loads(raw[instance_id]).get("flip_to")
+        if flip_to:
+            flips[instance_id] = Role(flip_to)
+    return StoredState(instances, draining, meta.get("ratio"), int(meta.get("version", "0")), flips)

@@ -13,6 +13,10 @@ tokens already sent are neither repeated nor lost: a new attempt only produces t
 
 Prompts shorter than ``local_prefill_threshold`` tokens are prefilled by the decode instance itself
 (conditional disaggregation). With only mixed instances healthy, a mixed instance serves it whole.
+Each attempt decides all of this on one snapshot of the cluster view (``Router.snapshot``).
+
+Channels: one per worker address, opened on first use. When a view no longer lists an address, its
+channel is closed as soon as no call uses it (at once, or when the last call on it ends).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 
 import grpc
 
-from pdmesh.cluster import InstanceInfoData, Role
+from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
 from pdmesh.config import CoordinatorConfig
 from pdmesh.engine.types import SamplingParams
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
@@ -34,7 +39,7 @@ from pdmesh.rpc.convert import logprobs_from_proto, sampling_to_proto
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.coordinator.admission import AdmissionGate
 from services.coordinator.backend import GenerationChunk, GenerationError
-from services.coordinator.routing import Router
+from services.coordinator.routing import Router, RoutingSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,9 @@ class MeshBackend:
         self.config = config
         self.gate = AdmissionGate(config.max_inflight, config.max_queue, config.queue_timeout_s)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._calls: Counter = Counter()  # address -> calls in progress on its channel
+        self._listed: set[str] | None = None  # the addresses in the latest view seen (None: none yet)
+        self._closing: set[asyncio.Task] = set()
 
     def ready(self) -> bool:
         return self.router.ready()
@@ -90,15 +98,55 @@ class MeshBackend:
             channel = self._channels[instance.address] = open_channel(instance.address)
         return worker_pb2_grpc.WorkerStub(channel)
 
+    @contextlib.contextmanager
+    def _calling(self, instance: InstanceInfoData) -> Iterator[None]:
+        """Marks the instance's channel in use for the duration of one call."""
+        self._hold(instance)
+        try:
+            yield
+        finally:
+            self._let_go(instance)
+
+    def _hold(self, instance: InstanceInfoData) -> None:
+        self._calls[instance.address] += 1
+
+    def _let_go(self, instance: InstanceInfoData) -> None:
+        """One call on the instance's channel ended; the last one closes it if the view dropped it."""
+        self._calls[instance.address] -= 1
+        if not self._calls[instance.address]:
+            del self._calls[instance.address]
+            if self._listed is not None and instance.address not in self._listed:
+                self._close_channel(instance.address)
+
+    def _forget_departed(self, view: ClusterViewData) -> None:
+        """Closes the channels of addresses this view no longer lists and no call uses."""
+        listed = {i.address for i in view.instances}
+        if listed == self._listed:
+            return
+        self._listed = listed
+        for address in [a for a in self._channels if a not in listed and not self._calls[a]]:
+            self._close_channel(address)
+
+    def _close_channel(self, address: str) -> None:
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            log.debug("closing the channel to %s: no longer in the cluster view", address)
+            task = asyncio.ensure_future(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
-        for channel in self._channels.values():
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
             await channel.close()
+        if self._closing:
+            await asyncio.wait(self._closing)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
-        if not self.router.ready():
-            raise GenerationError("no healthy prefill and decode instances", status_code=503, retry_after_s=1)
+        if not self.router.snapshot().ready():
+            raise _unservable()
         async with self.gate.admit():
             request = _Request(
                 request_id, prompt_ids, sampling, time.monotonic() + self.config.request_timeout_s
@@ -123,17 +171,21 @@ class MeshBackend:
 
     async def _attempt(self, request: _Request) -> AsyncIterator[GenerationChunk]:
         prompt_ids, sampling = request.continuation()
-        if not self.router.can_disaggregate():
-            mixed = self._pick(Role.MIXED, request)
+        snapshot = self.router.snapshot()  # one view for every decision of this attempt
+        self._forget_departed(snapshot.view)
+        if not snapshot.ready():
+            raise _unservable()
+        if not snapshot.can_disaggregate():
+            mixed = _pick(snapshot, Role.MIXED, request)
             async for chunk in self._local(mixed, request, prompt_ids, sampling):
                 yield chunk
             return
-        decode = self._pick(Role.DECODE, request)
+        decode = _pick(snapshot, Role.DECODE, request)
         if len(prompt_ids) < self.config.local_prefill_threshold:
             async for chunk in self._local(decode, request, prompt_ids, sampling):
                 yield chunk
             return
-        prefill = self._pick(Role.PREFILL, request, prompt_ids)
+        prefill = _pick(snapshot, Role.PREFILL, request, prompt_ids)
         reply = await self._prefill(prefill, request, prompt_ids, sampling)
         yield GenerationChunk(
             [reply.first_token],
@@ -153,12 +205,6 @@ class MeshBackend:
         )
         async for chunk in self._stream(decode, decode_request, request):
             yield chunk
-
-    def _pick(self, role: Role, request: _Request, prompt_ids: list[int] | None = None) -> InstanceInfoData:
-        instance = self.router.pick(role, exclude=request.tried, prompt_ids=prompt_ids)
-        if instance is None:
-            raise GenerationError(f"no healthy {role.value} instance", status_code=503, retry_after_s=1)
-        return instance
 
     async def _local(
         self, instance, request: _Request, prompt_ids, sampling
@@ -184,7 +230,8 @@ class MeshBackend:
         timeout = min(self.config.first_token_timeout_s, _remaining(request.deadline))
         self.router.inflight[instance.instance_id] += 1
         try:
-            reply = await self._stub(instance).Prefill(prefill_request, timeout=timeout)
+            with self._calling(instance):
+                reply = await self._stub(instance).Prefill(prefill_request, timeout=timeout)
         except asyncio.CancelledError:
             await self._abort(instance, request.attempt_id)
             raise
@@ -206,6 +253,7 @@ class MeshBackend:
         if decode_request.prefill_locally:
             first_timeout = min(self.config.first_token_timeout_s, _remaining(request.deadline))
         self.router.inflight[instance.instance_id] += 1
+        self._hold(instance)
         try:
             async for chunk in _first_in_time(call, first_timeout, instance):
                 if chunk.HasField("error") and chunk.error.code:
@@ -225,14 +273,28 @@ class MeshBackend:
         finally:
             self.router.inflight[instance.instance_id] -= 1
             call.cancel()  # the client went away or we are done: the worker aborts and frees blocks
+            self._let_go(instance)
         request.tried.add(instance.instance_id)
         raise _Retry(f"decode stream from {instance.instance_id} ended without finishing")
 
     async def _abort(self, instance: InstanceInfoData, request_id: str) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError), self._calling(instance):
             await self._stub(instance).Abort(
                 worker_pb2.AbortRequest(request_id=request_id), timeout=DEFAULT_DEADLINE_S
             )
+
+
+def _unservable() -> GenerationError:
+    return GenerationError("no healthy prefill and decode instances", status_code=503, retry_after_s=1)
+
+
+def _pick(
+    snapshot: RoutingSnapshot, role: Role, request: _Request, prompt_ids: list[int] | None = None
+) -> InstanceInfoData:
+    instance = snapshot.pick(role, exclude=request.tried, prompt_ids=prompt_ids)
+    if instance is None:
+        raise GenerationError(f"no healthy {role.value} instance", status_code=503, retry_after_s=1)
+    return instance
 
 
 def _remaining(deadline: float) -> float:

@@ -118,7 +118,11 @@ def prompt_block_hashes(prompt_ids: list[int], block_size: int) -> list[int]:
 
 
 class Router:
-    """Chooses instances from the controller's latest cluster view and tracks what it sent where."""
+    """Chooses instances from the controller's latest cluster view and tracks what it sent where.
+
+    ``snapshot()`` fixes one view: a request attempt asks it whether it can be served, how, and where,
+    so that a view arriving meanwhile cannot answer one question and not the next.
+    """
 
     def __init__(
         self,
@@ -141,23 +145,49 @@ class Router:
     def view(self) -> ClusterViewData:
         return self._view_fn()
 
-    def _healthy(self, role: Role) -> list[InstanceInfoData]:
-        return sorted(self.view.healthy(role), key=lambda i: i.instance_id)
+    def snapshot(self) -> RoutingSnapshot:
+        """The latest view, fixed for one request attempt."""
+        return RoutingSnapshot(self, self._view_fn())
 
     def can_disaggregate(self) -> bool:
-        return bool(self._healthy(Role.PREFILL)) and bool(self._healthy(Role.DECODE))
+        return self.snapshot().can_disaggregate()
 
     def ready(self) -> bool:
         """True while a request can be served: one prefill and one decode instance, or a mixed one."""
-        return self.can_disaggregate() or bool(self._healthy(Role.MIXED))
+        return self.snapshot().ready()
 
     def pick(
         self, role: Role, exclude: Collection[str] = (), prompt_ids: list[int] | None = None
     ) -> InstanceInfoData | None:
         """A healthy instance of ``role``, avoiding ``exclude`` while others exist; None if none."""
-        healthy = self._healthy(role)
+        return self.snapshot().pick(role, exclude, prompt_ids)
+
+
+class RoutingSnapshot:
+    """One cluster view and the router's policies: every answer comes from the same instances."""
+
+    def __init__(self, router: Router, view: ClusterViewData) -> None:
+        self.router = router
+        self.view = view
+        self._healthy = {
+            role: sorted(view.healthy(role), key=lambda i: i.instance_id)
+            for role in (Role.PREFILL, Role.DECODE, Role.MIXED)
+        }
+
+    def can_disaggregate(self) -> bool:
+        return bool(self._healthy[Role.PREFILL]) and bool(self._healthy[Role.DECODE])
+
+    def ready(self) -> bool:
+        """True when this view can serve a request: one prefill and one decode instance, or a mixed one."""
+        return self.can_disaggregate() or bool(self._healthy[Role.MIXED])
+
+    def pick(
+        self, role: Role, exclude: Collection[str] = (), prompt_ids: list[int] | None = None
+    ) -> InstanceInfoData | None:
+        """A healthy instance of ``role``, avoiding ``exclude`` while others exist; None if none."""
+        healthy = self._healthy[role]
         candidates = [c for c in healthy if c.instance_id not in exclude] or healthy
         if not candidates:
             return None
-        hashes = prompt_block_hashes(prompt_ids, self.block_size) if prompt_ids else []
-        return self.policies[role].pick(candidates, PickContext(self.inflight, hashes))
+        hashes = prompt_block_hashes(prompt_ids, self.router.block_size) if prompt_ids else []
+        return self.router.policies[role].pick(candidates, PickContext(self.router.inflight, hashes))

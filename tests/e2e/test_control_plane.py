@@ -26,10 +26,11 @@ from tests.e2e.helpers import list_instances, wait_until
 pytestmark = pytest.mark.timeout(240)
 
 LEASE_S = 1.0
+DEAD_S = 3.0
 HEALTH = {
     "heartbeat-interval-s": "0.2",
     "suspect-after-s": "1.5",
-    "dead-after-s": "3.0",
+    "dead-after-s": str(DEAD_S),
     "probe-interval-s": "0.5",
     "lease-ttl-s": str(LEASE_S),
 }
@@ -119,56 +120,97 @@ def test_kill_active_controller_during_a_burst(ha_stack):
     addresses = ha_stack.controller_address.split(",")
     name = ha_stack.controller_names[addresses.index(active)]
     stop = threading.Event()
+    codes: list[int] = []
 
-    def client() -> list[int]:
-        codes = []
+    def client() -> None:
         while not stop.is_set():
             codes.append(complete(ha_stack, "Tell me about the sea", 12).status_code)
-        return codes
 
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(client) for _ in range(3)]
-        time.sleep(1.0)
-        ha_stack.kill(name)  # SIGKILL: the lease is not released, it runs out
-        took = wait_until(lambda: _active(ha_stack) not in ("", active), 10, "a standby taking over")
-        time.sleep(3.0)  # longer than dead_after_s: nobody is declared dead wrongly
-        stop.set()
-        codes = [c for f in futures for c in f.result()]
+        try:
+            wait_until(lambda: len(codes) >= 3, 30, "the burst under way")
+            ha_stack.kill(name)  # SIGKILL: the lease is not released, it runs out
+            took = wait_until(lambda: _active(ha_stack) not in ("", active), 10, "a standby taking over")
+            # the new active gives every instance a fresh grace period: through all of it (and a
+            # heartbeat more) nobody may be declared dead while the burst goes on
+            watch_until = time.monotonic() + DEAD_S + 1.0
+            while time.monotonic() < watch_until:
+                assert len(_instances(ha_stack)) == 3, [i.instance_id for i in _instances(ha_stack)]
+                time.sleep(0.2)
+        finally:
+            stop.set()
+        for future in futures:
+            future.result()
     assert took < 2 * LEASE_S + 1.5, took
     assert codes and set(codes) == {200}, codes
-    assert len(_instances(ha_stack)) == 3
     assert complete(ha_stack, "After the takeover", 8).status_code == 200
 
 
+def _list_reply(stack) -> controller_pb2.ListInstancesResponse:
+    for address in stack.controller_address.split(","):
+        with contextlib.suppress(grpc.RpcError):
+            return asyncio.run(_reply(address))
+    raise AssertionError("no controller answered ListInstances")
+
+
+async def _reply(address: str) -> controller_pb2.ListInstancesResponse:
+    async with open_channel(address) as channel:
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        return await stub.ListInstances(controller_pb2.ListInstancesRequest(), timeout=5)
+
+
+def _prefill_count(stack) -> int:
+    return sum(1 for i in _list_reply(stack).instances if i.role == 1)  # ROLE_PREFILL
+
+
+def _load_until(stack, clients: int, prompt, max_tokens: int, prefill_wanted: int, timeout_s: float) -> list:
+    """Closed-loop clients until the controller runs ``prefill_wanted`` prefill instances; returns every
+    request's status. The clients stop whatever happens, so a failure never leaves them running."""
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            statuses.append(complete(stack, prompt, max_tokens).status_code)
+
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client) for _ in range(clients)]
+        try:
+            deadline = time.monotonic() + timeout_s
+            while _prefill_count(stack) != prefill_wanted:
+                if time.monotonic() > deadline:
+                    reply = _list_reply(stack)
+                    raise AssertionError(
+                        f"not {prefill_wanted} prefill instance(s) within {timeout_s}s: "
+                        f"{[(i.instance_id, i.role) for i in reply.instances]}; "
+                        f"last measured demand: {reply.demand or 'none'}; statuses so far {sorted(set(statuses))}"
+                    )
+                time.sleep(0.1)
+        finally:
+            stop.set()
+        for future in futures:
+            future.result()
+    return statuses
+
+
 def test_auto_ratio_follows_the_load(tiny_qwen3, tmp_path_factory):
+    """Each phase is heavy by construction (see tests/unit/test_ratio.py for the operating points):
+    150-token prompts with one output token, then 1-token prompts with 384 output tokens."""
     args = {
         **HEALTH,
         "pd-ratio": "auto",
         "ratio-interval-s": "0.5",
+        "demand-window-s": "1",
         "flip-cooldown-s": "1",
-        "prefill-capacity-tokens-per-s": "40",
+        "prefill-capacity-tokens-per-s": "400",
         "decode-batch-capacity": "2",
     }
     stack = start_stack(tiny_qwen3, tmp_path_factory, prefill=1, decode=2, controller_args=args)
-    stop = threading.Event()
     try:
-        count = lambda role: sum(1 for r in roles(stack).values() if r == role)  # noqa: E731
-
-        def load(prompt: str, max_tokens: int) -> None:
-            while not stop.is_set():
-                complete(stack, prompt, max_tokens)
-
-        with ThreadPoolExecutor(3) as pool:
-            heavy = [pool.submit(load, "rain " * 150, 1) for _ in range(3)]
-            wait_until(lambda: count(1) == 2, 25, "a second prefill instance under prompt-heavy load")
-            stop.set()
-            [f.result() for f in heavy]
-        stop.clear()
-        with ThreadPoolExecutor(4) as pool:
-            heavy = [pool.submit(load, "Hi", 48) for _ in range(4)]
-            wait_until(lambda: count(1) == 1, 25, "back to one prefill instance under decode-heavy load")
-            stop.set()
-            [f.result() for f in heavy]
+        statuses = _load_until(stack, 3, "rain " * 150, 1, prefill_wanted=2, timeout_s=25)
+        assert statuses and set(statuses) == {200}, statuses
+        statuses = _load_until(stack, 4, [7], 384, prefill_wanted=1, timeout_s=25)
+        assert statuses and set(statuses) == {200}, statuses
     finally:
-        stop.set()
         stack.stop()

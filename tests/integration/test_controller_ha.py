@@ -24,7 +24,15 @@ from services.controller.state import FencedOut
 pytestmark = pytest.mark.timeout(60)
 
 LEASE_S = 0.6
-FAST = {"heartbeat_interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 2.0, "lease_ttl_s": LEASE_S}
+# The instances here are agents without a gRPC server at their address: health probes would find them
+# failing and kill them every dead_after_s, so the probes wait longer than any test here runs.
+FAST = {
+    "heartbeat_interval_s": 0.1,
+    "suspect_after_s": 1.0,
+    "dead_after_s": 2.0,
+    "lease_ttl_s": LEASE_S,
+    "probe_interval_s": 60,
+}
 
 
 @pytest.fixture
@@ -55,6 +63,8 @@ async def controllers(redis_url: str | None, count: int = 2, **overrides):
         for _ in range(count):
             config = ControllerConfig(host="127.0.0.1", port=0, redis_url=redis_url, **{**FAST, **overrides})
             started.append(await create_controller(config, actuator=actuator))
+        # the first one holds the lease (a new deployment: it acts at once)
+        await wait_until(lambda: started[0].active, 2 * started[0].leadership.settle_s + 1)
         yield started, actuator
     finally:
         for controller in started:
@@ -212,7 +222,7 @@ def test_a_flip_interrupted_by_the_active_controllers_death_is_finished_by_the_s
             stored = await b.leadership.store.load()
             assert stored.flips == {"prefill-1": Role.DECODE} and "prefill-1" in stored.draining
             # a dies while prefill-1 drains: a crashed process writes nothing more
-            a.leadership.active = False
+            a.leadership.step_down("crashed")
             await a.abandon()
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await flipping

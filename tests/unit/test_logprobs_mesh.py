@@ -9,7 +9,7 @@ from collections import Counter
 import grpc
 import pytest
 
-from pdmesh.cluster import InstanceInfoData, Role
+from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
 from pdmesh.config import CoordinatorConfig
 from pdmesh.engine.types import SamplingParams
 from pdmesh.rpc.convert import logprobs_to_proto
@@ -77,6 +77,10 @@ class _Router:
     def __init__(self, instances: list[InstanceInfoData]) -> None:
         self.instances = instances
         self.inflight: Counter = Counter()
+        self.view = ClusterViewData(1, tuple(instances))
+
+    def snapshot(self) -> _Router:  # one fixed view: the router is its own snapshot
+        return self
 
     def ready(self) -> bool:
         return True

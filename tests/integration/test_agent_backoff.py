@@ -1,0 +1,52 @@
+"""A worker's membership agent backs off while no controller can take it: a standby that points at a
+crashed active (whose lease has not run out) must not make it re-register ten times a second."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from pdmesh.cluster import InstanceInfoData, LoadData, Role
+from pdmesh.config import ControllerConfig
+from pdmesh.rpc.controller_client import InstanceAgent
+from services.controller.server import create_controller
+
+pytestmark = pytest.mark.timeout(60)
+
+WATCH_S = 3.0
+# Backoff 0.1 s doubling (x0.8..1.2 jitter): at most ~6 attempts fit in 3 s; resetting it on every
+# redirect gave one attempt per ~0.1 s (about 30).
+MAX_ATTEMPTS = 10
+
+
+def test_redirects_to_a_dead_active_keep_the_backoff(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter("pdmesh:ctl:*"):
+        client.delete(key)
+    client.close()
+
+    async def main() -> None:
+        config = dict(host="127.0.0.1", port=0, redis_url=redis_url, lease_ttl_s=30.0)
+        active = await create_controller(ControllerConfig(**config))
+        standby = await create_controller(ControllerConfig(**config))
+        agent = None
+        try:
+            assert active.active and not standby.active
+            await active.abandon()  # crashed: its lease stays for 30 s and the standby names it
+            info = InstanceInfoData("w-0", Role.DECODE, "127.0.0.1:1", model="tiny")
+            agent = InstanceAgent(standby.address, info, LoadData)
+            started = time.monotonic()
+            await agent.start(register_timeout_s=WATCH_S)
+            assert not agent.registered and time.monotonic() - started >= WATCH_S
+            attempts = agent.failures
+            assert 2 <= attempts <= MAX_ATTEMPTS, f"{attempts} Register attempts in {WATCH_S}s"
+        finally:
+            if agent is not None:
+                await agent.stop(deregister=False)
+            await standby.stop(grace_s=0.2)
+            await active.leadership.close()
+
+    asyncio.run(main())
