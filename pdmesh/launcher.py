@@ -233,9 +233,19 @@ class LocalStack:
             "grpc-port": str(self.grpc_port),
             "controller": self.controller_address,
             "model-dir": str(self.spec.model_dir),
+            **self._ready_counts(),
             **self.spec.coordinator_args,
         }
         self._spawn("coordinator", "services.coordinator", args)
+
+    def _ready_counts(self) -> dict[str, str]:
+        """The coordinator turns ready once every worker of the stack is healthy."""
+        if self.spec.mode == "mixed":
+            return {"ready-mixed-instances": str(self.spec.prefill + self.spec.decode)}
+        return {
+            "ready-prefill-instances": str(self.spec.prefill),
+            "ready-decode-instances": str(self.spec.decode),
+        }
 
     def _spawn(self, name: str, module: str, args: dict[str, str], cpus: str | None = None) -> None:
         argv = [sys.executable, "-m", module]
@@ -268,12 +278,13 @@ class LocalStack:
         return proc
 
     def wait_ready(self) -> None:
-        """Waits until the coordinator answers /health with 200 (one prefill and decode registered)."""
+        """Waits until the coordinator answers /ready with 200: every worker of the stack is healthy
+        in its view (it has logged ``pdmesh coordinator is ready``)."""
         deadline = time.monotonic() + self.spec.startup_timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.base_url}/ready", timeout=2.0).status_code == 200:
                     return
             time.sleep(0.2)
         raise TimeoutError(

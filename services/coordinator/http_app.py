@@ -31,7 +31,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import jinja2
@@ -305,9 +305,14 @@ class OpenAIServer:
 
 
 def create_app(
-    backend: GenerationBackend, model_name: str, tokenizer: Tokenizer, max_model_len: int
+    backend: GenerationBackend,
+    model_name: str,
+    tokenizer: Tokenizer,
+    max_model_len: int,
+    readiness: Callable[[], tuple[bool, str]] | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app over ``backend``."""
+    """The OpenAI-compatible app over ``backend``; ``readiness`` answers ``/ready`` (ready, what is
+    missing), by default whether the backend can serve."""
     server = OpenAIServer(backend, model_name, tokenizer, max_model_len)
     app = FastAPI(title="pdmesh coordinator", docs_url=None, redoc_url=None)
     app.state.server = server
@@ -323,6 +328,12 @@ def create_app(
     async def health() -> JSONResponse:
         ready = backend.ready()
         return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
+
+    @app.get("/ready", response_model=api.ReadyStatus, responses={503: {"model": api.ReadyStatus}})
+    async def ready() -> JSONResponse:
+        ok, missing = readiness() if readiness is not None else (backend.ready(), "")
+        body = {"status": "ready"} if ok else {"status": "not ready", "missing": missing or "instances"}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models", response_model=None, responses={200: {"model": api.ModelList}})
     async def models() -> dict:

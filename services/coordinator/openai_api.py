@@ -301,6 +301,11 @@ class HealthStatus(BaseModel):
     status: Literal["ok", "unavailable"]
 
 
+class ReadyStatus(BaseModel):
+    status: Literal["ready", "not ready"]
+    missing: str | None = None  # what the coordinator still waits for
+
+
 def error_body(
     message: str,
     error_type: str = "invalid_request_error",

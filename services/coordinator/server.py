@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
+from pdmesh.cluster import Role
 from pdmesh.config import CoordinatorConfig
 from pdmesh.rpc.controller_client import ClusterWatcher
 from pdmesh.rpc.server import RunningServer, start_server
@@ -19,6 +20,7 @@ from pdmesh.v1 import coordinator_pb2_grpc
 from services.coordinator.grpc_front import CoordinatorServicer
 from services.coordinator.http_app import create_app
 from services.coordinator.mesh import MeshBackend
+from services.coordinator.readiness import Readiness
 from services.coordinator.routing import Router
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,13 @@ class Coordinator:
             imbalance=config.cache_imbalance,
         )
         self.backend = MeshBackend(self.router, config)
+        wanted = {
+            Role.PREFILL: config.ready_prefill_instances,
+            Role.DECODE: config.ready_decode_instances,
+            Role.MIXED: config.ready_mixed_instances,
+        }
+        self.readiness = Readiness(lambda: self.watcher.view, self.backend.ready, wanted)
+        self.watcher.add_listener(self.readiness.check)
         self.grpc: RunningServer | None = None
         self.http: _QuietSignalsServer | None = None
         self.http_port = 0
@@ -75,7 +84,7 @@ class Coordinator:
             self.config.host,
             self.config.grpc_port,
         )
-        app = create_app(self.backend, self.model_name, tokenizer, max_model_len)
+        app = create_app(self.backend, self.model_name, tokenizer, max_model_len, self.readiness.check)
         await self._start_http(app)
         log.info(
             "coordinator serving HTTP on %s:%d, gRPC on %d", self.config.host, self.http_port, self.grpc.port

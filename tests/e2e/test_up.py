@@ -56,6 +56,9 @@ def test_up_serves_and_stops_cleanly(tiny_qwen3, tmp_path):
         response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(f"{url}/ready", timeout=10).json() == {"status": "ready"}
+        coordinator_log = (tmp_path / "logs" / "coordinator.log").read_text()
+        assert coordinator_log.count("pdmesh coordinator is ready (1 prefill, 1 decode)") == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         with pytest.raises(httpx.HTTPError):
