@@ -42,7 +42,7 @@ class ControllerConfig(BaseSettings):
         gt=0,
         le=300,
         description=(
-            "HA: after taking the lease over an emptied Redis, how long the controller takes "
+            "HA: after taking the lease over a new or emptied Redis, how long the controller takes "
             "registrations before it acts and publishes a view (at least lease_ttl_s); "
             "default: 3 heartbeat intervals"
         ),

@@ -303,6 +303,16 @@ class LocalStack:
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
+    def restart(self, name: str) -> int:
+        """Starts a service that exited (or was killed) again with the same command, port and
+        identity; returns its new pid (fault tests; the supervisor does this for workers)."""
+        with self._lock:
+            proc = self.processes[name]
+            if proc.poll() is None:
+                raise RuntimeError(f"{name} (pid {proc.pid}) is still running")
+            _kill_group(proc)
+            return self._popen(name).pid
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Sends ``sig`` to one process of the stack, not its group (fault tests)."""
         with self._lock:

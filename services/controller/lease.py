@@ -6,12 +6,11 @@
   the counter's), ``now_ms`` its wall clock in milliseconds. So tokens grow even when Redis loses the
   counter: a controller that saw a token claims above it, and a freshly started one claims above the
   time (a restarted Redis would otherwise count from 1 again and hand out a token that is in use).
-* The script also says whether the counter was *lost*: below the floor, or missing while this
-  controller had seen a token. A lost counter means Redis lost data, and an active controller from
-  before may still be acting: the caller waits one lease period before it acts
-  (``services.controller.ha``). A missing counter that a controller with no token in memory finds is a
-  new deployment: it acts at once (a controller process restarted at the very moment Redis lost its
-  data is the one case this misjudges; its writes are still fenced, its token being newer).
+* The script also says whether the counter was *lost*: missing, or below the floor. A lost counter
+  means Redis lost data (or is new: the two look alike), and an active controller from before may
+  still be acting: the caller waits one lease period before it acts (``services.controller.ha``).
+  A controller process that starts while Redis is away cannot know better, so even a new deployment
+  pays that one lease once.
 * ``renew``: a Lua compare-and-``PEXPIRE`` on the exact value this holder wrote.
 * ``release``: a Lua compare-and-``DEL``.
 * Every state write elsewhere (``services.controller.state``) runs in Lua that compares its token with
@@ -39,7 +38,7 @@ local token = string.format('%.0f', math.max(counter, floor, tonumber(ARGV[4])) 
 redis.call('SET', KEYS[2], token)
 redis.call('SET', KEYS[1], token .. '|' .. ARGV[1], 'PX', ARGV[2])
 local lost = 0
-if (stored and counter < floor) or (not stored and floor > 0) then lost = 1 end
+if not stored or counter < floor then lost = 1 end
 return {token, lost}
 """
 

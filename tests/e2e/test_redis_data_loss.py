@@ -1,6 +1,7 @@
 """Redis restarted empty under a serving stack (real processes: two controllers, a prefill and a
-decode worker, a coordinator, Redis without persistence as `pdmesh up` runs it): once Redis is back,
-no request fails, and the controller that takes over acts with a larger fencing token."""
+decode worker, a coordinator, Redis without persistence as `pdmesh up` runs it), after the active
+controller was killed: once Redis is back no request fails, the controller that takes over acts with
+a larger fencing token, and no block or KV handle is left behind."""
 
 from __future__ import annotations
 
@@ -130,20 +131,43 @@ def recovered(stack) -> bool:
     return reply is not None and reply.fencing_token == lease_token(stack) and len(healthy) == 2
 
 
-def test_no_request_fails_once_redis_is_back(stack):
-    tokens, windows = [], []  # windows: from Redis being back to the next restart (or the end)
+def kill_active_and_bring_it_back(stack) -> None:
+    """SIGKILLs the acting controller, waits for the standby to act, restarts the killed one (standby)."""
+    address = acting(stack)[0]
+    name = stack.controller_names[stack.controller_address.split(",").index(address)]
+    stack.kill(name)
+    wait_until(lambda: acting(stack)[0] not in ("", address), 2 * LEASE_S + 5, "a standby taking over")
+    stack.restart(name)
+
+
+def kv_keys(stack) -> list[str]:
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        return list(client.scan_iter("pdmesh:kv:*"))
+    finally:
+        client.close()
+
+
+def test_controller_kill_then_empty_redis_five_times(stack):
+    """The operator's scenario of issue 20, five times: SIGKILL the active controller, then restart Redis
+    empty (every other time after an outage longer than the lease, the other times at once)."""
+    tokens, windows = [], []  # windows: from Redis being back to the next outage (or the end)
     with Clients(stack) as clients:
-        wait_until(lambda: clients.ok_after(0) >= 3, 60, "requests served before the restart")
+        wait_until(lambda: clients.ok_after(0) >= 3, 60, "requests served before the first cycle")
         tokens.append(acting_token(stack))
-        for longer_than_the_lease in (False, True):
+        for cycle in range(5):
+            kill_active_and_bring_it_back(stack)
+            tokens.append(acting_token(stack))
             stack.redis.stop()  # requests during the outage may fail, with a clear 503
             if windows:
                 windows[-1][1] = time.monotonic()
-            if longer_than_the_lease:
+            if cycle % 2:
                 wait_until(lambda: acting_token(stack) == 0, 4 * LEASE_S + 5, "the lease running out")
             stack.redis.start()
             windows.append([time.monotonic(), float("inf")])
-            wait_until(lambda: recovered(stack), 4 * LEASE_S + 10, "a controller acting anew")
+            wait_until(
+                lambda: recovered(stack), 4 * LEASE_S + 10, f"a controller acting anew (cycle {cycle})"
+            )
             tokens.append(acting_token(stack))
             since = time.monotonic()
             wait_until(lambda s=since: clients.ok_after(s) >= 3, 60, "requests served after recovery")
@@ -152,3 +176,4 @@ def test_no_request_fails_once_redis_is_back(stack):
     assert tokens == sorted(set(tokens)), f"fencing tokens not strictly increasing: {tokens}"
     assert all(p.poll() is None for p in stack.processes.values()), "a service died"
     wait_blocks_idle(acting(stack)[0])
+    wait_until(lambda: not kv_keys(stack), 10, "no pdmesh:kv:* key left")

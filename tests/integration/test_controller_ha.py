@@ -63,7 +63,7 @@ async def controllers(redis_url: str | None, count: int = 2, **overrides):
         for _ in range(count):
             config = ControllerConfig(host="127.0.0.1", port=0, redis_url=redis_url, **{**FAST, **overrides})
             started.append(await create_controller(config, actuator=actuator))
-        # the first one holds the lease (a new deployment: it acts at once)
+        # the first one holds the lease; over a Redis without a fencing counter it settles first
         await wait_until(lambda: started[0].active, 2 * started[0].leadership.settle_s + 1)
         yield started, actuator
     finally:
