@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -169,3 +169,16 @@ class WorkerConfig(BaseSettings):
     kv_lease_s: float = Field(
         30.0, gt=0, description="how long a prefilled KV handle waits for its decode worker"
     )
+    tp: int = Field(1, ge=1, le=1024, description="tensor parallel ranks (attention and dense layers)")
+    dp: int = Field(1, ge=1, le=1024, description="data parallel ranks (attention and dense layers)")
+    moe_ep: int = Field(1, ge=1, le=1024, description="expert parallel ranks (MoE layers)")
+    moe_tp: int = Field(1, ge=1, le=1024, description="tensor parallel ranks within each expert (MoE layers)")
+
+    @model_validator(mode="after")
+    def _one_rank_until_parallel_instances(self) -> WorkerConfig:
+        if self.tp * self.dp * self.moe_ep * self.moe_tp > 1:
+            raise ValueError(
+                f"tp={self.tp}, dp={self.dp}, moe_ep={self.moe_ep}, moe_tp={self.moe_tp}: instances of "
+                "more than one rank are not built yet (each instance is one process on one device)"
+            )
+        return self
