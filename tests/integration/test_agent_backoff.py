@@ -1,5 +1,6 @@
-"""A worker's membership agent backs off while no controller can take it: a standby that points at a
-crashed active (whose lease has not run out) must not make it re-register ten times a second."""
+"""A worker's membership agent: it backs off while no controller can take it (a standby that points at
+a crashed active whose lease has not run out must not make it re-register ten times a second), and a
+load it cannot measure reaches the controller as unknown, not as an idle worker."""
 
 from __future__ import annotations
 
@@ -49,5 +50,36 @@ def test_redirects_to_a_dead_active_keep_the_backoff(redis_url):
                 await agent.stop(deregister=False)
             await standby.stop(grace_s=0.2)
             await active.leadership.close()
+
+    asyncio.run(main())
+
+
+def test_a_load_probe_that_fails_is_reported_unknown_not_idle():
+    calls = {"n": 0}
+
+    def load() -> LoadData:
+        calls["n"] += 1
+        if calls["n"] > 2:  # registered and one heartbeat with a load, then the probe breaks
+            raise RuntimeError("engine stats unavailable")
+        return LoadData(running=0, free_blocks=16, total_blocks=16)
+
+    async def main() -> None:
+        controller = await create_controller(
+            ControllerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=0.05)
+        )
+        info = InstanceInfoData("w-0", Role.DECODE, "127.0.0.1:1", model="tiny")
+        agent = InstanceAgent(controller.address, info, load)
+        try:
+            await agent.start(register_timeout_s=5)
+            deadline = time.monotonic() + 5
+            while calls["n"] < 4:
+                assert time.monotonic() < deadline, "no heartbeats"
+                await asyncio.sleep(0.02)
+            record = controller.membership.get("w-0")
+            assert record.load.unknown and not record.load.idle()
+            assert record.state.value == "healthy"
+        finally:
+            await agent.stop()
+            await controller.stop(grace_s=0.2)
 
     asyncio.run(main())

@@ -82,6 +82,21 @@ def test_heartbeat_updates_load_without_a_new_version():
     assert m.version == 1
 
 
+def test_a_heartbeat_without_a_load_marks_it_unknown_and_never_idle():
+    """A worker that could not measure its load sends none: its last figures must not pass for idle."""
+    clock = FakeClock()
+    m = make(clock)
+    m.register(info("d0", Role.DECODE))
+    assert m.heartbeat("d0", LoadData(free_blocks=16, total_blocks=16)) is True
+    assert m.get("d0").load.idle() and m.load_known("d0")
+    assert m.heartbeat("d0") is True  # alive, load not measured
+    record = m.get("d0")
+    assert record.load.unknown and not record.load.idle() and not m.load_known("d0")
+    assert record.state == InstanceState.HEALTHY  # the heartbeat still counts
+    m.heartbeat("d0", LoadData(free_blocks=16, total_blocks=16))
+    assert m.load_known("d0") and m.get("d0").load.idle()
+
+
 def test_heartbeat_from_an_unknown_instance_answers_false():
     m = make(FakeClock())
     assert m.heartbeat("ghost", LoadData()) is False
