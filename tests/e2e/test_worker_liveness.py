@@ -116,7 +116,10 @@ def test_a_client_leaving_during_the_prefill_frees_everything(stack):
     wait_blocks_idle(stack.controller_address)
     keys = list(redis.Redis.from_url(stack.redis_url).scan_iter("pdmesh:kv:*"))
     assert keys == [], f"KV handles left behind: {keys}"
-    assert "aborting in the engine" in stack.log_tail("prefill-0", lines=200)
+    # cancelled mid-step (the usual case), or the step won the race on a loaded machine and the
+    # handle it registered was released: either way the blocks were freed above
+    log = stack.log_tail("prefill-0", lines=200)
+    assert "aborting in the engine" in log or "pinned blocks" in log, log
     assert "is suspect" not in stack.log_tail("controller", lines=500)
     hi = {**_body(stack, 2), "prompt": "Hi"}
     after = httpx.post(f"{stack.base_url}/v1/completions", json=hi, timeout=60)
