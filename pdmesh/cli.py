@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ SERVICES = {
     "coordinator": "services.coordinator.main",
 }
 WORKER_ROLES = {"prefill-worker": "prefill", "decode-worker": "decode", "mixed-worker": "mixed"}
+# `pdmesh up --prefill-tp N ...`: each role's instance layout (env twins PDMESH_UP_PREFILL_TP ...)
+PARALLEL_SIZES = ("tp", "dp", "moe-ep", "moe-tp")
+PARALLEL_FLAGS = [(role, name) for role in ("prefill", "decode") for name in PARALLEL_SIZES]
 # Tools with their own argument parsers: `pdmesh <name> ...` hands the rest of the line to them.
 TOOLS = {
     ("bench", "serve"): ("pdmesh.bench.serve", "main"),
@@ -27,22 +31,29 @@ TOOLS = {
     ("bench", "soak"): ("pdmesh.bench.soak", "main"),
     ("profile",): ("pdmesh.planner.profile", "main_profile"),
     ("plan",): ("pdmesh.planner.plan", "main_plan"),
+    ("deploy",): ("pdmesh.deploy.cli", "main"),
 }
 
 
 def _up_parser(sub) -> None:
     p = sub.add_parser("up", help="start the whole local stack (Redis, controller, workers, coordinator)")
     p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a cluster file (JSON or YAML, see docs/deploy.md); the flags below override its keys",
+    )
+    p.add_argument(
         "--model", type=Path, default=None, help=f"checkpoint directory (default: writes {DEFAULT_MODEL_DIR})"
     )
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
-    p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
     p.add_argument(
-        "--mode", choices=["pd", "mixed"], default="pd", help="mixed: prefill+decode colocated workers"
+        "--mode", choices=["pd", "mixed"], default=None, help="mixed: prefill+decode colocated workers"
     )
-    p.add_argument("--host", default="127.0.0.1", help="address every service binds")
+    p.add_argument("--host", default=None, help="address every service binds (default 127.0.0.1)")
     p.add_argument(
-        "--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP port (default 8000)"
+        "--http-port", type=int, default=None, help="the OpenAI-compatible HTTP port (default 8000)"
     )
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--log-dir", type=Path, default=Path(".pdmesh/logs"), help="where each service logs")
@@ -58,6 +69,38 @@ def _up_parser(sub) -> None:
         action="store_false",
         help="leave a worker that dies dead (default: restart it, backing off while it keeps crashing)",
     )
+    for role, name in PARALLEL_FLAGS:
+        p.add_argument(
+            f"--{role}-{name}",
+            type=int,
+            default=os.environ.get(f"PDMESH_UP_{role.upper()}_{name.upper().replace('-', '_')}"),
+            help=f"{name} ranks of each {role}"
+            + (" (and mixed)" if role == "prefill" else "")
+            + f" instance; env PDMESH_UP_{role.upper()}_{name.upper().replace('-', '_')}",
+        )
+
+
+def _parallel_role_args(args: argparse.Namespace) -> dict[str, dict[str, str]] | str:
+    """The --prefill-*/--decode-* settings as worker flags by role, or the problem with them."""
+    from pdmesh.parallel.layout import LayoutError, check_numbers
+
+    by_role: dict[str, dict[str, str]] = {}
+    for role in ("prefill", "decode"):
+        given = {n: getattr(args, f"{role}_{n.replace('-', '_')}") for n in PARALLEL_SIZES}
+        sizes = {n: v for n, v in given.items() if v is not None}
+        if any(v < 1 for v in sizes.values()):
+            return f"--{role}-* sizes must be >= 1, got {sizes}"
+        tp, dp = sizes.get("tp", 1), sizes.get("dp", 1)
+        ep, mtp = sizes.get("moe-ep", 1), sizes.get("moe-tp", 1)
+        if ep * mtp == 1:
+            ep, mtp = dp, tp  # the workers' default: MoE layers follow the attention layout
+        try:
+            check_numbers(tp * dp, tp, dp, ep, mtp)
+        except LayoutError as exc:
+            return f"{role} instances: {exc}"
+        by_role[role] = {n: str(v) for n, v in sizes.items()}
+    by_role["mixed"] = by_role["prefill"]
+    return by_role
 
 
 def _make_model_parser(sub) -> None:
@@ -89,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "plan", help="recommend prefill and decode instance counts (see `pdmesh plan --help`)", add_help=False
     )
+    sub.add_parser(
+        "deploy", help="render docker-compose or Kubernetes manifests from a cluster file", add_help=False
+    )
     return parser
 
 
@@ -105,7 +151,45 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from pdmesh.launcher import LocalStack, StackSpec
+    from pdmesh.launcher import LocalStack
+
+    if args.config is not None:
+        spec = _spec_from_cluster_file(args)
+    else:
+        spec = _spec_from_flags(args)
+    if isinstance(spec, int):
+        return spec
+    parallel = _parallel_role_args(args)
+    if isinstance(parallel, str):
+        print(f"pdmesh up: {parallel}", file=sys.stderr)
+        return 2
+    for role, flags in parallel.items():
+        spec.role_args[role] = {**spec.role_args.get(role, {}), **flags}
+    return _run_stack(LocalStack(spec))
+
+
+def _spec_from_cluster_file(args: argparse.Namespace):
+    """The StackSpec of ``--config FILE`` with the given flags over its keys, or exit status 2."""
+    from pdmesh.deploy.cluster_file import ClusterFileError, load_cluster_file
+    from pdmesh.deploy.local import UpOverrides, stack_spec
+
+    over = UpOverrides(**{k: getattr(args, k) for k in UpOverrides.__dataclass_fields__})
+    try:
+        spec = stack_spec(load_cluster_file(args.config), over, args.log_dir, args.restart)
+    except ClusterFileError as exc:
+        print(f"pdmesh up: {exc}", file=sys.stderr)
+        return 2
+    if not (spec.model_dir / "config.json").exists():
+        print(
+            f"pdmesh up: {spec.model_dir} has no config.json (modelWeightPath in {args.config})",
+            file=sys.stderr,
+        )
+        return 2
+    return spec
+
+
+def _spec_from_flags(args: argparse.Namespace):
+    from pdmesh.launcher import StackSpec
     from pdmesh.modelgen import write_model
 
     model_dir = args.model
@@ -123,11 +207,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         spec = StackSpec(
             model_dir=model_dir.resolve(),
-            prefill=args.prefill,
-            decode=args.decode,
-            mode=args.mode,
-            host=args.host,
-            http_port=args.http_port,
+            prefill=1 if args.prefill is None else args.prefill,
+            decode=1 if args.decode is None else args.decode,
+            mode=args.mode or "pd",
+            host=args.host or "127.0.0.1",
+            http_port=8000 if args.http_port is None else args.http_port,
             redis_url=args.redis_url,
             log_dir=args.log_dir,
             worker_args={"transfer-backend": args.transfer_backend} if args.transfer_backend else {},
@@ -136,7 +220,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pdmesh up: {exc}", file=sys.stderr)
         return 2
-    return _run_stack(LocalStack(spec))
+    return spec
 
 
 def _run_stack(stack) -> int:

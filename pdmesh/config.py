@@ -73,6 +73,13 @@ class ControllerConfig(BaseSettings):
     planner_context_len: int = Field(
         1024, ge=1, description="auto ratio with a profile: typical context length"
     )
+    actuator: Literal["local", "kubernetes"] = Field(
+        "local",
+        description=(
+            "what switches a flipped worker: local (its SetRole RPC) or kubernetes (SetRole, and the "
+            "pods' role label through the Kubernetes API; in-cluster or $KUBECONFIG)"
+        ),
+    )
 
 
 class CoordinatorConfig(BaseSettings):
@@ -171,14 +178,72 @@ class WorkerConfig(BaseSettings):
     )
     tp: int = Field(1, ge=1, le=1024, description="tensor parallel ranks (attention and dense layers)")
     dp: int = Field(1, ge=1, le=1024, description="data parallel ranks (attention and dense layers)")
-    moe_ep: int = Field(1, ge=1, le=1024, description="expert parallel ranks (MoE layers)")
-    moe_tp: int = Field(1, ge=1, le=1024, description="tensor parallel ranks within each expert (MoE layers)")
+    moe_ep: int = Field(
+        1, ge=1, le=1024, description="expert parallel ranks (MoE layers); with moe_tp 1: default dp"
+    )
+    moe_tp: int = Field(
+        1, ge=1, le=1024, description="tensor parallel ranks within each expert (MoE layers); default tp"
+    )
+    moe_dispatch: Literal["auto", "all_reduce", "all_gather", "all_to_all"] = Field(
+        "auto",
+        description=(
+            "how MoE ranks combine expert outputs: all_reduce (dp 1 only), all_gather (all-gather + "
+            "reduce-scatter, MindIE's ep_level 1), all_to_all (ep_level 2); auto: all_reduce at dp 1, "
+            "else all_gather"
+        ),
+    )
+    rank: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "this process's rank in its instance, one process per rank (or RANK); unset: the first "
+            "rank of its node, which starts the node's other ranks"
+        ),
+    )
+    nnodes: int | None = Field(
+        None, ge=1, le=1024, description="hosts (pods) the instance spans; default LWS_GROUP_SIZE or 1"
+    )
+    node_rank: int | None = Field(
+        None,
+        ge=0,
+        description="this host's index among them (0 holds the leader); default LWS_WORKER_INDEX or 0",
+    )
+    master_addr: str | None = Field(
+        None,
+        description="the leader's address for the ranks' rendezvous; default MASTER_ADDR, LWS_LEADER_ADDRESS",
+    )
+    master_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="the rendezvous port; default MASTER_PORT, else a free port on one host, 29500 across hosts",
+    )
+    dist_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="bound on every collective and on the ranks' rendezvous"
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.dp
 
     @model_validator(mode="after")
-    def _one_rank_until_parallel_instances(self) -> WorkerConfig:
-        if self.tp * self.dp * self.moe_ep * self.moe_tp > 1:
+    def _parallel_layout(self) -> WorkerConfig:
+        world = self.tp * self.dp
+        moe = self.moe_ep * self.moe_tp
+        if moe != 1 and moe != world:
             raise ValueError(
-                f"tp={self.tp}, dp={self.dp}, moe_ep={self.moe_ep}, moe_tp={self.moe_tp}: instances of "
-                "more than one rank are not built yet (each instance is one process on one device)"
+                f"moe_ep x moe_tp = {self.moe_ep} x {self.moe_tp} = {moe} must equal tp x dp = "
+                f"{self.tp} x {self.dp} = {world} (or leave both 1: moe_ep = dp, moe_tp = tp)"
             )
+        if self.moe_dispatch == "all_reduce" and self.dp > 1:
+            raise ValueError(
+                f"moe_dispatch all_reduce needs every rank to see every token (dp 1), not dp={self.dp}"
+            )
+        nnodes = self.nnodes or 1
+        if world % nnodes:
+            raise ValueError(f"{world} ranks (tp x dp) do not spread evenly over nnodes={nnodes}")
+        if self.rank is not None and self.rank >= world:
+            raise ValueError(f"rank {self.rank} is outside the instance's {world} ranks (tp x dp)")
+        if self.node_rank is not None and self.node_rank >= nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is outside nnodes={nnodes}")
         return self

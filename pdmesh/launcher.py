@@ -72,7 +72,9 @@ class StackSpec:
     http_port: int = 8000
     redis_url: str | None = None
     log_dir: Path | None = None
-    worker_args: dict[str, str] = field(default_factory=dict)
+    worker_args: dict[str, str] = field(default_factory=dict)  # every worker's flags (over role_args)
+    # flags by worker role ("prefill", "decode", "mixed"): a cluster file's per-role server sections
+    role_args: dict[str, dict[str, str]] = field(default_factory=dict)
     coordinator_args: dict[str, str] = field(default_factory=dict)
     controller_args: dict[str, str] = field(default_factory=dict)
     controllers: int = (
@@ -218,6 +220,7 @@ class LocalStack:
             "controller": self.controller_address,
             "redis-url": self.redis_url,
             "model-dir": str(self.spec.model_dir),
+            **self.spec.role_args.get(role, {}),
             **self.spec.worker_args,
         }
         module = f"services.{role}_worker"

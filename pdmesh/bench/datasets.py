@@ -12,7 +12,8 @@ real counts afterwards.
   gives the output length (as vLLM does: pairs shorter than 4 tokens, prompts over 1024 tokens or
   pairs over 2048 tokens are skipped unless ``output_len`` is given).
 - ``gsm8k``: JSON lines of ``{"question": ..., "answer": ...}``; the question is the prompt and the
-  answer's length is the output length.
+  answer's length is the output length. A directory (as MindIE's ``--DatasetPath`` names) stands
+  for its only ``.jsonl`` file, or its ``test.jsonl``.
 
 The file datasets are shuffled with the seed; when they hold fewer usable entries than asked for,
 entries are reused (with a warning) so that the run has ``num_prompts`` requests.
@@ -251,6 +252,19 @@ def load_gsm8k(
     return _fill(samples, num_prompts, str(path))
 
 
+def dataset_file(directory: Path, name: str) -> Path:
+    """The file of a dataset directory (MindIE's --DatasetPath names one): its only .jsonl/.json
+    file, or test.jsonl among several; ValueError naming what was found otherwise."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".jsonl", ".json") and p.is_file())
+    if len(files) == 1:
+        return files[0]
+    preferred = directory / "test.jsonl"
+    if preferred in files:
+        return preferred
+    found = ", ".join(p.name for p in files) or "no .jsonl or .json file"
+    raise ValueError(f"{directory}: which {name} file? found {found} (name one, or keep test.jsonl)")
+
+
 def load_dataset(
     name: str,
     num_prompts: int,
@@ -271,6 +285,8 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
     if path is None:
         raise ValueError(f"the {name} dataset needs --dataset-path")
+    if Path(path).is_dir():
+        path = dataset_file(Path(path), name)
     if not Path(path).is_file():
         raise FileNotFoundError(f"no dataset file at {path}")
     loader = load_sharegpt if name == "sharegpt" else load_gsm8k

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from pdmesh.bench import report
 from pdmesh.bench.datasets import DATASETS, SampleRequest, load_dataset, load_tokenizer
 from pdmesh.bench.metrics import BenchMetrics, RequestOutput, compute_metrics, parse_goodput
+from pdmesh.bench.mindie_flags import add_mindie_flags, apply_mindie_flags
 from pdmesh.bench.request import RequestContext, error_message, send_request
 
 log = logging.getLogger(__name__)
@@ -316,11 +317,14 @@ def build_parser(prog: str = "pdmesh bench serve") -> argparse.ArgumentParser:
     )
     p.add_argument("--api-key", metavar="KEY", default=None, help="sent as a bearer token")
     p.add_argument("--disable-tqdm", dest="show_progress", action="store_false", help="no progress bar")
+    add_mindie_flags(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The BenchConfig of parsed arguments (each flag's ``dest`` is the field's name)."""
+    if hasattr(args, "m_http"):
+        apply_mindie_flags(args)
     values = {f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)}
     return BenchConfig(**{**values, "goodput": parse_goodput(args.goodput)})
 

@@ -66,6 +66,15 @@ def instance_capacity(config: ControllerConfig) -> Capacity:
     return Capacity(measured.prefill_tokens_per_s, measured.decode_batch)
 
 
+def default_actuator(config: ControllerConfig) -> RoleActuator:
+    """The actuator ``config.actuator`` names (the Kubernetes one only imports its client when chosen)."""
+    if config.actuator == "kubernetes":
+        from services.controller.k8s_actuator import KubernetesActuator
+
+        return KubernetesActuator.from_environment(timeout_s=config.drain_timeout_s)
+    return LocalGrpcActuator(timeout_s=config.drain_timeout_s)
+
+
 class ControllerService:
     """A running controller; ``stop()`` ends the watch streams, the sweep loop and the gRPC server."""
 
@@ -94,7 +103,7 @@ class ControllerService:
         capacity = instance_capacity(config)
         self.roles = RoleManager(
             membership,
-            actuator or LocalGrpcActuator(timeout_s=config.drain_timeout_s),
+            actuator or default_actuator(config),
             RatioPolicy(capacity, config.flip_cooldown_s),
             parse_ratio(config.pd_ratio),
             self.leadership.flush,
