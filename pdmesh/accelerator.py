@@ -1,4 +1,5 @@
-"""The one place that knows about devices: cpu, cuda[:N], npu[:N] (torch_npu, imported on demand)."""
+"""The one place that knows about devices: cpu, cuda[:N], npu[:N] (torch_npu, imported on demand),
+and the process-group backend of each (gloo, nccl, hccl) for the ranks of a parallel instance."""
 
 from __future__ import annotations
 
@@ -53,3 +54,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "npu":
         torch.npu.synchronize(device)  # type: ignore[attr-defined]
+
+
+def dist_backend(device: torch.device | str) -> str:
+    """The torch.distributed backend for ranks on ``device``: gloo (cpu), nccl (cuda), hccl (npu)."""
+    kind = torch.device(device).type
+    if kind == "npu":
+        _import_torch_npu()  # registers the hccl backend
+    try:
+        return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[kind]
+    except KeyError:
+        raise ValueError(f"no process-group backend for {kind} devices") from None
+
+
+def rank_device(name: str, local_rank: int) -> str:
+    """The device of the ``local_rank``-th rank on a host: ``cuda``/``npu`` without an index become
+    ``cuda:N``/``npu:N``; ``cpu`` and an explicit index stay as given."""
+    kind, _, index = name.partition(":")
+    if kind in ("cuda", "npu") and not index:
+        return f"{kind}:{local_rank}"
+    return name
+
+
+def set_current_device(device: torch.device) -> None:
+    """Makes ``device`` the process's current accelerator (collectives of nccl/hccl use it)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "npu":
+        torch.npu.set_device(device)  # type: ignore[attr-defined]

@@ -11,6 +11,12 @@ report gives medians: ``ratio`` is the median of the N paired ratios (all in ``r
 shared host whose speed drifts between the two sides weighs on both alike. ``cpu_kernels`` says
 whether the engine ran pdmesh's native CPU kernels (``pdmesh.kernels``).
 
+Parallel instances: ``--tp/--dp/--moe-ep/--moe-tp/--moe-dispatch`` run the engine as a worker's
+leader does (this process is rank 0 and starts the other ranks), and ``comm_fraction`` is the share
+of the engine's wall time rank 0 spent inside collectives (waiting for the slowest rank included);
+``weight_bytes`` and the roofline are then rank 0's shard, and ``threads`` is per rank (``--threads``,
+else the cores shared out over the ranks).
+
 Roofline: a decode step must at least read every weight once (the embedding table only for the
 batch's rows) and the K/V of every cached token; at the mean decode context ``I + O/2`` that is
 ``bytes_per_decode_step``. Over the measured mean decode step time it gives the achieved GB/s; over
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -69,6 +76,20 @@ def build_parser(prog: str = "pdmesh bench engine") -> argparse.ArgumentParser:
         "--repeats", type=_positive, default=1, help="timed runs of each side, alternating (reports medians)"
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
+    p.add_argument("--tp", type=_positive, default=1, help="tensor parallel ranks (docs/parallelism.md)")
+    p.add_argument("--dp", type=_positive, default=1, help="data parallel ranks")
+    p.add_argument(
+        "--moe-ep", type=_positive, default=1, help="expert parallel ranks (1 with --moe-tp 1: dp)"
+    )
+    p.add_argument(
+        "--moe-tp", type=_positive, default=1, help="ranks within each expert (1 with --moe-ep 1: tp)"
+    )
+    p.add_argument(
+        "--moe-dispatch",
+        choices=["auto", "all_reduce", "all_gather", "all_to_all"],
+        default="auto",
+        help="how MoE ranks combine expert outputs",
+    )
     return p
 
 
@@ -92,8 +113,13 @@ def measure_memcpy(device: torch.device, nbytes: int = MEMCPY_BYTES, repeats: in
 
 
 def run_engine(engine: Any, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-    """Generates for every prompt at once; wall times of the whole run and of each decode step."""
+    """Generates for every prompt at once; wall times of the whole run and of each decode step, and
+    (on a parallel instance) the seconds rank 0 spent in collectives."""
     from pdmesh.engine.types import EngineRequest, SamplingParams
+    from pdmesh.parallel.state import current
+
+    state = current()
+    state.comm_s = 0.0
 
     sampling = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     outputs: dict[str, list[int]] = {}
@@ -115,6 +141,7 @@ def run_engine(engine: Any, prompts: list[list[int]], output_len: int) -> dict[s
     return {
         "total_s": total,
         "decode_step_s": statistics.mean(full),
+        "comm_s": state.comm_s,
         "tokens": [outputs[f"bench-{i}"] for i in range(len(prompts))],
     }
 
@@ -169,28 +196,69 @@ def _lm_head_params(model: Any) -> list[torch.Tensor]:
     return list(head.parameters()) if head is not None else []
 
 
-def make_engine(args: argparse.Namespace, prompts: list[list[int]]) -> Any:
-    """The engine sized for exactly this batch (warmed up when asked)."""
+def make_engine(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[Any, Any]:
+    """The engine sized for exactly this batch (warmed up when asked), and on several ranks their
+    leader (``stop()`` ends them)."""
     from pdmesh.engine.config import EngineConfig
     from pdmesh.engine.engine import LLMEngine
 
     b, total_len = args.batch_size, args.input_len + args.output_len
-    config = EngineConfig(
-        model_dir=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        max_num_seqs=b,
-        max_prefill_batch_size=b,
-        max_prefill_tokens=max(b * args.input_len, 1),
-        num_blocks=b * (-(-total_len // 16) + 1) + 1,
-        max_model_len=total_len,
-        enable_prefix_caching=False,
-        threads=args.threads,
-    )
-    engine = LLMEngine(config)
+    leader = None
+    if args.tp * args.dp > 1:
+        engine, leader = _parallel_engine(args)
+    else:
+        config = EngineConfig(
+            model_dir=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_num_seqs=b,
+            max_prefill_batch_size=b,
+            max_prefill_tokens=max(b * args.input_len, 1),
+            num_blocks=b * (-(-total_len // 16) + 1) + 1,
+            max_model_len=total_len,
+            enable_prefix_caching=False,
+            threads=args.threads,
+        )
+        engine = LLMEngine(config)
     if args.warmup:
         run_engine(engine, prompts, min(args.output_len, 4))
-    return engine
+    return engine, leader
+
+
+def _parallel_engine(args: argparse.Namespace) -> tuple[Any, Any]:
+    """A parallel instance as a worker builds it: this process is rank 0, the others its children."""
+    from pydantic import ValidationError
+
+    from pdmesh.config import WorkerConfig
+    from pdmesh.parallel.instance import plan_instance
+    from pdmesh.worker.main import open_engine
+
+    if args.threads:  # per rank: the ranks this process starts read it too
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    b = args.batch_size
+    try:
+        config = _worker_config(WorkerConfig, args, b)
+    except ValidationError as exc:  # one line, as for any other bad flag
+        raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    return open_engine(config, plan_instance(config))
+
+
+def _worker_config(worker_config: type, args: argparse.Namespace, b: int) -> Any:
+    return worker_config(
+        controller="127.0.0.1:1",  # never dialled: only the engine runs
+        redis_url="redis://127.0.0.1:1",
+        model_dir=str(args.model),
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=b,
+        max_prefill_batch_size=b,
+        max_prefill_tokens=max(b * args.input_len, 1),
+        tp=args.tp,
+        dp=args.dp,
+        moe_ep=args.moe_ep,
+        moe_tp=args.moe_tp,
+        moe_dispatch=args.moe_dispatch,
+    )
 
 
 def load_hf(args: argparse.Namespace, prompts: list[list[int]], device: torch.device) -> Any:
@@ -232,10 +300,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     vocab = int(json.loads((args.model / "config.json").read_text())["vocab_size"])
     prompts = make_prompts(args.batch_size, args.input_len, vocab, args.seed)
     b, o = args.batch_size, args.output_len
-    engine = make_engine(args, prompts)
-    hf_model = load_hf(args, prompts, device) if args.reference == "hf" else None
-    eng_runs, hf_runs = alternate(args, prompts, engine, hf_model, device)
-    weights, kv = decode_step_bytes(engine, b, args.input_len + o / 2)
+    engine, leader = make_engine(args, prompts)
+    threads = torch.get_num_threads()  # a parallel instance's ranks share the cores (per rank)
+    try:
+        hf_model = load_hf(args, prompts, device) if args.reference == "hf" else None
+        eng_runs, hf_runs = alternate(args, prompts, engine, hf_model, device)
+        weights, kv = decode_step_bytes(engine, b, args.input_len + o / 2)
+        layout = _layout_report(args, leader)
+    finally:
+        if leader is not None:
+            leader.stop()
     del engine, hf_model
     eng_total = statistics.median(r["total_s"] for r in eng_runs)
     step_s = statistics.median(r["decode_step_s"] for r in eng_runs)
@@ -252,6 +326,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "engine_total_s": eng_total,
         "engine_output_tokens_per_s": b * o / eng_total,
         "engine_decode_step_ms": step_s * 1e3,
+        **layout,
+        "comm_fraction": statistics.median(r["comm_s"] / r["total_s"] for r in eng_runs),
     }
     if hf_runs:
         ratios = [h["total_s"] / e["total_s"] for e, h in zip(eng_runs, hf_runs, strict=True)]
@@ -268,6 +344,22 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         report |= {"hf_total_s": None, "hf_output_tokens_per_s": None, "ratio": None}
     report |= roofline(weights, kv, step_s, b, measure_memcpy(device))
     return report
+
+
+def _layout_report(args: argparse.Namespace, leader: Any) -> dict[str, Any]:
+    """The instance's shape: one rank, or the layout and dispatch its ranks ran."""
+    if leader is None:
+        return {"world": 1, "tp": 1, "dp": 1, "moe_ep": 1, "moe_tp": 1, "moe_dispatch": None}
+    state = leader.state
+    layout = state.layout
+    return {
+        "world": layout.world,
+        "tp": layout.tp,
+        "dp": layout.dp,
+        "moe_ep": layout.moe_ep,
+        "moe_tp": layout.moe_tp,
+        "moe_dispatch": state.moe_dispatch if layout.dims.num_experts else None,
+    }
 
 
 def roofline(weights: int, kv: int, step_s: float, batch: int, memcpy_gbs: float) -> dict[str, Any]:

@@ -80,6 +80,10 @@ class BlockManager:
             hits.append(block)
         return hits
 
+    def cached_prefix_blocks(self, token_ids: list[int]) -> int:
+        """How many leading full blocks of ``token_ids`` the prefix cache holds (nothing changes)."""
+        return len(self._match(token_ids))
+
     def can_allocate_prompt(self, token_ids: list[int]) -> bool:
         hits = self._match(token_ids)
         revived = sum(1 for b in hits if self._refs[b] == 0)

@@ -15,7 +15,8 @@ Two faster products, both over a weight packed once at load:
 Either differs from ``F.linear`` only by float rounding (summation order).
 
 ``pack_linears`` switches a loaded float32 model's plain ``nn.Linear`` and ``MergedLinear`` modules
-to the packed product. The dense weight is then released (the packed copy replaces it, so the
+to the packed product, and a tensor-parallel ``ShardedLinear``'s local product (its collective
+stays around it). The dense weight is then released (the packed copy replaces it, so the
 model does not take twice its memory) unless other code still reads it: a tied weight (shared with
 the embedding) or a module that sets ``keep_dense_weight``. Without either product, or for other
 dtypes, the modules stay as they are.
@@ -30,6 +31,7 @@ from torch import nn
 
 from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.layers import MergedLinear
+from pdmesh.models.parallel_layers import ShardedLinear
 from pdmesh.models.threads import all_threads, configured_threads
 
 logger = logging.getLogger(__name__)
@@ -99,16 +101,23 @@ def pack_linears(model: nn.Module) -> int:
     shared = _shared_weights(model)
     count = 0
     for module in model.modules():
-        if type(module) not in (nn.Linear, MergedLinear):
+        sharded = isinstance(module, ShardedLinear)
+        if type(module) not in (nn.Linear, MergedLinear) and not sharded:
             continue
         weight = module.weight.detach()
         bias = module.bias.detach() if module.bias is not None else None
+        if sharded and not module.bias_in_product:
+            bias = None  # a row-parallel bias is added once, after the sum over ranks
         if native:
             module.packed_linear = cpu_kernels.pack_linear(weight, bias)  # also read by fused_decode
-            module.forward = _NativeForward(module.packed_linear)
+            product = _NativeForward(module.packed_linear)
         else:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-            module.forward = _PackedForward(packed, bias, weight.shape[0])
+            product = _PackedForward(packed, bias, weight.shape[0])
+        if sharded:  # only the local product: the module still runs its collective around it
+            module.product = product
+        else:
+            module.forward = product
         module.packed_weight_nbytes = weight.numel() * weight.element_size()
         keep = getattr(module, "keep_dense_weight", False)
         if not keep and weight.untyped_storage().data_ptr() not in shared:

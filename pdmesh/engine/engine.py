@@ -8,6 +8,11 @@ PREFILL requests stop after their first token and leave their prompt's blocks pi
 caller (``free_kv``); DECODE requests adopt blocks filled elsewhere and continue from
 ``first_token``. Blocks handed out by ``allocate_kv`` or pinned by PREFILL are "external": owned by
 the caller until adopted by a DECODE request or given back with ``free_kv``.
+
+As the leader of a parallel instance (``executor`` given) the engine keeps one block manager and
+scheduler per dp replica (``replicas``), prepares every replica's step and hands them to the
+executor, which runs them on all ranks and returns the logits; sampling and bookkeeping stay here.
+A failure there breaks the whole instance (the ranks are out of step), so it is not absorbed.
 """
 
 from __future__ import annotations
@@ -15,33 +20,49 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from pdmesh.accelerator import dtype_name, resolve_device, resolve_dtype
-from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.model_runner import ModelRunner
+from pdmesh.engine.replicas import ReplicaSet
 from pdmesh.engine.sampling import sample
-from pdmesh.engine.scheduler import Scheduler
+from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence
+from pdmesh.engine.step import StepInputs
 from pdmesh.engine.types import EngineRequest, EngineStats, FinishReason, RequestMode, TokenOutput
 from pdmesh.engine.validation import validate_ownership, validate_static
 from pdmesh.kv.types import KVLayout
 from pdmesh.models import load_model
+from pdmesh.parallel.state import current as parallel_state
 
 log = logging.getLogger(__name__)
 
 # (num_blocks, layout) -> a zeroed [num_blocks, *layout.block_shape] tensor on the engine's device
 PoolAllocator = Callable[[int, KVLayout], torch.Tensor]
 
+
+class StepExecutor(Protocol):
+    """Runs one step on every rank of a parallel instance (``pdmesh.parallel.executor``): each dp
+    replica's inputs (None: idle) in, each replica's full-vocabulary logits (None: none asked) out."""
+
+    def run_step(self, plans: list[StepInputs | None]) -> list[torch.Tensor | None]: ...
+
+
 MAX_AUTO_BLOCKS_PER_SEQ_FACTOR = 1  # auto-sized pools hold at most max_num_seqs full-length sequences
 
 
 class LLMEngine:
-    """One model, one KV pool, one scheduler; driven by ``step``."""
+    """One model, one KV pool, one scheduler per dp replica; driven by ``step``."""
 
-    def __init__(self, config: EngineConfig, pool_allocator: PoolAllocator | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        pool_allocator: PoolAllocator | None = None,
+        executor: StepExecutor | None = None,
+    ) -> None:
         self.config = config
         if config.threads is not None:
             torch.set_num_threads(config.threads)
@@ -69,8 +90,9 @@ class LLMEngine:
             self._kv_pool = torch.zeros((num_blocks, *self.block_shape), dtype=self.dtype, device=self.device)
         else:  # e.g. a shared-memory pool that a transfer backend serves
             self._kv_pool = pool_allocator(num_blocks, self._layout)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks)
+        self.executor = executor
+        self.replicas = ReplicaSet(parallel_state().dp if executor is not None else 1, config, num_blocks)
+        self.blocks, self.scheduler = self.replicas[0].blocks, self.replicas[0].scheduler
         self.runner = ModelRunner(
             self.model,
             self._kv_pool,
@@ -124,22 +146,27 @@ class LLMEngine:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
         self.check_request(request)
         validate_ownership(request, self._external)
+        replica = self.replicas[self.replicas.pick(request)]
         seq = Sequence(request, self._order, self._generator(request))
+        seq.replica = replica.index
         self._order += 1
         if request.mode == RequestMode.DECODE:
             self._external.subtract(seq.block_table)
             self._external = +self._external
+            seq.block_table = self.replicas.one_replica(seq.block_table)[1]
             reason = self._stop_reason(seq, seq.output_ids[-1])
             if reason is not None:  # the first token already ends it: nothing to generate
-                self.blocks.free(seq.block_table)
+                replica.blocks.free(seq.block_table)
                 self._pending.append(self._output(seq, [], reason))
                 return
         self._seqs[request.request_id] = seq
-        self.scheduler.add(seq)
+        replica.scheduler.add(seq)
 
     def check_request(self, request: EngineRequest) -> None:
         """The checks that read nothing a step changes: safe from any thread (ValueError naming the problem)."""
         validate_static(request, self._max_model_len, self.vocab_size, self.blocks)
+        if request.mode == RequestMode.DECODE and request.kv_block_ids and len(self.replicas) > 1:
+            self.replicas.one_replica(request.kv_block_ids)
 
     def _generator(self, request: EngineRequest) -> torch.Generator | None:
         if request.sampling.greedy:
@@ -154,7 +181,7 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.remove(seq)
+        self.replicas.of(seq).scheduler.remove(seq)
         self._release(seq)
         self._pending.append(self._output(seq, [], FinishReason.ABORT))
         return True
@@ -163,12 +190,20 @@ class LLMEngine:
         return bool(self._seqs or self._pending)
 
     def allocate_kv(self, num_tokens: int) -> list[int] | None:
-        """Blocks for ``num_tokens`` tokens owned by the caller (for a KV transfer), or None if short."""
-        if num_tokens < 1 or not self.blocks.can_allocate(num_tokens):
+        """Blocks for ``num_tokens`` tokens owned by the caller (for a KV transfer), or None if short.
+
+        With several dp replicas they all lie in the replica with the most free blocks (global ids:
+        ``replica_of`` tells which)."""
+        replica = self.replicas.for_allocation(num_tokens) if num_tokens >= 1 else None
+        if replica is None:
             return None
-        ids = self.blocks.allocate(num_tokens)
+        ids = self.replicas.to_global(replica.index, replica.blocks.allocate(num_tokens))
         self._external.update(ids)
         return ids
+
+    def replica_of(self, block_ids: list[int]) -> tuple[int, list[int]]:
+        """``(dp replica, ids in its pool)`` of blocks that all lie in one replica (ValueError if not)."""
+        return self.replicas.one_replica(block_ids)
 
     def free_kv(self, block_ids: list[int]) -> None:
         """Gives back caller-owned blocks (from ``allocate_kv`` or a PREFILL output); repeats are ignored."""
@@ -182,23 +217,28 @@ class LLMEngine:
             log.warning(
                 "free_kv: %d of %d blocks were not caller-owned", len(block_ids) - len(owned), len(block_ids)
             )
-        self.blocks.free(owned)
+        for replica, local in self.replicas.split(owned).items():
+            self.replicas[replica].blocks.free(local)
 
     def stats(self) -> EngineStats:
+        reps = list(self.replicas)
         return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
-            free_blocks=self.blocks.num_free_blocks,
-            total_blocks=self.blocks.num_blocks,
-            queued_prefill_tokens=self.scheduler.queued_prefill_tokens(),
-            prefix_cache_query_tokens=self.blocks.prefix_query_tokens,
-            prefix_cache_hit_tokens=self.blocks.prefix_hit_tokens,
+            running=sum(len(r.scheduler.running) for r in reps),
+            waiting=sum(len(r.scheduler.waiting) for r in reps),
+            free_blocks=sum(r.blocks.num_free_blocks for r in reps),
+            total_blocks=sum(r.blocks.num_blocks for r in reps),
+            queued_prefill_tokens=sum(r.scheduler.queued_prefill_tokens() for r in reps),
+            prefix_cache_query_tokens=sum(r.blocks.prefix_query_tokens for r in reps),
+            prefix_cache_hit_tokens=sum(r.blocks.prefix_hit_tokens for r in reps),
         )
 
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[TokenOutput]:
-        """Runs one batch; returns this step's outputs (and any queued abort/finish outputs)."""
+        """Runs one batch (one per dp replica); returns this step's outputs (and any queued
+        abort/finish outputs)."""
+        if self.executor is not None:
+            return self._step_replicas()
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         self.ran_batch = batch is not None
@@ -214,11 +254,36 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the engine alive
             log.exception("step failed for %d sequences", len(batch.seqs))
             return outputs + self.fail([s.request_id for s in batch.seqs], f"{type(exc).__name__}: {exc}")
+        self._finish_batch(batch, tokens, logprobs, outputs)
+        return outputs
+
+    def _step_replicas(self) -> list[TokenOutput]:
+        """One step of every dp replica, run by the executor on all ranks of the instance."""
+        outputs, self._pending = self._pending, []
+        batches: list[ScheduledBatch | None] = [r.scheduler.schedule() for r in self.replicas]
+        self.ran_batch = any(b is not None for b in batches)
+        if not self.ran_batch:
+            return outputs
+        plans = [
+            None if b is None else self.runner.prepare(b.seqs, b.is_prefill, logits=not b.partial)
+            for b in batches
+        ]
+        all_logits = self.executor.run_step(plans)  # raises when the instance broke: not absorbed
+        for batch, logits in zip(batches, all_logits, strict=True):
+            if batch is None:
+                continue
+            if batch.partial:
+                self._advance_chunk(batch.seqs[0])
+                continue
+            tokens, logprobs = sample(logits, [s.sample_input() for s in batch.seqs])
+            self._finish_batch(batch, tokens, logprobs, outputs)
+        return outputs
+
+    def _finish_batch(self, batch: ScheduledBatch, tokens, logprobs, outputs: list[TokenOutput]) -> None:
         for seq, token, lp in zip(batch.seqs, tokens, logprobs, strict=True):
             outputs.append(self._update(seq, token, lp, batch.is_prefill))
         if not self._seqs and self.runner.workspace is not None:
             self.runner.workspace.release()  # idle: give the decode workspace's memory back
-        return outputs
 
     def fail(self, request_ids: list[str], error: str) -> list[TokenOutput]:
         """Finishes these requests with FinishReason.ERROR, freeing their blocks."""
@@ -226,40 +291,41 @@ class LLMEngine:
         for rid in request_ids:
             seq = self._seqs.pop(rid, None)
             if seq is not None:
-                self.scheduler.remove(seq)
+                self.replicas.of(seq).scheduler.remove(seq)
                 self._release(seq)
                 outputs.append(self._output(seq, [], FinishReason.ERROR, error=error))
         return outputs
 
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        blocks = self.replicas.of(seq).blocks
+        if seq.num_computed // blocks.block_size > len(seq.block_hashes):
+            blocks.cache_full_blocks(seq.block_table, seq.token_ids[: seq.num_computed], seq.block_hashes)
+
     def _advance_chunk(self, seq: Sequence) -> None:
         seq.num_computed, seq.chunk_end = seq.prefill_end, None
-        if seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
-            self.blocks.cache_full_blocks(
-                seq.block_table, seq.token_ids[: seq.num_computed], seq.block_hashes
-            )
+        self._cache_full_blocks(seq)
 
     def _update(self, seq: Sequence, token: int, lp, was_prefill: bool) -> TokenOutput:
         seq.num_computed = seq.num_tokens
-        if seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
-            self.blocks.cache_full_blocks(
-                seq.block_table, seq.token_ids[: seq.num_computed], seq.block_hashes
-            )
+        self._cache_full_blocks(seq)
         seq.append(token)
         lps = [lp] if lp is not None else None
         reason = self._stop_reason(seq, token)
+        scheduler = self.replicas.of(seq).scheduler
         if seq.mode == RequestMode.PREFILL and was_prefill:
             self._seqs.pop(seq.request_id)
-            self.scheduler.remove(seq)
+            scheduler.remove(seq)
             if reason is not None:
                 self._release(seq)
                 return self._output(seq, [token], reason, logprobs=lps)
-            pinned, seq.block_table = seq.block_table, []
+            pinned = self.replicas.to_global(seq.replica, seq.block_table)
+            seq.block_table = []
             self._external.update(pinned)
             return self._output(seq, [token], None, logprobs=lps, kv_block_ids=pinned)
         if reason is None:
             return TokenOutput(seq.request_id, [token], num_prompt_tokens=seq.num_prompt_tokens, logprobs=lps)
         self._seqs.pop(seq.request_id)
-        self.scheduler.remove(seq)
+        scheduler.remove(seq)
         self._release(seq)
         return self._output(seq, [token], reason, logprobs=lps)
 
@@ -273,7 +339,7 @@ class LLMEngine:
 
     def _release(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.blocks.free(seq.block_table)
+            self.replicas.of(seq).blocks.free(seq.block_table)
             seq.block_table = []
 
     @staticmethod

@@ -9,8 +9,9 @@ alternating in one process).
 
 It applies to the standard decoder (``DecoderForCausalLM``: Llama, Qwen2, Qwen3) with dense SwiGLU
 MLPs whose products were packed for the kernel, on decode steps that use the workspace; every
-other step (prefill, decode beyond the workspace budget) and every other model (MoE, MLA) keeps
-the module path.
+other step (prefill, decode beyond the workspace budget), every other model (MoE, MLA) and every
+model sharded over tensor parallelism (the layer call has no place for its all-reduces) keeps the
+module path.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pdmesh.models.base import StackedCausalLM
 from pdmesh.models.decoder import DecoderForCausalLM, DecoderLayer, GQAttention
 from pdmesh.models.layers import GatedMLP, RMSNorm
 from pdmesh.models.threads import configured_threads
+from pdmesh.parallel.state import current
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,9 @@ class FusedDecoder:
             and model.rope is not None
         )
         if not standard or not (cpu_kernels.enabled(pool) and cpu_kernels.enabled(model.rope.cos)):
+            return None
+        if current().tp > 1:  # a layer call has no place for the all-reduces of sharded layers
+            log.info("decode steps keep the module path: layers are sharded over tp=%d", current().tp)
             return None
         try:
             layers = [_layer_weights(layer) for layer in model.model.layers]

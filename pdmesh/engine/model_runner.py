@@ -1,5 +1,9 @@
 """Turns a scheduled batch into model inputs (token ids, positions, slots, block tables) and logits.
 
+``prepare`` makes a ``StepInputs`` (plain lists) from the scheduled sequences and ``execute`` runs
+it on this rank, so that an instance's leader can hand the same step to the other ranks of a
+tensor-parallel replica (``pdmesh.parallel.executor``); ``run`` is both on one rank.
+
 On CPU the model's linears use weights packed once (``cpu_linear``), and float32 decode keeps the
 batch's K/V in a ``DecodeWorkspace`` across steps (up to ``workspace_bytes``) and, for the dense
 decoder families with the CPU kernels, runs one kernel call per layer (``fused_decode``); prefill
@@ -15,6 +19,7 @@ from torch import nn
 from pdmesh.engine.cpu_linear import pack_linears
 from pdmesh.engine.fused_decode import FusedDecoder
 from pdmesh.engine.sequence import Sequence
+from pdmesh.engine.step import StepInputs
 from pdmesh.models import AttentionMetadata
 from pdmesh.models.decode_workspace import DecodeWorkspace
 from pdmesh.models.threads import single_thread
@@ -48,64 +53,83 @@ class ModelRunner:
         if budget <= 0 or not usable or getattr(self.model, "kv_kind", "mha") != "mha":
             return None
         cfg = self.model.config
-        return DecodeWorkspace(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.block_size, budget)
+        kv_heads = getattr(self.model, "local_kv_heads", lambda: cfg.num_kv_heads)()
+        return DecodeWorkspace(cfg.num_layers, kv_heads, cfg.head_dim, self.block_size, budget)
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
 
-    def _block_tables(self, seqs: list[Sequence], width: int) -> torch.Tensor:
-        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables])
 
     def _slots(self, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
         return tables[rows, positions // self.block_size], positions % self.block_size
 
-    def prepare_prefill(
-        self, seqs: list[Sequence]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        ids, pos, rows, query_lens, context_lens = [], [], [], [], []
-        for i, s in enumerate(seqs):
+    @staticmethod
+    def prepare(seqs: list[Sequence], is_prefill: bool, logits: bool = True) -> StepInputs:
+        """The step's inputs from the scheduled sequences (what the replica's other ranks are sent)."""
+        tables = [list(s.block_table) for s in seqs]
+        keys = [s.order for s in seqs]
+        if not is_prefill:
+            context_lens = [s.num_tokens for s in seqs]
+            return StepInputs(
+                False,
+                [s.last_token for s in seqs],
+                [n - 1 for n in context_lens],
+                tables,
+                [1] * len(seqs),
+                context_lens,
+                keys,
+                list(range(len(seqs))) if logits else None,
+            )
+        ids, pos, query_lens, context_lens = [], [], [], []
+        for s in seqs:
             start, end = s.num_computed, s.prefill_end
             ids.extend(s.token_ids[start:end])
             pos.extend(range(start, end))
-            rows.extend([i] * (end - start))
             query_lens.append(end - start)
             context_lens.append(end)
-        tables = self._block_tables(seqs, max(len(s.block_table) for s in seqs))
-        positions = self._tensor(pos)
-        blocks, offsets = self._slots(tables, self._tensor(rows), positions)
-        meta = AttentionMetadata(True, blocks, offsets, tables, query_lens, context_lens)
-        last = torch.tensor(query_lens).cumsum(0).sub_(1).tolist()
-        return self._tensor(ids), positions, meta, last
+        rows = torch.tensor(query_lens).cumsum(0).sub_(1).tolist() if logits else None
+        return StepInputs(True, ids, pos, tables, query_lens, context_lens, keys, rows)
 
-    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        width = max(len(s.block_table) for s in seqs)
-        tables = self._block_tables(seqs, width)
-        context_lens = [s.num_tokens for s in seqs]
+    def _prefill_meta(self, inputs: StepInputs) -> tuple[torch.Tensor, AttentionMetadata]:
+        tables = self._block_tables(inputs.block_tables)
+        positions = self._tensor(inputs.positions)
+        rows = self._tensor([i for i, n in enumerate(inputs.query_lens) for _ in range(n)])
+        blocks, offsets = self._slots(tables, rows, positions)
+        meta = AttentionMetadata(True, blocks, offsets, tables, inputs.query_lens, inputs.context_lens)
+        return positions, meta
+
+    def _decode_meta(self, inputs: StepInputs) -> tuple[torch.Tensor, AttentionMetadata]:
+        tables = self._block_tables(inputs.block_tables)
+        width = tables.shape[1]
+        context_lens = inputs.context_lens
         lens = self._tensor(context_lens)
         positions = lens - 1
-        blocks, offsets = self._slots(tables, torch.arange(len(seqs), device=self.device), positions)
+        batch = len(context_lens)
+        blocks, offsets = self._slots(tables, torch.arange(batch, device=self.device), positions)
         mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lens[:, None]
         meta = AttentionMetadata(
-            False, blocks, offsets, tables, [1] * len(seqs), context_lens, mask[:, None, None, :]
+            False, blocks, offsets, tables, [1] * batch, context_lens, mask[:, None, None, :]
         )
         ws = self.workspace
-        if ws is not None and ws.begin(seqs, context_lens, self.device, self.pool.dtype):
+        if ws is not None and ws.begin(inputs.seq_keys, context_lens, self.device, self.pool.dtype):
             meta.workspace = ws
-        return self._tensor([s.last_token for s in seqs]), positions, meta
+        return positions, meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, logits: bool = True) -> torch.Tensor | None:
-        """float32 logits ``[len(seqs), vocab]`` of each sequence's next token (None: not asked)."""
-        if is_prefill:
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The step on this rank: float32 logits of ``inputs.logit_rows`` (this rank's slice of the
+        vocabulary under tensor parallelism), None when no rows are asked."""
+        ids = self._tensor(inputs.token_ids)
+        if inputs.is_prefill:
             if self.workspace is not None:
                 self.workspace.invalidate()
-            ids, positions, meta, last = self.prepare_prefill(seqs)
+            positions, meta = self._prefill_meta(inputs)
             hidden = self.model(ids, positions, meta)
-            if not logits:
-                return None
-            hidden = hidden[last]
         else:
-            ids, positions, meta = self.prepare_decode(seqs)
+            positions, meta = self._decode_meta(inputs)
             # small elementwise ops on one thread; the products take the threads back (all_threads)
             with single_thread(self.workspace is not None):
                 if self.fused is not None and self.fused.applies(meta):
@@ -114,4 +138,12 @@ class ModelRunner:
                     hidden = self.model(ids, positions, meta)
             if meta.workspace is not None:
                 meta.workspace.commit()
+        if inputs.logit_rows is None:
+            return None
+        if inputs.is_prefill:
+            hidden = hidden[inputs.logit_rows]
         return self.model.compute_logits(hidden).float()
+
+    def run(self, seqs: list[Sequence], is_prefill: bool, logits: bool = True) -> torch.Tensor | None:
+        """float32 logits ``[len(seqs), vocab]`` of each sequence's next token (None: not asked)."""
+        return self.execute(self.prepare(seqs, is_prefill, logits))

@@ -23,6 +23,7 @@ class Sequence:
         self.order = order  # admission order: the newest is preempted first
         self.generator = generator
         self.chunk_end: int | None = None  # chunked prefill: compute tokens up to here this step
+        self.replica = 0  # the dp replica whose blocks and scheduler hold it
         if request.mode == RequestMode.DECODE:
             self.output_ids.append(int(request.first_token))
             self.block_table = list(request.kv_block_ids or [])

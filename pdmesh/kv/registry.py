@@ -24,7 +24,7 @@ from redis.exceptions import BusyLoadingError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pdmesh.kv.types import HANDLE_SCHEMA_VERSION, HandleState, KVHandle, KVLayout
+from pdmesh.kv.types import HANDLE_SCHEMA_VERSION, HandleState, KVHandle, KVLayout, KVPart
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def encode_handle(handle: KVHandle) -> dict[str, str]:
         "layout": json.dumps(handle.layout.to_dict()),
         "prefill_address": handle.prefill_address,
         "extra": json.dumps(handle.extra),
+        "parts": json.dumps([p.to_dict() for p in handle.parts]),
     }
 
 
@@ -195,6 +196,7 @@ def decode_handle(fields: dict[str, str]) -> KVHandle:
         version=version,
         prefill_address=fields.get("prefill_address", ""),
         extra=json.loads(fields.get("extra") or "{}"),
+        parts=[KVPart.from_dict(p) for p in json.loads(fields.get("parts") or "[]")],
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
 
@@ -47,6 +47,23 @@ class KVLayout:
                 return f"KV layout mismatch: {name} is {mine!r} here but {theirs!r} at the peer"
         return None
 
+    def mismatch_but_heads(self, other: KVLayout) -> str | None:
+        """As ``mismatch``, but two ranks of a tensor-parallel instance may cache different KV heads."""
+        for name in ("model", "kind", "dtype", "block_size", "num_layers", "head_dim"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"KV layout mismatch: {name} is {mine!r} here but {theirs!r} at the peer"
+        return None
+
+    def with_heads(self, heads: int) -> KVLayout:
+        """The layout of a rank that caches ``heads`` KV heads of the same model (MHA: K/V per head;
+        an MLA latent row has no heads and is the same on every rank)."""
+        if self.kind != "mha" or heads == self.num_kv_heads:
+            return self
+        shape = list(self.block_shape)
+        shape[-2] = heads  # [layers, 2, block_size, heads, head_dim]
+        return replace(self, num_kv_heads=heads, block_shape=tuple(shape))
+
     def to_dict(self) -> dict:
         return {**asdict(self), "block_shape": list(self.block_shape)}
 
@@ -65,6 +82,32 @@ class HandleState(StrEnum):
 HANDLE_SCHEMA_VERSION = 1
 
 
+@dataclass(frozen=True)
+class KVPart:
+    """One rank of a parallel prefill instance that holds part of a request's KV: where to pull it
+    and which of the model's KV heads it caches (all of them for an MLA latent cache)."""
+
+    rank: int
+    endpoint: str
+    dp_rank: int
+    tp_rank: int
+    tp_size: int
+    head_start: int
+    head_count: int
+    total_heads: int
+
+    @property
+    def heads(self) -> range:
+        return range(self.head_start, self.head_start + self.head_count)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KVPart:
+        return cls(**data)
+
+
 @dataclass
 class KVHandle:
     """Where one request's prefilled KV lives (registered by the prefill worker in Redis)."""
@@ -81,3 +124,24 @@ class KVHandle:
     version: int = HANDLE_SCHEMA_VERSION
     prefill_address: str = ""  # the prefill worker's gRPC address, where Release goes
     extra: dict = field(default_factory=dict)
+    # A parallel prefill instance: every rank that holds part of the KV (``layout`` is the first's,
+    # each part's is ``layout.with_heads(part.head_count)``). Empty: one rank at transfer_endpoint.
+    parts: list[KVPart] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (for the control channel of a parallel instance)."""
+        data = asdict(self)
+        data["layout"] = self.layout.to_dict()
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KVHandle:
+        return cls(
+            **{
+                **data,
+                "layout": KVLayout.from_dict(data["layout"]),
+                "state": HandleState(data["state"]),
+                "parts": [KVPart.from_dict(p) for p in data.get("parts", [])],
+            }
+        )

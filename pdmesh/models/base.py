@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from pdmesh.parallel.layout import kv_head_range
+from pdmesh.parallel.state import current
+
 
 class KVCacheMixin:
     """Default (MHA/GQA) KV cache description: ``[layers, 2 (K, V), block_size, kv_heads, head_dim]``.
@@ -21,14 +24,19 @@ class KVCacheMixin:
     kv_kind: str = "mha"  # the ``KVLayout.kind``: "mha" or "mla"
     rope_types: tuple[str, ...] = ("default",)  # rope scaling types the model implements
 
+    def local_kv_heads(self) -> int:
+        """The KV heads this rank caches: all of them unsharded, its tp slice under tensor parallelism."""
+        state = current()
+        return kv_head_range(self.config.num_kv_heads, state.tp, state.tp_rank)[1]
+
     def kv_block_shape(self, block_size: int) -> tuple[int, ...]:
-        """Shape of one KV block of ``block_size`` tokens (all layers)."""
+        """Shape of one KV block of ``block_size`` tokens (all layers) in this rank's pool."""
         cfg = self.config
-        return (cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
+        return (cfg.num_layers, 2, block_size, self.local_kv_heads(), cfg.head_dim)
 
     def kv_heads_and_dim(self) -> tuple[int, int]:
-        """``(num_kv_heads, head_dim)`` of one cached token in one layer, for the ``KVLayout``."""
-        return self.config.num_kv_heads, self.config.head_dim
+        """``(kv_heads, head_dim)`` of one cached token in one layer of this rank's pool, for the ``KVLayout``."""
+        return self.local_kv_heads(), self.config.head_dim
 
 
 class StackedCausalLM(KVCacheMixin):
@@ -47,5 +55,17 @@ class StackedCausalLM(KVCacheMixin):
             h = layer(h, positions, self.rope, meta)
         return self.model.norm(h)
 
+    @torch.inference_mode()
+    def join_idle(self) -> None:
+        """A dp replica with no tokens this step: every MoE layer's collectives, with an empty batch,
+        so that the replicas that do run never wait for this one (dense layers only talk within
+        the replica, which is idle as a whole)."""
+        weight = next(self.parameters())
+        empty = torch.empty((0, self.config.hidden_size), dtype=weight.dtype, device=weight.device)
+        for layer in self.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp(empty)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the chosen rows: the whole vocabulary, or this rank's slice of it under tp."""
         return self.lm_head(hidden)

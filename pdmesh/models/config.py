@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdmesh.models.identity import checkpoint_digest
+from pdmesh.parallel.layout import ModelDims
 
 
 def _eos_ids(value) -> list[int]:
@@ -100,4 +101,17 @@ class ModelConfig:
         return (
             f"{self.model_type}-{self.digest or self.name}:h{self.hidden_size}:l{self.num_layers}"
             f":q{self.num_heads}:kv{self.num_kv_heads}x{self.head_dim}:v{self.vocab_size}"
+        )
+
+    def parallel_dims(self) -> ModelDims:
+        """The sizes a parallel layout must divide: heads, experts and the sharded MLP widths."""
+        raw = self.raw
+        experts = int(raw.get("num_experts") or raw.get("n_routed_experts") or 0)
+        return ModelDims(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            num_experts=experts,
+            intermediate_size=self.intermediate_size,
+            moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0) if experts else 0,
+            kv_replicated="kv_lora_rank" in raw,  # MLA: one latent row per token on every rank
         )

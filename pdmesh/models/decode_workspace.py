@@ -7,8 +7,10 @@ as long as all the layer projections together. Between two decode steps of the s
 though, only one token per sequence changes. The workspace therefore keeps, per layer, the batch's
 K and V in an attention-friendly dense layout ``[2, kv_heads, batch, width, head_dim]``:
 
-- a step whose batch is the previous decode step's batch (the same sequence objects, in the same
-  order, each exactly one token longer, and no other step in between) appends the new token's K/V;
+- a step whose batch is the previous decode step's batch (the same sequences, in the same order,
+  each exactly one token longer, and no other step in between) appends the new token's K/V; a
+  sequence is named by a key that never names another while it lives (the engine's admission
+  number, which also travels to the other ranks of a tensor-parallel replica);
 - any other step rebuilds it: the blocks are gathered once and laid out densely (the old cost);
 - a step that fails midway leaves it invalid, and the next step rebuilds.
 
@@ -42,7 +44,7 @@ class DecodeWorkspace:
         self.head_dim = head_dim
         self.budget_bytes = budget_bytes
         self._buffers: list[torch.Tensor | None] = [None] * num_layers
-        self._batch: list[Any] = []  # the sequence objects of the last committed decode step
+        self._batch: list[Any] = []  # the sequence keys of the last committed decode step
         self._lens: list[int] = []
         self._width = 0
         self._valid = False
@@ -69,7 +71,7 @@ class DecodeWorkspace:
     def begin(
         self, seqs: list[Any], context_lens: list[int], device: torch.device, dtype: torch.dtype
     ) -> bool:
-        """Prepares a decode step of ``seqs``; False when the batch does not fit the budget."""
+        """Prepares a decode step of ``seqs`` (their keys); False when the batch does not fit the budget."""
         longest = max(context_lens)
         width = max(self._width, -(-longest // self.width_step) * self.width_step)
         per_layer = 2 * self.num_kv_heads * len(seqs) * width * self.head_dim
@@ -80,7 +82,7 @@ class DecodeWorkspace:
             self._valid
             and width == self._width
             and len(seqs) == len(self._batch)
-            and all(a is b for a, b in zip(seqs, self._batch, strict=True))
+            and all(a == b for a, b in zip(seqs, self._batch, strict=True))
             and all(n == m + 1 for n, m in zip(context_lens, self._lens, strict=True))
         )
         self.rebuild = not same_batch

@@ -16,7 +16,17 @@ from pdmesh.models.attention import AttentionMetadata, PagedAttention
 from pdmesh.models.base import StackedCausalLM
 from pdmesh.models.config import ModelConfig
 from pdmesh.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding
+from pdmesh.models.parallel_layers import (
+    ColumnParallelLinear,
+    ColumnShard,
+    embedding,
+    heads_shard,
+    lm_head,
+    row_linear,
+)
 from pdmesh.models.threads import configured_threads
+from pdmesh.parallel.layout import kv_head_range
+from pdmesh.parallel.state import current
 
 # checkpoint name fragment -> (our parameter fragment, shard id)
 DENSE_PACKED_MODULES: dict[str, tuple[str, str]] = {
@@ -29,15 +39,27 @@ DENSE_PACKED_MODULES: dict[str, tuple[str, str]] = {
 
 
 class GQAttention(nn.Module):
-    """Fused q/k/v projection, optional per-head RMSNorm on q and k, rotary, paged attention."""
+    """Fused q/k/v projection, optional per-head RMSNorm on q and k, rotary, paged attention.
+
+    Under tensor parallelism the rank's q/k/v rows are its query heads and the KV heads they attend
+    to (``kv_head_range``), and ``o_proj`` is row-parallel; ``nh``/``nkv`` are this rank's counts.
+    """
 
     def __init__(self, cfg: ModelConfig, *, qk_norm: bool, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
-        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        tp = current().tp
+        self.hd = cfg.head_dim
+        self.nh = cfg.num_heads // tp
+        kv_first, self.nkv = kv_head_range(cfg.num_kv_heads, tp, current().tp_rank)
         self.sizes = [self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd]
-        shards = dict(zip(("q", "k", "v"), self.sizes, strict=True))
-        self.qkv_proj = MergedLinear(cfg.hidden_size, shards, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=o_bias)
+        if tp == 1:
+            shards = dict(zip(("q", "k", "v"), self.sizes, strict=True))
+            self.qkv_proj = MergedLinear(cfg.hidden_size, shards, bias=qkv_bias)
+        else:
+            kv = ColumnShard(cfg.num_kv_heads * self.hd, kv_first * self.hd, self.nkv * self.hd)
+            column = {"q": heads_shard(cfg.num_heads, self.hd), "k": kv, "v": kv}
+            self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, column, bias=qkv_bias)
+        self.o_proj = row_linear(cfg.num_heads * self.hd, cfg.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if qk_norm else None
         self.attn = PagedAttention(self.nh, self.nkv, self.hd)
@@ -100,7 +122,7 @@ class DecoderModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -119,7 +141,7 @@ class DecoderForCausalLM(StackedCausalLM, nn.Module):
             DecoderLayer(cfg, self.make_attention(cfg), self.make_mlp(cfg, i)) for i in range(cfg.num_layers)
         ]
         self.model = DecoderModel(cfg, layers)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = lm_head(cfg.vocab_size, cfg.hidden_size)
         self.rope: RotaryEmbedding | None = None
 
     def make_attention(self, cfg: ModelConfig) -> GQAttention:

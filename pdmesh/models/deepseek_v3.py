@@ -22,6 +22,7 @@ from pdmesh.models.config import ModelConfig
 from pdmesh.models.layers import GatedMLP, RMSNorm
 from pdmesh.models.mla import MLARotaryEmbedding, MLAttention
 from pdmesh.models.moe import RoutedExperts, expert_mapping
+from pdmesh.models.parallel_layers import embedding, lm_head
 
 
 class GroupLimitedRouter(nn.Module):
@@ -97,7 +98,7 @@ class DeepseekV3Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DeepseekV3DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -114,7 +115,7 @@ class DeepseekV3ForCausalLM(StackedCausalLM, nn.Module):
         self.kv_lora_rank = int(cfg.raw["kv_lora_rank"])
         self.rope_dim = int(cfg.raw["qk_rope_head_dim"])
         self.model = DeepseekV3Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = lm_head(cfg.vocab_size, cfg.hidden_size)
         self.rope: MLARotaryEmbedding | None = None
         # per-expert fragments first: ".experts.3.gate_proj." must not fall to the dense "gate_proj"
         self.packed_modules_mapping = {

@@ -9,7 +9,9 @@ from torch import nn
 
 from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.config import ModelConfig
+from pdmesh.models.parallel_layers import ColumnParallelLinear, even_shard, row_linear
 from pdmesh.models.threads import configured_threads
+from pdmesh.parallel.state import current
 
 
 class RMSNorm(nn.Module):
@@ -139,13 +141,22 @@ class MergedLinear(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one matmul."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one matmul.
+
+    Under tensor parallelism each rank holds ``inter / tp`` of the gate and up rows (column-parallel)
+    and the matching columns of ``down`` (row-parallel, summed over the tp group).
+    """
 
     def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
         super().__init__()
-        self.inter = inter
-        self.gate_up_proj = MergedLinear(hidden, {"gate": inter, "up": inter}, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        state = current()
+        self.inter = inter // state.tp
+        if state.tp == 1:
+            self.gate_up_proj = MergedLinear(hidden, {"gate": inter, "up": inter}, bias=bias)
+        else:
+            shard = even_shard(inter, state.tp, state.tp_rank)
+            self.gate_up_proj = ColumnParallelLinear(hidden, {"gate": shard, "up": shard}, bias=bias)
+        self.down_proj = row_linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)

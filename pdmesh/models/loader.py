@@ -90,14 +90,15 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                         f"{path.name}: tensor {name} has no matching parameter in {type(model).__name__}"
                     )
                 tensor = _checkpoint_tensor(f, name, where, block)
-                if shard_id is None:
+                module = model.get_submodule(target.rsplit(".", 1)[0])
+                if shard_id is not None or getattr(module, "sharded", False):
+                    module.weight_loader(param, tensor, shard_id)  # packed, or this rank's shard
+                else:
                     if param.shape != tensor.shape:
                         raise ValueError(
                             f"{name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
                         )
                     param.data.copy_(tensor)
-                else:
-                    model.get_submodule(target.rsplit(".", 1)[0]).weight_loader(param, tensor, shard_id)
                 loaded.add(target)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = [n for n in params if n not in loaded and n not in tied]

@@ -11,6 +11,10 @@ layer is ``[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]``.
   over the cached latents as one shared head (``[c, k_pe]`` keys, ``c`` values), then applies the
   value half (``W_UV``) to the attended latent, so the cache is never expanded.
 
+Under tensor parallelism a rank computes its share of the heads (``q_b_proj``/``q_proj`` and
+``kv_b_proj`` column-parallel, ``o_proj`` row-parallel); ``kv_a_proj_with_mqa`` is whole on every
+rank, so the latent cache is the same, replicated, on each.
+
 The rotary embedding follows transformers' ``DeepseekV3``: default or YaRN inverse frequencies,
 the YaRN ``attention_factor`` on cos/sin, the ``mscale_all_dim`` factor on the softmax scale, and
 DeepSeek's interleaved pair layout (``rope_interleave``, default True).
@@ -27,6 +31,8 @@ from torch import nn
 from pdmesh.models.attention import AttentionMetadata
 from pdmesh.models.config import ModelConfig
 from pdmesh.models.layers import RMSNorm, default_inv_freq
+from pdmesh.models.parallel_layers import column_heads_linear, row_linear
+from pdmesh.parallel.state import current
 
 
 def rope_parameters(cfg: ModelConfig) -> dict:
@@ -136,7 +142,8 @@ class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         raw = cfg.raw
-        self.nh = cfg.num_heads
+        heads = cfg.num_heads
+        self.nh = heads // current().tp  # this rank's heads; the latent cache is whole on every rank
         self.q_lora_rank = raw.get("q_lora_rank")
         self.kv_lora_rank = int(raw["kv_lora_rank"])
         self.nope_dim = int(raw["qk_nope_head_dim"])
@@ -147,14 +154,14 @@ class MLAttention(nn.Module):
         if self.q_lora_rank:
             self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.nh * qk_dim, bias=False)
+            self.q_b_proj = column_heads_linear(self.q_lora_rank, heads, qk_dim)
         else:
-            self.q_proj = nn.Linear(h, self.nh * qk_dim, bias=False)
+            self.q_proj = column_heads_linear(h, heads, qk_dim)
         self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.nh * (self.nope_dim + self.v_dim), bias=False)
+        self.kv_b_proj = column_heads_linear(self.kv_lora_rank, heads, self.nope_dim + self.v_dim)
         self.kv_b_proj.keep_dense_weight = True  # decode reads it to absorb W_UK / W_UV
-        self.o_proj = nn.Linear(self.nh * self.v_dim, h, bias=bias)
+        self.o_proj = row_linear(heads * self.v_dim, h, bias=bias)
         self.scale = softmax_scale(cfg, qk_dim)
         self.cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_lora_rank + rope_dim]
 

@@ -6,7 +6,7 @@ Protobuf stops at the servicers: everything past them works on the dataclasses.
 from __future__ import annotations
 
 from pdmesh.engine.types import SamplingParams
-from pdmesh.kv.types import HandleState, KVHandle, KVLayout
+from pdmesh.kv.types import HandleState, KVHandle, KVLayout, KVPart
 from pdmesh.v1 import common_pb2
 
 # One generated token's logprobs, as the engine gives them (``TokenOutput.logprobs`` entries): the
@@ -109,6 +109,7 @@ def handle_to_proto(h: KVHandle) -> common_pb2.KVHandle:
         expires_at=h.expires_at,
         version=h.version,
         prefill_address=h.prefill_address,
+        parts=[common_pb2.KVPart(**p.to_dict()) for p in h.parts],
     )
 
 
@@ -125,4 +126,18 @@ def handle_from_proto(msg: common_pb2.KVHandle) -> KVHandle:
         state=HandleState.READY,
         version=msg.version,
         prefill_address=msg.prefill_address,
+        parts=[_part_from_proto(p) for p in msg.parts],
+    )
+
+
+def _part_from_proto(msg: common_pb2.KVPart) -> KVPart:
+    return KVPart(
+        rank=msg.rank,
+        endpoint=msg.endpoint,
+        dp_rank=msg.dp_rank,
+        tp_rank=msg.tp_rank,
+        tp_size=msg.tp_size,
+        head_start=msg.head_start,
+        head_count=msg.head_count,
+        total_heads=msg.total_heads,
     )

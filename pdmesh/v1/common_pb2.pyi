@@ -121,7 +121,7 @@ class KVLayout(_message.Message):
     def __init__(self, model: _Optional[str] = ..., kind: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., block_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("handle_id", "request_id", "prefill_instance", "transfer_endpoint", "block_ids", "num_tokens", "layout", "expires_at", "version", "prefill_address")
+    __slots__ = ("handle_id", "request_id", "prefill_instance", "transfer_endpoint", "block_ids", "num_tokens", "layout", "expires_at", "version", "prefill_address", "parts")
     HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class KVHandle(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     handle_id: str
     request_id: str
     prefill_instance: str
@@ -142,7 +143,28 @@ class KVHandle(_message.Message):
     expires_at: float
     version: int
     prefill_address: str
-    def __init__(self, handle_id: _Optional[str] = ..., request_id: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., expires_at: _Optional[float] = ..., version: _Optional[int] = ..., prefill_address: _Optional[str] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[KVPart]
+    def __init__(self, handle_id: _Optional[str] = ..., request_id: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., expires_at: _Optional[float] = ..., version: _Optional[int] = ..., prefill_address: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[KVPart, _Mapping]]] = ...) -> None: ...
+
+class KVPart(_message.Message):
+    __slots__ = ("rank", "endpoint", "dp_rank", "tp_rank", "tp_size", "head_start", "head_count", "total_heads")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    HEAD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_HEADS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    endpoint: str
+    dp_rank: int
+    tp_rank: int
+    tp_size: int
+    head_start: int
+    head_count: int
+    total_heads: int
+    def __init__(self, rank: _Optional[int] = ..., endpoint: _Optional[str] = ..., dp_rank: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., head_start: _Optional[int] = ..., head_count: _Optional[int] = ..., total_heads: _Optional[int] = ...) -> None: ...
 
 class InstanceLoad(_message.Message):
     __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "queued_prefill_tokens", "pinned_handles", "prompt_tokens_total", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "unknown")

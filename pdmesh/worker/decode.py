@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams, TokenOutput
 from pdmesh.kv.registry import KVError, KVRegistry
-from pdmesh.kv.transfer.base import KVTransferClient, TransferError
+from pdmesh.kv.transfer.base import TransferError
 from pdmesh.kv.types import KVHandle
 from pdmesh.worker.bridge import EngineBridge
 from pdmesh.worker.errors import ErrorKind, WorkerError
+from pdmesh.worker.kv_plane import KVPlane
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,14 @@ class DecodeHandler:
         self,
         bridge: EngineBridge,
         registry: KVRegistry | None,
-        transfer_client: KVTransferClient | None,
+        kv: KVPlane | None,
         instance_id: str,
         lease_s: float,
         release_remote: Callable[[str, str], Awaitable[None]],
     ) -> None:
         self.bridge = bridge
         self.registry = registry
-        self.transfer_client = transfer_client
+        self.kv = kv
         self.instance_id = instance_id
         self.lease_s = lease_s
         # (prefill address, handle_id): tells the prefill worker to free its blocks now
@@ -77,13 +78,13 @@ class DecodeHandler:
             yield output
 
     async def _fetch_kv(self, request_id: str, handle: KVHandle) -> list[int]:
-        if self.registry is None or self.transfer_client is None:
+        if self.registry is None or self.kv is None:
             raise WorkerError(
                 ErrorKind.INVALID_ARGUMENT, "this worker cannot pull KV (no registry or transfer)"
             )
-        mismatch = self.bridge.runner.kv_layout.mismatch(handle.layout)
-        if mismatch:
-            raise WorkerError(ErrorKind.INVALID_ARGUMENT, mismatch)
+        refusal = self.kv.refusal(handle)  # checked before the claim: nothing moves when it fails
+        if refusal:
+            raise WorkerError(ErrorKind.INVALID_ARGUMENT, refusal)
         try:
             claimed = await self.registry.claim(handle.handle_id, self.instance_id, self.lease_s)
         except KVError as exc:
@@ -113,7 +114,7 @@ class DecodeHandler:
     async def _pull(self, request_id: str, handle: KVHandle, block_ids: list[int]) -> None:
         renewer = asyncio.ensure_future(self._renew_while_pulling(handle.handle_id))
         try:
-            await asyncio.to_thread(self.transfer_client.pull, handle, block_ids, PULL_TIMEOUT_S)
+            await self.kv.pull(handle, block_ids, PULL_TIMEOUT_S)
         except TransferError as exc:
             raise WorkerError(
                 ErrorKind.KV_UNAVAILABLE, f"KV pull from {handle.transfer_endpoint} failed: {exc}"

@@ -6,6 +6,12 @@ end up in ``run_worker``; ``create_worker`` is apart from it so that tests can b
 One process holds what every phase needs, so that the controller can flip its role in place
 (``Worker.switch_role``, behind the ``SetRole`` RPC): the prefill handler, its reaper and the KV
 transfer server exist while the role is prefill or mixed and are created or stopped on a flip.
+
+An instance of several ranks (``tp x dp > 1``) runs this process as its leader (rank 0: gRPC,
+registration, heartbeats, scheduling) and ``pdmesh.parallel.follower`` on every other rank. When a
+rank fails or dies the instance is broken: the leader fails what it runs (the coordinator retries
+elsewhere), leaves the cluster and exits with ``GROUP_BROKEN_EXIT``, ending its followers, so that
+its supervisor (``pdmesh up``, Kubernetes) restarts the group whole.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
 
 import grpc
@@ -22,12 +29,15 @@ import grpc
 from pdmesh.cluster import InstanceInfoData, LoadData, Role
 from pdmesh.config import WorkerConfig
 from pdmesh.engine.config import EngineConfig
-from pdmesh.engine.engine import LLMEngine
+from pdmesh.engine.engine import LLMEngine, StepExecutor
 from pdmesh.engine.runner import EngineRunner
 from pdmesh.kv.registry import KVError, RedisKVRegistry
-from pdmesh.kv.transfer.base import allocate_pool, make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.base import allocate_pool, make_transfer_server
+from pdmesh.kv.transfer.sharded import ShardedPuller
 from pdmesh.kv.types import KVLayout
 from pdmesh.logs import setup_logging
+from pdmesh.parallel import follower
+from pdmesh.parallel.instance import InstancePlan, Leader, plan_instance
 from pdmesh.rpc.channels import ChannelCache
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S
 from pdmesh.rpc.controller_client import InstanceAgent
@@ -36,24 +46,30 @@ from pdmesh.settings_cli import add_config_flags, config_from_flags
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from pdmesh.worker.bridge import EngineBridge
 from pdmesh.worker.decode import DecodeHandler
+from pdmesh.worker.kv_plane import KVPlane
 from pdmesh.worker.prefill import PrefillHandler
 from pdmesh.worker.servicer import WorkerBusy, WorkerServicer
 
 log = logging.getLogger(__name__)
 
+GROUP_BROKEN_EXIT = 3  # the exit status of a leader whose instance broke (a rank failed or died)
+
 
 class Worker:
     """A running worker; ``stop()`` takes it out of the cluster and frees everything it holds."""
 
-    def __init__(self, config: WorkerConfig, runner: EngineRunner) -> None:
+    def __init__(self, config: WorkerConfig, runner: EngineRunner, leader: Leader | None = None) -> None:
         self.config = config
+        self.leader = leader
+        self.kv: KVPlane | None = None
+        self.exit_code = 0
+        self._stopping = False
         self.role = config.role
         self.instance_id = ""
         self.runner = runner
         self.bridge = EngineBridge(runner)
         self.registry = RedisKVRegistry(config.redis_url)
         self.transfer_server = None
-        self.transfer_client = None
         self.prefill: PrefillHandler | None = None
         self.server: RunningServer | None = None
         self.agent: InstanceAgent | None = None
@@ -72,11 +88,12 @@ class Worker:
         self.server = await start_server(self._register, ["pdmesh.v1.Worker"], cfg.host, cfg.port)
         instance_id = self.instance_id = cfg.instance_id or f"{cfg.role}-{cfg.host}-{self.server.port}"
         await self._expire_previous_handles()
+        puller = ShardedPuller(cfg.transfer_backend, pool, layout)
+        self.kv = KVPlane(layout, puller, self.runner.engine.replica_of, self.leader)
         if cfg.role in ("prefill", "mixed"):
             self._start_prefill()
-        self.transfer_client = make_transfer_client(cfg.transfer_backend, pool, layout)
         self.decode = DecodeHandler(
-            self.bridge, self.registry, self.transfer_client, instance_id, cfg.kv_lease_s, self.release_remote
+            self.bridge, self.registry, self.kv, instance_id, cfg.kv_lease_s, self.release_remote
         )
         self._servicer.decode_handler = self.decode
         info = InstanceInfoData(
@@ -87,8 +104,23 @@ class Worker:
             model=layout.model,
         )
         self.agent = InstanceAgent(cfg.controller, info, self._load)
+        if self.leader is not None:
+            loop = asyncio.get_running_loop()
+            self.leader.executor.on_broken = lambda why: loop.call_soon_threadsafe(self._leave, why)
+            if self.leader.executor.broken:  # a rank died while this one was starting
+                self._leave(self.leader.executor.broken)
         await self.agent.start()
         log.info("%s worker %s serving on %s", cfg.role, instance_id, self.address)
+
+    def _leave(self, why: str) -> None:
+        """The instance broke: stop as on SIGTERM (deregister, fail what runs, end the followers)
+        and exit with GROUP_BROKEN_EXIT so that the supervisor restarts the whole group."""
+        if self.exit_code or self._stopping:
+            log.info("%s: a rank ended while the instance stops (%s)", self.instance_id, why)
+            return
+        log.error("%s: the instance broke (%s); leaving the cluster to restart", self.instance_id, why)
+        self.exit_code = GROUP_BROKEN_EXIT
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def _expire_previous_handles(self) -> None:
         """Handles that a previous process with this instance id registered (it crashed and was
@@ -113,8 +145,9 @@ class Worker:
             cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port
         )
         self.transfer_server.start()
+        self.kv.server = self.transfer_server
         self.prefill = PrefillHandler(
-            self.bridge, self.registry, self.transfer_server, self.instance_id, self.address, cfg.kv_lease_s
+            self.bridge, self.registry, self.kv, self.instance_id, self.address, cfg.kv_lease_s
         )
         self._reaper = asyncio.ensure_future(self.prefill.reap_forever())
         self._servicer.prefill_handler = self.prefill
@@ -129,6 +162,7 @@ class Worker:
             self.prefill.free_all()
             self.prefill = None
         if self.transfer_server is not None:
+            self.kv.server = None
             self.transfer_server.stop()
             self.transfer_server = None
 
@@ -188,6 +222,7 @@ class Worker:
         )
 
     async def stop(self) -> None:
+        self._stopping = True
         if self.agent is not None:
             await self.agent.stop()
         if self._reaper is not None:
@@ -201,21 +236,25 @@ class Worker:
             self.prefill.free_all()
         if self.transfer_server is not None:
             self.transfer_server.stop()
-        close_client = getattr(self.transfer_client, "close", None)
-        if close_client is not None:
-            close_client()
+        if self.kv is not None:
+            self.kv.close()
         try:
             await self.registry.close()
         except Exception as exc:  # noqa: BLE001 - stopping: the engine must stop whatever Redis says
             log.warning("closing the KV registry client failed: %r", exc)
         self.runner.stop()
+        if self.leader is not None:
+            await asyncio.to_thread(self.leader.stop)
 
 
-def build_runner(config: WorkerConfig) -> EngineRunner:
+def make_engine(
+    config: WorkerConfig, plan: InstancePlan | None = None, executor: StepExecutor | None = None
+) -> LLMEngine:
+    """The engine of this rank (its device, its shard of the model, its part of the KV pool)."""
     engine_config = EngineConfig(
         model_dir=config.model_dir,
         dtype=config.dtype,
-        device=config.device,
+        device=plan.device if plan is not None else config.device,
         block_size=config.block_size,
         kv_cache_memory_mib=config.kv_cache_memory_mib,
         decode_workspace_mib=config.decode_workspace_mib,
@@ -223,28 +262,54 @@ def build_runner(config: WorkerConfig) -> EngineRunner:
         max_prefill_batch_size=config.max_prefill_batch_size,
         max_prefill_tokens=config.max_prefill_tokens,
     )
-    pool_name = config.instance_id or f"pdmesh-{os.getpid()}"
+    rank = plan.spec.rank if plan is not None else 0
+    pool_name = (config.instance_id or f"pdmesh-{os.getpid()}") + (f"-r{rank}" if rank else "")
 
     def allocate(num_blocks: int, layout: KVLayout):
         return allocate_pool(
-            config.transfer_backend, num_blocks, layout, name=pool_name, device=config.device
+            config.transfer_backend, num_blocks, layout, name=pool_name, device=engine_config.device
         )
 
-    runner = EngineRunner(LLMEngine(engine_config, pool_allocator=allocate))
+    return LLMEngine(engine_config, pool_allocator=allocate, executor=executor)
+
+
+def open_engine(config: WorkerConfig, plan: InstancePlan | None = None) -> tuple[LLMEngine, Leader | None]:
+    """This rank's engine; with a plan of several ranks, as their leader once every follower is up
+    (``Leader.stop`` ends them). Also what ``pdmesh bench engine`` runs."""
+    if plan is None:
+        return make_engine(config), None
+    leader = Leader(config, plan)
+    try:
+        engine = make_engine(config, plan, leader.executor)
+        leader.executor.runner = engine.runner
+        leader.wait_followers(int(engine.kv_pool.shape[0]))
+    except BaseException:
+        leader.stop()
+        raise
+    return engine, leader
+
+
+def build_runner(
+    config: WorkerConfig, plan: InstancePlan | None = None
+) -> tuple[EngineRunner, Leader | None]:
+    """The engine on its thread (and the instance's leader, when it has several ranks)."""
+    engine, leader = open_engine(config, plan)
+    runner = EngineRunner(engine)
     runner.start()
-    return runner
+    return runner, leader
 
 
-async def create_worker(config: WorkerConfig) -> Worker:
-    runner = await asyncio.to_thread(build_runner, config)
-    worker = Worker(config, runner)
+async def create_worker(config: WorkerConfig, plan: InstancePlan | None = None) -> Worker:
+    runner, leader = await asyncio.to_thread(build_runner, config, plan)
+    worker = Worker(config, runner, leader)
     await worker.start()
     return worker
 
 
-async def _serve(config: WorkerConfig) -> None:
-    worker = await create_worker(config)
+async def _serve(config: WorkerConfig, plan: InstancePlan | None) -> int:
+    worker = await create_worker(config, plan)
     await serve_until_signal(worker.server, on_stop=worker.stop)
+    return worker.exit_code
 
 
 def parse_args(argv: list[str] | None, role: str | None) -> WorkerConfig:
@@ -260,8 +325,18 @@ def parse_args(argv: list[str] | None, role: str | None) -> WorkerConfig:
 def run_worker(argv: list[str] | None = None, role: str | None = None) -> int:
     config = parse_args(argv, role)
     try:
-        asyncio.run(_serve(config))
+        plan = plan_instance(config) if config.world_size > 1 else None
+        if plan is not None and plan.spec.rank != 0:
+            _log_rank(plan.spec.rank)
+            return follower.run(config, plan, lambda: make_engine(config, plan))
+        return asyncio.run(_serve(config, plan))
     except (OSError, ValueError) as exc:
         print(f"pdmesh worker: {exc}", file=sys.stderr)
         return 1
-    return 0
+
+
+def _log_rank(rank: int) -> None:
+    """A follower's log lines name its rank (they share the leader's log)."""
+    formatter = logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pdmesh.aio import raise_lost_cancellation
 from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams
 from pdmesh.kv.registry import KVError, KVRegistry
-from pdmesh.kv.transfer.base import KVTransferServer
 from pdmesh.kv.types import HandleState, KVHandle
 from pdmesh.worker.bridge import EngineBridge
 from pdmesh.worker.errors import ErrorKind, WorkerError
+from pdmesh.worker.kv_plane import KVPlane
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ class PrefillHandler:
         self,
         bridge: EngineBridge,
         registry: KVRegistry,
-        transfer_server: KVTransferServer,
+        kv: KVPlane,
         instance_id: str,
         address: str,
         lease_s: float,
     ) -> None:
         self.bridge = bridge
         self.registry = registry
-        self.transfer_server = transfer_server
+        self.kv = kv
         self.instance_id = instance_id
         self.address = address
         self.lease_s = lease_s
@@ -88,19 +88,27 @@ class PrefillHandler:
         return PrefillResult(first_token, False, None, len(prompt_ids), handle, output.logprobs)
 
     async def _publish(self, request_id: str, num_tokens: int, block_ids: list[int]) -> KVHandle:
+        handle_id = f"{request_id}:{uuid.uuid4().hex[:8]}"
+        pinned = self._pinned[handle_id] = _Pinned(list(block_ids), time.time() + self.lease_s)
+        try:
+            parts = await self.kv.expose(handle_id, list(block_ids))
+        except BaseException as exc:
+            self.free(handle_id)
+            if isinstance(exc, Exception):
+                raise WorkerError(ErrorKind.INTERNAL, f"cannot expose the KV on every rank: {exc}") from exc
+            raise
         handle = KVHandle(
-            handle_id=f"{request_id}:{uuid.uuid4().hex[:8]}",
+            handle_id=handle_id,
             request_id=request_id,
             prefill_instance=self.instance_id,
-            transfer_endpoint=self.transfer_server.endpoint,
+            transfer_endpoint=parts[0].endpoint if parts else self.kv.endpoint,
             block_ids=list(block_ids),
             num_tokens=num_tokens,
             layout=self.bridge.runner.kv_layout,
-            expires_at=time.time() + self.lease_s,
+            expires_at=pinned.expires_at,
             prefill_address=self.address,
+            parts=parts,
         )
-        pinned = self._pinned[handle.handle_id] = _Pinned(list(block_ids), handle.expires_at)
-        self.transfer_server.expose(handle.handle_id, list(block_ids))
         try:
             await self.registry.register(handle, self.lease_s)
         except KVError as exc:
@@ -112,10 +120,11 @@ class PrefillHandler:
         finally:
             pinned.registering = False
         log.info(
-            "[%s] prefilled %d tokens into %d blocks, handle %s",
+            "[%s] prefilled %d tokens into %d blocks%s, handle %s",
             request_id,
             num_tokens,
             len(block_ids),
+            f" on dp replica {parts[0].dp_rank} ({len(parts)} ranks)" if parts else "",
             handle.handle_id,
         )
         return handle
@@ -125,7 +134,7 @@ class PrefillHandler:
         pinned = self._pinned.pop(handle_id, None)
         if pinned is None:
             return False
-        self.transfer_server.withdraw(handle_id)
+        self.kv.withdraw(handle_id)
         self.bridge.runner.free_kv(pinned.block_ids)
         log.info("[%s] freed %d pinned blocks", handle_id.split(":")[0], len(pinned.block_ids))
         return True

@@ -31,6 +31,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from pdmesh.accelerator import dist_backend
 from pdmesh.kv.transfer import wire
 from pdmesh.kv.transfer.base import TransferError, check_pool
 from pdmesh.kv.transfer.tcp import advertised_host, parse_endpoint
@@ -44,12 +45,13 @@ _TAG = 0
 
 
 def dist_backend_for(device: torch.device) -> str:
-    """The process-group backend for a pool on ``device``."""
-    return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}.get(device.type) or _unsupported(device)
-
-
-def _unsupported(device: torch.device) -> str:
-    raise ValueError(f"the device transfer backend has no process group for {device.type} pools")
+    """The process-group backend for a pool on ``device`` (the accelerator module's choice)."""
+    try:
+        return dist_backend(device)
+    except ValueError:
+        raise ValueError(
+            f"the device transfer backend has no process group for {device.type} pools"
+        ) from None
 
 
 def make_group(backend: str, store: dist.Store, rank: int, host: str, timeout_s: float, device: torch.device):

@@ -1,0 +1,75 @@
+"""Runs prompts through a real parallel instance and prints what it computed, as one JSON object.
+
+``python -m tests.integration.parallel_probe SPEC_JSON``: this process is rank 0 (the leader, exactly
+as a worker builds it with ``open_engine``) and starts the other ranks as real processes that join
+over gloo. SPEC: ``{"model": dir, "prompts": [[ids]], "new_tokens": n, "worker": {WorkerConfig
+fields: tp, dp, moe_ep, moe_tp, moe_dispatch, ...}, "idle_replica": bool}``. Output: every prompt's
+float32 prefill logits (all positions, full vocabulary), its greedy tokens alone, then all prompts
+batched, and the free/total blocks at the end. The fidelity tests compare these with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pdmesh.config import WorkerConfig
+from pdmesh.engine.step import StepInputs
+from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.parallel.instance import plan_instance
+from pdmesh.worker.main import open_engine
+
+
+def prefill_logits(engine, ids: list[int]) -> list[list[float]]:
+    """Logits of every position of ``ids`` prefilled alone into blocks of the replica they land in."""
+    blocks = engine.allocate_kv(len(ids))
+    replica, local = engine.replica_of(blocks)
+    n = len(ids)
+    step = StepInputs(True, ids, list(range(n)), [local], [n], [n], [-1], list(range(n)))
+    plans = [None] * len(engine.replicas)
+    plans[replica] = step
+    try:
+        return engine.executor.run_step(plans)[replica].tolist()
+    finally:
+        engine.free_kv(blocks)
+
+
+def generate(engine, prompts: list[list[int]], new_tokens: int, prefix: str) -> list[list[int]]:
+    sampling = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(EngineRequest(f"{prefix}{i}", ids, sampling))
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+    return [out[f"{prefix}{i}"] for i in range(len(prompts))]
+
+
+def main(spec: dict) -> dict:
+    config = WorkerConfig(
+        controller="127.0.0.1:1",  # never dialled: no worker service runs here
+        redis_url="redis://127.0.0.1:1",
+        model_dir=spec["model"],
+        block_size=8,
+        kv_cache_memory_mib=4,
+        **spec["worker"],
+    )
+    engine, leader = open_engine(config, plan_instance(config))
+    try:
+        prompts, n = spec["prompts"], spec["new_tokens"]
+        report = {"logits": [prefill_logits(engine, ids) for ids in prompts]}
+        report["alone"] = [generate(engine, [ids], n, "a")[0] for ids in prompts]
+        report["batched"] = generate(engine, prompts, n, "b")
+        stats = engine.stats()
+        report["blocks"] = [stats.free_blocks, stats.total_blocks]
+        state = leader.state
+        report["comm_calls"] = state.comm_calls
+        report["dispatch"] = state.moe_dispatch
+        report["groups"] = {"tp": state.layout.tp_groups, "dp": state.layout.dp_groups}
+        return report
+    finally:
+        leader.stop()
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))
