@@ -37,6 +37,19 @@ def redis_server() -> Iterator:
         server.stop()
 
 
+@pytest.fixture
+def own_redis_server() -> Iterator:
+    """A Redis of the test's own: a test that stops or empties it does not disturb the session's."""
+    from pdmesh.redis_server import RedisServer
+
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url(redis_server) -> str:
     return redis_server.url

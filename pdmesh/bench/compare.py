@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from pdmesh.bench.args import key_value
 from pdmesh.bench.metrics import parse_goodput
 from pdmesh.bench.serve import BenchConfig, BenchResult, run_benchmark
 
@@ -234,13 +235,6 @@ def resolve_model(model: Path | None) -> Path:
 # ----------------------------------------------------------------------------------------- CLI
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.lstrip("-"), value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line: the deployments, the bench serve workload and the reports."""
     p = argparse.ArgumentParser(prog="pdmesh bench compare", description=__doc__.split("\n\n")[0])
@@ -248,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", type=int, default=1, help="PD prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=1, help="PD decode workers (default 1)")
     p.add_argument("--cores-per-worker", type=int, default=1, help="CPUs pinned per worker (0: no pinning)")
-    p.add_argument("--worker-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--worker-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dataset", default="random", choices=("random", "sharegpt", "gsm8k"))
     p.add_argument("--dataset-path", default=None, metavar="FILE")
     p.add_argument("--input-len", type=int, default=512, help="random prompts' tokens (512)")

@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 import httpx
 
+from pdmesh.bench.args import key_value
 from pdmesh.bench.soak_load import LoadSpec, load, summarize
 from pdmesh.bench.soak_monitor import (
     HealthMonitor,
@@ -306,13 +307,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.lstrip("-"), value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdmesh bench soak", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -333,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="largest max_tokens of a request (32)")
     p.add_argument("--timeout", dest="timeout_s", type=float, default=60.0, help="a request's limit, s (60)")
     p.add_argument("--rss-limit", type=float, default=0.10, help="allowed RSS growth after warm-up (0.10)")
-    p.add_argument("--worker-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--worker-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--log-dir", type=Path, default=Path(".pdmesh/logs/soak"), help="the services' logs")
     p.add_argument("--json-out", type=Path, default=None, metavar="FILE", help="also write the JSON here")
     return p

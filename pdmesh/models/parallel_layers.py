@@ -129,8 +129,8 @@ def _load_vocab_rows(param: nn.Parameter, loaded: torch.Tensor, vocab: int) -> N
     param.data[: kept.shape[0]].copy_(kept)
 
 
-class VocabParallelEmbedding(nn.Module):
-    """This rank's rows of the embedding table; the tp all-reduce assembles every token's row."""
+class _VocabRows(nn.Module):
+    """A [vocab, hidden] matrix of which this rank holds its slice of the vocabulary's rows."""
 
     sharded = True
 
@@ -142,6 +142,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
         _load_vocab_rows(param, loaded, self.vocab)
+
+
+class VocabParallelEmbedding(_VocabRows):
+    """This rank's rows of the embedding table; the tp all-reduce assembles every token's row."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.first
@@ -151,19 +155,8 @@ class VocabParallelEmbedding(nn.Module):
         return comm.all_reduce_tp(rows)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_VocabRows):
     """This rank's rows of the output projection: logits of its slice of the vocabulary."""
-
-    sharded = True
-
-    def __init__(self, vocab: int, hidden: int) -> None:
-        super().__init__()
-        self.vocab = vocab
-        self.first, rows = vocab_range(vocab)
-        self.weight = nn.Parameter(torch.empty(rows, hidden))
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
-        _load_vocab_rows(param, loaded, self.vocab)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight)

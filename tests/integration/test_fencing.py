@@ -23,17 +23,6 @@ LEASE_S = 0.6
 FAST = {"heartbeat_interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 2.0, "lease_ttl_s": LEASE_S}
 
 
-@pytest.fixture
-def redis_server():
-    """A Redis of this test's own: restarting it must not disturb the session's."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @contextlib.asynccontextmanager
 async def controllers(redis_url: str, count: int = 2):
     started: list[ControllerService] = []
@@ -121,45 +110,45 @@ async def restart_empty(server: RedisServer, outage_s: float = 0.0) -> None:
     await asyncio.to_thread(server.start)
 
 
-def test_empty_redis_restarts_never_give_two_actives_or_a_reused_token(redis_server):
+def test_empty_redis_restarts_never_give_two_actives_or_a_reused_token(own_redis_server):
     settle_bound = 2 * LEASE_S + 2  # a takeover over a lost counter: one lease to settle, one to take it
 
     async def main() -> None:
-        async with controllers(redis_server.url) as services:
+        async with controllers(own_redis_server.url) as services:
             with Watch(services) as watch:
                 await wait_until(lambda: one_active(services), settle_bound, "a first active controller")
                 for outage_s in (0.0, 0.0, 1.5 * LEASE_S, 0.0):
                     before = one_active(services)
-                    await restart_empty(redis_server, outage_s)
+                    await restart_empty(own_redis_server, outage_s)
                     standby = next(s for s in services if s is not before)
                     await standby.leadership.try_once()  # the standby tries first: it gets the lease
                     await wait_recovered(services, settle_bound)
             assert watch.overlaps == [], watch.overlaps[:3]
             assert watch.reused == []
             assert len(watch.tokens) >= 5 and watch.tokens == sorted(set(watch.tokens)), watch.tokens
-            redis = connect(redis_server.url)
+            redis = connect(own_redis_server.url)
             assert int(await redis.get("pdmesh:ctl:fence")) == one_active(services).leadership.token
             await redis.aclose()
 
     asyncio.run(main())
 
 
-def test_a_controller_started_after_the_loss_claims_a_larger_token(redis_server):
+def test_a_controller_started_after_the_loss_claims_a_larger_token(own_redis_server):
     async def main() -> None:
-        async with controllers(redis_server.url, count=1) as (first,):
+        async with controllers(own_redis_server.url, count=1) as (first,):
             await wait_until(lambda: first.active, 2 * LEASE_S + 2, "the first controller acting")
             old_token = first.leadership.token
-        await restart_empty(redis_server)  # nobody remembers a token now but the clock
-        async with controllers(redis_server.url, count=1) as (fresh,):
+        await restart_empty(own_redis_server)  # nobody remembers a token now but the clock
+        async with controllers(own_redis_server.url, count=1) as (fresh,):
             await wait_until(lambda: fresh.active, 2 * LEASE_S + 2, "the new controller acting")
             assert fresh.leadership.token > old_token
 
     asyncio.run(main())
 
 
-def test_a_stalled_active_stops_acting_before_a_standby_takes_over(redis_server):
+def test_a_stalled_active_stops_acting_before_a_standby_takes_over(own_redis_server):
     async def main() -> None:
-        async with controllers(redis_server.url) as services:
+        async with controllers(own_redis_server.url) as services:
             with Watch(services) as watch:
                 await wait_until(lambda: one_active(services), 2 * LEASE_S + 2, "a first active controller")
                 stalled = one_active(services)

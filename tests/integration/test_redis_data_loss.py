@@ -14,7 +14,6 @@ from redis.exceptions import RedisError
 
 from pdmesh.cluster import ClusterViewData, InstanceInfoData, LoadData, Role
 from pdmesh.config import ControllerConfig
-from pdmesh.redis_server import RedisServer
 from pdmesh.rpc.controller_client import ClusterWatcher, InstanceAgent
 from pdmesh.rpc.server import start_server
 from services.controller.lease import connect, parse_holder
@@ -25,17 +24,6 @@ pytestmark = pytest.mark.timeout(120)
 LEASE_S = 0.6
 FAST = {"heartbeat_interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 2.0, "lease_ttl_s": LEASE_S}
 MEMBERS = {"prefill-0": Role.PREFILL, "decode-0": Role.DECODE}
-
-
-@pytest.fixture
-def redis_server():
-    """A Redis of this test's own: restarting it must not disturb the session's."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def serves_both(view: ClusterViewData) -> bool:
@@ -108,17 +96,17 @@ async def cluster(redis_url: str):
 
 
 @pytest.mark.parametrize("outage_s", [0.0, 2 * LEASE_S], ids=["short-outage", "outage-over-a-lease"])
-def test_no_view_without_the_live_instances_after_an_empty_restart(redis_server, outage_s):
+def test_no_view_without_the_live_instances_after_an_empty_restart(own_redis_server, outage_s):
     async def main() -> None:
-        async with cluster(redis_server.url) as (services, watcher, views):
+        async with cluster(own_redis_server.url) as (services, watcher, views):
             for _ in range(2):
                 seen = len(views)
-                await asyncio.to_thread(redis_server.stop)
+                await asyncio.to_thread(own_redis_server.stop)
                 await asyncio.sleep(outage_s)
-                await asyncio.to_thread(redis_server.start)
+                await asyncio.to_thread(own_redis_server.start)
                 # recovered: the lease holder acts, the watcher follows it, Redis has the state again
                 deadline = time.monotonic() + 4 * LEASE_S + 5
-                while not await recovered(services, watcher, redis_server.url):
+                while not await recovered(services, watcher, own_redis_server.url):
                     assert time.monotonic() < deadline, "no recovery after the restart"
                     await asyncio.sleep(0.02)
                 await watcher.wait_for(lambda v, n=seen: len(views) > n and serves_both(v), 5)

@@ -126,8 +126,9 @@ def test_up_config_builds_the_stack_and_flags_win(tmp_path):
     assert spec.controllers == 2 and spec.controller_args["pd-ratio"] == "auto"
     assert spec.worker_args == {"transfer-backend": "shm"} and spec.restart_workers
     multi = parse_cluster_file(minimal(prefill={"tp": 2, "moe_tp": 2}, deploy_config={"p_pod_npu_num": 2}))
-    with pytest.raises(ClusterFileError, match="prefill: instances of 2 ranks"):
-        stack_spec(multi, UpOverrides(), tmp_path, False)
+    spec = stack_spec(multi, UpOverrides(), tmp_path, False)  # the leader starts its other rank itself
+    assert (spec.role_args["prefill"]["tp"], spec.role_args["prefill"]["moe-tp"]) == ("2", "2")
+    assert "tp" not in spec.role_args["decode"]
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
