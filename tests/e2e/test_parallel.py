@@ -6,7 +6,9 @@
 - prefill tp 2 -> decode tp 1, prefill tp 1 -> decode tp 2 (KV heads gathered or sliced) and prefill
   dp 2 -> decode tp 2 on Qwen3;
 - kill -9 of a decode instance's follower rank during a burst: every request completes (migrated to
-  the other decode instance), and the broken instance comes back whole under its own id.
+  the other decode instance), and the broken instance comes back whole under its own id;
+- `pdmesh ctl flip` of a tp 2 instance, decode -> prefill -> decode: in each role it alone serves
+  (the other instance of that role drained) and gives the text one engine gives.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pdmesh.tokenizer import Tokenizer
 from pdmesh.v1 import common_pb2
 from tests.e2e.conftest import start_stack
 from tests.e2e.helpers import list_instances, wait_blocks_idle, wait_until
+from tests.e2e.test_control_plane import ctl
 from tests.e2e.test_kv_plane import PROMPT_IDS, engine_greedy_text
 
 pytestmark = pytest.mark.timeout(300)
@@ -116,6 +119,35 @@ def test_dense_kv_moves_between_different_layouts(prefill, decode, tiny_qwen3, t
         wait_blocks_idle(stack.controller_address)
     finally:
         stack.stop()
+
+
+def test_flip_a_tp2_instance_both_ways(tiny_qwen3, tmp_path_factory):
+    stack = start_stack(tiny_qwen3, tmp_path_factory, decode=2, role_args={"decode": {"tp": "2"}})
+    try:
+        for argv in (("flip", "decode-1", "prefill"), ("drain", "prefill-0")):
+            done = ctl(stack, *argv)
+            assert done.returncode == 0, done.stderr
+        _serve_until_logged(stack, "decode-1", "on dp replica 0 (2 ranks)", tiny_qwen3)
+        for argv in (("undrain", "prefill-0"), ("flip", "decode-1", "decode"), ("drain", "decode-0")):
+            done = ctl(stack, *argv)
+            assert done.returncode == 0, done.stderr
+        _serve_until_logged(stack, "decode-1", "pulled", tiny_qwen3)
+        assert "all 2 ranks of the instance are up" in stack.log_tail("decode-1", 400)
+        wait_blocks_idle(stack.controller_address)
+    finally:
+        stack.stop()
+
+
+def _serve_until_logged(stack, instance_id: str, marker: str, model) -> None:
+    """Requests, each with one engine's text, until ``instance_id`` logs ``marker`` for one of them: the
+    coordinator learns of a drain from the controller's next view push, a moment after ctl returns."""
+    expected = engine_greedy_text(model, 16)
+
+    def served_there() -> bool:
+        assert text_of(stack, PROMPT_IDS) == expected
+        return marker in stack.log_tail(instance_id, 20)
+
+    wait_until(served_there, 30, f"a request served by {instance_id}", 0.05)
 
 
 def _follower_pid(stack, name: str) -> int:
