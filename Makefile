@@ -9,14 +9,17 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The mooncake transfer backend's wheel (in the test extra) loads libibverbs.so.1: on Debian/Ubuntu,
-# install libibverbs1 when missing (as root; apt-get update first where the package lists are empty,
-# as on a fresh image). Where this cannot run the mooncake tests fail, naming the missing library.
+# System packages the tests use: libibverbs1 (the mooncake transfer backend's wheel loads it) and
+# chromium + chromium-driver (the coordinator's /dashboard is tested in a real headless browser). On
+# Debian/Ubuntu as root they are installed when missing (apt-get update first where the package lists
+# are empty, as on a fresh image); where this cannot run, the tests that need them fail naming what is missing.
+SYSTEM_PACKAGES := libibverbs1 chromium chromium-driver
+
 $(STAMP): pyproject.toml | $(BIN)/python
-	@dpkg -s libibverbs1 >/dev/null 2>&1 || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libibverbs1 >/dev/null 2>&1 || \
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    --no-install-recommends libibverbs1 >/dev/null) || echo "warning: could not install libibverbs1" >&2
+	    --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null) || echo "warning: could not install $(SYSTEM_PACKAGES)" >&2
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 

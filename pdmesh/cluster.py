@@ -60,6 +60,7 @@ class InstanceInfoData:
     state: InstanceState = InstanceState.HEALTHY
     load: LoadData = field(default_factory=LoadData)
     last_heartbeat: float = 0.0  # unix seconds
+    metrics_address: str = ""  # host:port serving the instance's Prometheus /metrics; empty: none
 
     def validate(self) -> None:
         """Raises ValueError naming the first problem (empty id or address, unknown role)."""

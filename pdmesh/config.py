@@ -19,6 +19,12 @@ class ControllerConfig(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address the gRPC server binds")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
+    )
     redis_url: str | None = Field(None, description="Redis for cluster state and KV handle invalidation")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="how often workers send heartbeats")
     suspect_after_s: float = Field(
@@ -92,6 +98,12 @@ class CoordinatorConfig(BaseSettings):
         8000, ge=0, le=65535, description="HTTP port for the OpenAI API; 0 picks a free one"
     )
     grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port for Generate; 0 picks a free one")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
+    )
     controller: str = Field(
         ..., description="controller address host:port, or several (comma-separated) for HA"
     )
@@ -144,6 +156,12 @@ class WorkerConfig(BaseSettings):
     instance_id: str | None = Field(None, description="unique id; default: role-host-port")
     host: str = Field("127.0.0.1", description="address the gRPC and transfer servers bind")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
+    )
     controller: str = Field(
         ..., description="controller address host:port, or several (comma-separated) for HA"
     )

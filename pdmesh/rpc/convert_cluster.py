@@ -82,6 +82,7 @@ def instance_to_proto(info: InstanceInfoData) -> common_pb2.InstanceInfo:
         load=load_to_proto(info.load),
         model=info.model,
         last_heartbeat=info.last_heartbeat,
+        metrics_address=info.metrics_address,
     )
 
 
@@ -98,6 +99,7 @@ def instance_from_proto(msg: common_pb2.InstanceInfo) -> InstanceInfoData:
         state=state_from_proto(msg.state),
         load=load_from_proto(msg.load),
         last_heartbeat=msg.last_heartbeat,
+        metrics_address=msg.metrics_address,
     )
     info.validate()
     return info

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apdmesh/v1/controller.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"<\n\x0fRegisterRequest\x12)\n\x08instance\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.InstanceInfo\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x03\"N\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12%\n\x04load\x18\x02 \x01(\x0b\x32\x17.pdmesh.v1.InstanceLoad\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"(\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\")\n\x13WatchClusterRequest\x12\x12\n\nwatcher_id\x18\x01 \x01(\t\"J\n\x0b\x43lusterView\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12*\n\tinstances\x18\x02 \x03(\x0b\x32\x17.pdmesh.v1.InstanceInfo\"\x16\n\x14ListInstancesRequest\"\x89\x01\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.InstanceInfo\x12\r\n\x05ratio\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\t\x12\x15\n\rfencing_token\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65mand\x18\x05 \x01(\t\" \n\x0fSetRatioRequest\x12\r\n\x05ratio\x18\x01 \x01(\t\"!\n\x10SetRatioResponse\x12\r\n\x05ratio\x18\x01 \x01(\t\"#\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\":\n\rDrainResponse\x12)\n\x08instance\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.InstanceInfo\"E\n\x0f\x46lipRoleRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.pdmesh.v1.Role\"=\n\x10\x46lipRoleResponse\x12)\n\x08instance\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.InstanceInfo2\x86\x05\n\nController\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponse\x12I\n\nDeregister\x12\x1c.pdmesh.v1.DeregisterRequest\x1a\x1d.pdmesh.v1.DeregisterResponse\x12H\n\x0cWatchCluster\x12\x1e.pdmesh.v1.WatchClusterRequest\x1a\x16.pdmesh.v1.ClusterView0\x01\x12R\n\rListInstances\x12\x1f.pdmesh.v1.ListInstancesRequest\x1a .pdmesh.v1.ListInstancesResponse\x12\x43\n\x08SetRatio\x12\x1a.pdmesh.v1.SetRatioRequest\x1a\x1b.pdmesh.v1.SetRatioResponse\x12:\n\x05\x44rain\x12\x17.pdmesh.v1.DrainRequest\x1a\x18.pdmesh.v1.DrainResponse\x12<\n\x07Undrain\x12\x17.pdmesh.v1.DrainRequest\x1a\x18.pdmesh.v1.DrainResponse\x12\x43\n\x08\x46lipRole\x12\x1a.pdmesh.v1.FlipRoleRequest\x1a\x1b.pdmesh.v1.FlipRoleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apdmesh/v1/controller.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"<\n\x0fRegisterRequest\x12)\n\x08instance\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.InstanceInfo\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x03\"N\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12%\n\x04load\x18\x02 \x01(\x0b\x32\x17.pdmesh.v1.InstanceLoad\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"(\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\")\n\x13WatchClusterRequest\x12\x12\n\nwatcher_id\x18\x01 \x01(\t\"J\n\x0b\x43lusterView\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12*\n\tinstances\x18\x02 \x03(\x0b\x32\x17.pdmesh.v1.InstanceInfo\"\x16\n\x14ListInstancesRequest\"\xa2\x01\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.InstanceInfo\x12\r\n\x05ratio\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\t\x12\x15\n\rfencing_token\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65mand\x18\x05 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\" \n\x0fSetRatioRequest\x12\r\n\x05ratio\x18\x01 \x01(\t\"!\n\x10SetRatioResponse\x12\r\n\x05ratio\x18\x01 \x01(\t\"#\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\":\n\rDrainResponse\x12)\n\x08instance\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.InstanceInfo\"E\n\x0f\x46lipRoleRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.pdmesh.v1.Role\"=\n\x10\x46lipRoleResponse\x12)\n\x08instance\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.InstanceInfo2\x86\x05\n\nController\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponse\x12I\n\nDeregister\x12\x1c.pdmesh.v1.DeregisterRequest\x1a\x1d.pdmesh.v1.DeregisterResponse\x12H\n\x0cWatchCluster\x12\x1e.pdmesh.v1.WatchClusterRequest\x1a\x16.pdmesh.v1.ClusterView0\x01\x12R\n\rListInstances\x12\x1f.pdmesh.v1.ListInstancesRequest\x1a .pdmesh.v1.ListInstancesResponse\x12\x43\n\x08SetRatio\x12\x1a.pdmesh.v1.SetRatioRequest\x1a\x1b.pdmesh.v1.SetRatioResponse\x12:\n\x05\x44rain\x12\x17.pdmesh.v1.DrainRequest\x1a\x18.pdmesh.v1.DrainResponse\x12<\n\x07Undrain\x12\x17.pdmesh.v1.DrainRequest\x1a\x18.pdmesh.v1.DrainResponse\x12\x43\n\x08\x46lipRole\x12\x1a.pdmesh.v1.FlipRoleRequest\x1a\x1b.pdmesh.v1.FlipRoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,19 +51,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTINSTANCESREQUEST']._serialized_start=477
   _globals['_LISTINSTANCESREQUEST']._serialized_end=499
   _globals['_LISTINSTANCESRESPONSE']._serialized_start=502
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=639
-  _globals['_SETRATIOREQUEST']._serialized_start=641
-  _globals['_SETRATIOREQUEST']._serialized_end=673
-  _globals['_SETRATIORESPONSE']._serialized_start=675
-  _globals['_SETRATIORESPONSE']._serialized_end=708
-  _globals['_DRAINREQUEST']._serialized_start=710
-  _globals['_DRAINREQUEST']._serialized_end=745
-  _globals['_DRAINRESPONSE']._serialized_start=747
-  _globals['_DRAINRESPONSE']._serialized_end=805
-  _globals['_FLIPROLEREQUEST']._serialized_start=807
-  _globals['_FLIPROLEREQUEST']._serialized_end=876
-  _globals['_FLIPROLERESPONSE']._serialized_start=878
-  _globals['_FLIPROLERESPONSE']._serialized_end=939
-  _globals['_CONTROLLER']._serialized_start=942
-  _globals['_CONTROLLER']._serialized_end=1588
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=664
+  _globals['_SETRATIOREQUEST']._serialized_start=666
+  _globals['_SETRATIOREQUEST']._serialized_end=698
+  _globals['_SETRATIORESPONSE']._serialized_start=700
+  _globals['_SETRATIORESPONSE']._serialized_end=733
+  _globals['_DRAINREQUEST']._serialized_start=735
+  _globals['_DRAINREQUEST']._serialized_end=770
+  _globals['_DRAINRESPONSE']._serialized_start=772
+  _globals['_DRAINRESPONSE']._serialized_end=830
+  _globals['_FLIPROLEREQUEST']._serialized_start=832
+  _globals['_FLIPROLEREQUEST']._serialized_end=901
+  _globals['_FLIPROLERESPONSE']._serialized_start=903
+  _globals['_FLIPROLERESPONSE']._serialized_end=964
+  _globals['_CONTROLLER']._serialized_start=967
+  _globals['_CONTROLLER']._serialized_end=1613
 # @@protoc_insertion_point(module_scope)

@@ -62,18 +62,20 @@ class ListInstancesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListInstancesResponse(_message.Message):
-    __slots__ = ("instances", "ratio", "active", "fencing_token", "demand")
+    __slots__ = ("instances", "ratio", "active", "fencing_token", "demand", "metrics_address")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DEMAND_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[_common_pb2.InstanceInfo]
     ratio: str
     active: str
     fencing_token: int
     demand: str
-    def __init__(self, instances: _Optional[_Iterable[_Union[_common_pb2.InstanceInfo, _Mapping]]] = ..., ratio: _Optional[str] = ..., active: _Optional[str] = ..., fencing_token: _Optional[int] = ..., demand: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, instances: _Optional[_Iterable[_Union[_common_pb2.InstanceInfo, _Mapping]]] = ..., ratio: _Optional[str] = ..., active: _Optional[str] = ..., fencing_token: _Optional[int] = ..., demand: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class SetRatioRequest(_message.Message):
     __slots__ = ("ratio",)

@@ -49,6 +49,7 @@ def encode_instance(info: InstanceInfoData, draining: bool, flip_to: Role | None
         "address": info.address,
         "transfer_endpoint": info.transfer_endpoint,
         "model": info.model,
+        "metrics_address": info.metrics_address,
         "draining": draining,
     }
     if flip_to is not None:
@@ -64,6 +65,7 @@ def decode_instance(instance_id: str, raw: str) -> tuple[InstanceInfoData, bool]
         address=fields["address"],
         transfer_endpoint=fields.get("transfer_endpoint", ""),
         model=fields.get("model", ""),
+        metrics_address=fields.get("metrics_address", ""),
     )
     return info, bool(fields.get("draining"))
 
