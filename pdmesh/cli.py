@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pdmesh.launcher_metrics import DEFAULT_COORDINATOR_METRICS_PORT
 from pdmesh.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,14 @@ def _up_parser(sub) -> None:
         "--http-port", type=int, default=None, help="the OpenAI-compatible HTTP port (default 8000)"
     )
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="the coordinator's Prometheus port, serving /metrics/mesh for the whole stack "
+        f"(default {DEFAULT_COORDINATOR_METRICS_PORT}, or the cluster file's observability.metrics_port; "
+        "0: a free one); the other services take free ports",
+    )
     p.add_argument("--log-dir", type=Path, default=Path(".pdmesh/logs"), help="where each service logs")
     p.add_argument(
         "--transfer-backend",
@@ -118,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _up_parser(sub)
     _make_model_parser(sub)
     sub.add_parser(
-        "ctl", help="administer the controller: list, set-ratio, drain, undrain, flip", add_help=False
+        "ctl", help="administer the controller: list, top, set-ratio, drain, undrain, flip", add_help=False
     )
     for name in [*SERVICES, *WORKER_ROLES]:
         sub.add_parser(name, help=f"run the {name} service (see `pdmesh {name} --help`)", add_help=False)
@@ -153,6 +162,9 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from pdmesh.launcher import LocalStack
 
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        print(f"pdmesh up: --metrics-port must be in [0, 65535], got {args.metrics_port}", file=sys.stderr)
+        return 2
     if args.config is not None:
         spec = _spec_from_cluster_file(args)
     else:
@@ -216,6 +228,7 @@ def _spec_from_flags(args: argparse.Namespace):
             log_dir=args.log_dir,
             worker_args={"transfer-backend": args.transfer_backend} if args.transfer_backend else {},
             restart_workers=args.restart,
+            metrics_port=DEFAULT_COORDINATOR_METRICS_PORT if args.metrics_port is None else args.metrics_port,
         )
     except ValueError as exc:
         print(f"pdmesh up: {exc}", file=sys.stderr)
@@ -234,6 +247,8 @@ def _run_stack(stack) -> int:
     try:
         stack.start()
         print(f"pdmesh ready: {stack.base_url}", flush=True)
+        if stack.spec.metrics_port is not None:
+            print(f"metrics: http://{stack.metrics_address('coordinator')}/metrics/mesh", flush=True)
         print(f"logs in {stack.log_dir}; Ctrl-C stops everything", flush=True)
         signal.pause()
     except KeyboardInterrupt:

@@ -25,6 +25,16 @@ class ControllerConfig(BaseSettings):
         le=65535,
         description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
     )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s]+",
+        description=(
+            "OTLP/gRPC collector for traces, http(s)://host:port; unset: OTEL_EXPORTER_OTLP_* or no traces"
+        ),
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="fraction of requests traced (a traced request is traced everywhere)"
+    )
     redis_url: str | None = Field(None, description="Redis for cluster state and KV handle invalidation")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="how often workers send heartbeats")
     suspect_after_s: float = Field(
@@ -104,6 +114,16 @@ class CoordinatorConfig(BaseSettings):
         le=65535,
         description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
     )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s]+",
+        description=(
+            "OTLP/gRPC collector for traces, http(s)://host:port; unset: OTEL_EXPORTER_OTLP_* or no traces"
+        ),
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="fraction of requests traced (a traced request is traced everywhere)"
+    )
     controller: str = Field(
         ..., description="controller address host:port, or several (comma-separated) for HA"
     )
@@ -161,6 +181,16 @@ class WorkerConfig(BaseSettings):
         ge=0,
         le=65535,
         description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
+    )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s]+",
+        description=(
+            "OTLP/gRPC collector for traces, http(s)://host:port; unset: OTEL_EXPORTER_OTLP_* or no traces"
+        ),
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="fraction of requests traced (a traced request is traced everywhere)"
     )
     controller: str = Field(
         ..., description="controller address host:port, or several (comma-separated) for HA"

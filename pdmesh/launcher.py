@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from pdmesh.launcher_metrics import metrics_args, wait_metrics_address
 from pdmesh.redis_server import RedisServer
 from pdmesh.rpc.client import wait_healthy
 
@@ -90,6 +91,9 @@ class StackSpec:
     restart_backoff_s: float = 1.0  # delay before the 2nd restart in a row; doubles each time after
     restart_backoff_max_s: float = 30.0
     restart_reset_s: float = 60.0  # a worker that ran this long before dying restarts at once
+    # the coordinator's --metrics-port (0: a free one); every other service serves on a free port.
+    # None: no service serves /metrics.
+    metrics_port: int | None = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("pd", "mixed"):
@@ -119,6 +123,7 @@ class _Launch:
     started_at: float = 0.0
     crashes: int = 0  # deaths in a row, each before ``restart_reset_s`` of running
     restart_at: float | None = None  # when a dead worker is due to start again
+    log_offset: int = 0  # the size of its log when its current process started
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,7 @@ class LocalStack:
                 "host": self.spec.host,
                 "port": str(port),
                 "redis-url": self.redis_url,
+                **self._metrics_args(0),
                 **self.spec.controller_args,
             }
             self._spawn(name, "services.controller", args)
@@ -220,6 +226,7 @@ class LocalStack:
             "controller": self.controller_address,
             "redis-url": self.redis_url,
             "model-dir": str(self.spec.model_dir),
+            **self._metrics_args(0),
             **self.spec.role_args.get(role, {}),
             **self.spec.worker_args,
         }
@@ -237,9 +244,20 @@ class LocalStack:
             "controller": self.controller_address,
             "model-dir": str(self.spec.model_dir),
             **self._ready_counts(),
+            **self._metrics_args(self.spec.metrics_port),
             **self.spec.coordinator_args,
         }
         self._spawn("coordinator", "services.coordinator", args)
+
+    def _metrics_args(self, port: int | None) -> dict[str, str]:
+        return metrics_args(None if self.spec.metrics_port is None else port)
+
+    def metrics_address(self, name: str) -> str:
+        """``host:port`` of a service's /metrics server, once its current process logged it."""
+        with self._lock:
+            proc, offset = self.processes[name], self._launches[name].log_offset
+        path = self.log_dir / f"{name}.log"
+        return wait_metrics_address(path, offset, self.spec.startup_timeout_s, lambda: proc.poll() is None)
 
     def _ready_counts(self) -> dict[str, str]:
         """The coordinator turns ready once every worker of the stack is healthy."""
@@ -272,6 +290,7 @@ class LocalStack:
         """Starts (or starts again) a service in a session of its own: its process group is its pid."""
         launch = self._launches[name]
         with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own descriptor
+            launch.log_offset = out.tell()
             proc = subprocess.Popen(
                 launch.argv, stdout=out, stderr=subprocess.STDOUT, env=launch.env, cwd=ROOT,
                 preexec_fn=launch.preexec, start_new_session=True,

@@ -40,9 +40,9 @@ MINDIE_NAMES = {
     "max_prefill_tokens": "maxPrefillTokens",
 }
 # Settings the deployment decides (addresses, identity, readiness), never the file.
-CONTROLLER_RUNTIME = ("host", "port", "redis_url", "advertise_address")
+CONTROLLER_RUNTIME = ("host", "port", "metrics_port", "redis_url", "advertise_address")
 COORDINATOR_RUNTIME = (
-    "host", "controller", "model_dir", "model_name", "block_size",
+    "host", "controller", "model_dir", "model_name", "block_size", "metrics_port",
     "ready_prefill_instances", "ready_decode_instances", "ready_mixed_instances",
 )  # fmt: skip
 
@@ -116,6 +116,29 @@ class DeployConfig(BaseModel):
     worker_transfer_port: int = Field(50053, ge=1, le=65535, description="prefill KV transfer port")
 
 
+class ObservabilitySection(BaseModel):
+    """Metrics in containers, and whether the renders add Prometheus and Grafana (deploy/observability)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics_port: int | None = Field(
+        9464,
+        ge=1,
+        le=65535,
+        description="every service's Prometheus /metrics port (the coordinator's also serves /metrics/mesh); "
+        "null: no metrics servers",
+    )
+    prometheus: bool = Field(
+        False, description="compose: a Prometheus service; Kubernetes: its scrape config as a ConfigMap"
+    )
+    grafana: bool = Field(
+        False,
+        description="compose: a Grafana service with the dashboard; Kubernetes: the dashboard ConfigMap",
+    )
+    prometheus_image: str = Field("prom/prometheus:v3.5.0", min_length=1, description="compose's Prometheus")
+    grafana_image: str = Field("grafana/grafana:12.1.1", min_length=1, description="compose's Grafana")
+
+
 class ModelSection(BaseModel):
     """The checkpoint every role serves (MindIE: ModelConfig's modelName and modelWeightPath)."""
 
@@ -149,6 +172,7 @@ class ClusterFile(BaseModel):
         default_factory=ServerSection,
         validation_alias=AliasChoices("decode", "mindie_server_decode_config"),
     )
+    observability: ObservabilitySection = Field(default_factory=ObservabilitySection)
 
     def server(self, role: str) -> BaseModel:
         """The server section of ``role`` (prefill or decode)."""

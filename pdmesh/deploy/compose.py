@@ -29,6 +29,7 @@ from pdmesh.deploy.common import (
     instance_names,
     model_mount,
 )
+from pdmesh.deploy.observability import check_metrics, compose_services
 from pdmesh.deploy.settings import (
     COORDINATOR_GRPC_PORT,
     controller_config,
@@ -58,7 +59,9 @@ class ComposeRenderer:
 
     def __init__(self, cluster: ClusterFile, cluster_file_name: str = CLUSTER_FILE_NAME) -> None:
         check_containers(cluster)
+        check_metrics(cluster)
         self.cluster = cluster
+        self.metrics_port = cluster.observability.metrics_port
         self.d = cluster.deploy_config
         self.cluster_file_name = cluster_file_name
         self.controllers = ["controller", *(f"controller-{i}" for i in range(1, cluster.controller.replicas))]
@@ -78,7 +81,14 @@ class ComposeRenderer:
                 for index, pod in enumerate(pods):
                     services[pod] = self._worker(role, instance_id, pod, index)
         services["coordinator"] = self._coordinator()
+        services.update(compose_services(self.cluster))
         return {"name": self.d.namespace, "services": services}
+
+    def _expose(self, *ports: int) -> list[str]:
+        """Container ports other services reach: the service's own and its metrics port (Prometheus
+        and the coordinator's /metrics/mesh scrape it)."""
+        extra = () if self.metrics_port is None else (self.metrics_port,)
+        return [str(p) for p in (*ports, *extra)]
 
     def _base(self, command: list[str], healthcheck: dict, depends: list[str]) -> dict[str, Any]:
         service = {
@@ -110,10 +120,11 @@ class ComposeRenderer:
             port=port,
             redis_url=self.redis_url,
             advertise_address=f"{name}:{port}",
+            metrics_port=self.metrics_port,
         )
         command = ["pdmesh", "controller", *settings_argv(config)]
         service = self._base(command, _healthcheck(grpc_probe(f"127.0.0.1:{port}"), 30), self.redis_deps)
-        service["expose"] = [str(port)]
+        service["expose"] = self._expose(port)
         service["stop_grace_period"] = "10s"
         return service
 
@@ -128,6 +139,7 @@ class ComposeRenderer:
             redis_url=self.redis_url,
             instance_id=instance_id,
             transfer_port=self.d.worker_transfer_port,
+            metrics_port=self.metrics_port,
         )
         command = ["pdmesh", WORKER_COMMANDS[role], *settings_argv(config, skip=("role",))]
         depends = [*self.redis_deps, *self.controllers]
@@ -135,7 +147,7 @@ class ComposeRenderer:
         if index > 0:  # a follower rank serves no gRPC API of its own; the group fails as one
             del service["healthcheck"]
         service["volumes"].append(f"{model_mount(self.cluster)}:{model_mount(self.cluster)}:ro")
-        service["expose"] = [str(port), str(self.d.worker_transfer_port)]
+        service["expose"] = self._expose(port, self.d.worker_transfer_port)
         service["stop_grace_period"] = f"{int(self.cluster.controller.drain_timeout_s) + DRAIN_MARGIN_S}s"
         environment = {}
         if self.cluster.pods(role) > 1:
@@ -176,13 +188,17 @@ class ComposeRenderer:
     def _coordinator(self) -> dict[str, Any]:
         grpc_port = self.cluster.coordinator.grpc_port or COORDINATOR_GRPC_PORT
         config = coordinator_config(
-            self.cluster, host="0.0.0.0", controller=self.controller_address, grpc_port=grpc_port
+            self.cluster,
+            host="0.0.0.0",
+            controller=self.controller_address,
+            grpc_port=grpc_port,
+            metrics_port=self.metrics_port,
         )
         command = ["pdmesh", "coordinator", *settings_argv(config)]
         ready = http_probe(f"http://127.0.0.1:{config.http_port}/ready")
         service = self._base(command, _healthcheck(ready, 600), self.controllers)
         service["volumes"].append(f"{model_mount(self.cluster)}:{model_mount(self.cluster)}:ro")
         service["ports"] = [f"{config.http_port}:{config.http_port}"]
-        service["expose"] = [str(grpc_port)]
+        service["expose"] = self._expose(grpc_port)
         service["stop_grace_period"] = f"{COORDINATOR_GRACE_S}s"
         return service

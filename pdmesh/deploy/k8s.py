@@ -26,6 +26,7 @@ from pdmesh.deploy.k8s_pods import (
     selector,
 )
 from pdmesh.deploy.k8s_workers import LWS_API, leader_worker_set, lws_name
+from pdmesh.deploy.observability import check_metrics, k8s_objects, metrics_container_port, pod_metadata
 from pdmesh.deploy.settings import (
     COORDINATOR_GRPC_PORT,
     controller_config,
@@ -42,6 +43,7 @@ REDIS_UID = 999  # the official Redis image's redis user
 def render_k8s(cluster: ClusterFile, cluster_file_text: str) -> dict[str, list[dict[str, Any]]]:
     """``{file name: [objects]}`` for the whole deployment."""
     check_containers(cluster)
+    check_metrics(cluster)
     d = cluster.deploy_config
     ns = d.namespace
     redis_url = d.redis_url or f"redis://{REDIS}.{ns}.svc:{REDIS_PORT}/0"
@@ -69,6 +71,10 @@ def render_k8s(cluster: ClusterFile, cluster_file_text: str) -> dict[str, list[d
     files["40-coordinator.yaml"] = _coordinator(cluster, controller)
     for i, role in enumerate(ROLES):
         files[f"5{i}-{role}.yaml"] = [leader_worker_set(cluster, role, controller, redis_url, d.image_name)]
+    target = f"{COORDINATOR}.{ns}.svc:{cluster.observability.metrics_port}"
+    observability = k8s_objects(cluster, target, meta("x", ns, "observability")["labels"])
+    if observability:
+        files["60-observability.yaml"] = observability
     return files
 
 
@@ -151,6 +157,7 @@ def _controllers(cluster: ClusterFile, redis_url: str) -> list[dict[str, Any]]:
         port=port,
         redis_url=redis_url,
         advertise_address=f"$(POD_NAME).{CONTROLLER}.{ns}.svc:{port}",  # expanded by the kubelet
+        metrics_port=cluster.observability.metrics_port,
     )
     if "actuator" in type(config).model_fields and "actuator" not in cluster.controller.model_fields_set:
         config = config.model_copy(update={"actuator": "kubernetes"})
@@ -160,7 +167,7 @@ def _controllers(cluster: ClusterFile, redis_url: str) -> list[dict[str, Any]]:
         "command": ["pdmesh", "controller"],
         "args": settings_argv(config),
         "env": [field_env("POD_NAME", "metadata.name"), field_env("POD_NAMESPACE", "metadata.namespace")],
-        "ports": [{"name": "grpc", "containerPort": port}],
+        "ports": [{"name": "grpc", "containerPort": port}, *metrics_container_port(cluster)],
         "volumeMounts": [cluster_file_volume()[1]],
         "securityContext": container_security(),
         **grpc_probes(port),
@@ -175,7 +182,7 @@ def _controllers(cluster: ClusterFile, redis_url: str) -> list[dict[str, Any]]:
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector("controller")},
             "template": {
-                "metadata": {"labels": meta(CONTROLLER, ns, "controller")["labels"]},
+                "metadata": pod_metadata(cluster, meta(CONTROLLER, ns, "controller")["labels"]),
                 "spec": {
                     "serviceAccountName": CONTROLLER,
                     "securityContext": pod_security(),
@@ -193,7 +200,13 @@ def _coordinator(cluster: ClusterFile, controller: str) -> list[dict[str, Any]]:
     d = cluster.deploy_config
     ns = d.namespace
     grpc_port = cluster.coordinator.grpc_port or COORDINATOR_GRPC_PORT
-    config = coordinator_config(cluster, host="0.0.0.0", controller=controller, grpc_port=grpc_port)
+    config = coordinator_config(
+        cluster,
+        host="0.0.0.0",
+        controller=controller,
+        grpc_port=grpc_port,
+        metrics_port=cluster.observability.metrics_port,
+    )
     probes = grpc_probes(grpc_port)  # alive while the process serves; ready once every instance is
     probes["readinessProbe"] = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5}
     volumes, mounts = zip(cluster_file_volume(), model_volume(cluster), strict=True)
@@ -205,6 +218,7 @@ def _coordinator(cluster: ClusterFile, controller: str) -> list[dict[str, Any]]:
         "ports": [
             {"name": "http", "containerPort": config.http_port},
             {"name": "grpc", "containerPort": grpc_port},
+            *metrics_container_port(cluster),
         ],
         "volumeMounts": list(mounts),
         "securityContext": container_security(),
@@ -218,7 +232,7 @@ def _coordinator(cluster: ClusterFile, controller: str) -> list[dict[str, Any]]:
             "replicas": 1,
             "selector": {"matchLabels": selector("coordinator")},
             "template": {
-                "metadata": {"labels": meta(COORDINATOR, ns, "coordinator")["labels"]},
+                "metadata": pod_metadata(cluster, meta(COORDINATOR, ns, "coordinator")["labels"]),
                 "spec": {
                     "automountServiceAccountToken": False,
                     "securityContext": pod_security(),
@@ -230,6 +244,8 @@ def _coordinator(cluster: ClusterFile, controller: str) -> list[dict[str, Any]]:
         },
     }
     ports = [("http", config.http_port), ("grpc", grpc_port)]
+    if config.metrics_port is not None:  # the one target a Prometheus needs: /metrics/mesh
+        ports.append(("metrics", config.metrics_port))
     return [deployment, _service(COORDINATOR, ns, "coordinator", ports)]
 
 

@@ -27,6 +27,7 @@ from pdmesh.deploy.k8s_pods import (
     pod_security,
     shm_volume,
 )
+from pdmesh.deploy.observability import metrics_container_port, pod_metadata
 from pdmesh.deploy.settings import settings_argv, worker_config
 
 LWS_API = "leaderworkerset.x-k8s.io/v1"
@@ -52,6 +53,7 @@ def leader_worker_set(
         controller=controller,
         redis_url=redis_url,
         transfer_port=d.worker_transfer_port,
+        metrics_port=cluster.observability.metrics_port,
     )
     args = settings_argv(config, skip=POD_FIELDS)
     base_env = [
@@ -104,6 +106,7 @@ def _pod(
         "ports": [
             {"name": "grpc", "containerPort": d.worker_port},
             {"name": "kv-transfer", "containerPort": d.worker_transfer_port},
+            *metrics_container_port(cluster),
         ],
         "volumeMounts": list(mounts),
         "securityContext": container_security(),
@@ -116,8 +119,10 @@ def _pod(
             "preStop": {"exec": {"command": ["pdmesh", "deploy", "drain", "--timeout-s", str(drain_s)]}}
         }
     component = "leader" if leader else "follower"
+    pod_labels = labels(role, **{ROLE_LABEL: role, "pdmesh.io/rank-role": component})
     return {
-        "metadata": {"labels": labels(role, **{ROLE_LABEL: role, "pdmesh.io/rank-role": component})},
+        # the leader serves the instance's metrics (as it serves its gRPC API)
+        "metadata": pod_metadata(cluster, pod_labels) if leader else {"labels": pod_labels},
         "spec": {
             "automountServiceAccountToken": False,
             "securityContext": _pod_security(cluster, role),

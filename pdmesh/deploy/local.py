@@ -36,6 +36,7 @@ class UpOverrides:
     http_port: int | None = None
     redis_url: str | None = None
     transfer_backend: str | None = None
+    metrics_port: int | None = None
 
 
 def stack_spec(cluster: ClusterFile, over: UpOverrides, log_dir: Path, restart: bool) -> StackSpec:
@@ -71,6 +72,8 @@ def stack_spec(cluster: ClusterFile, over: UpOverrides, log_dir: Path, restart: 
             controller_args=settings_args(controller, skip=CONTROLLER_RUNTIME_FLAGS),
             controllers=cluster.controller.replicas,
             restart_workers=restart,
+            # the coordinator's; the file's null turns every service's metrics off
+            metrics_port=_pick(over.metrics_port, cluster.observability.metrics_port),
         )
     except ValueError as exc:
         raise ClusterFileError(str(exc)) from None

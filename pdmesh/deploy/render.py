@@ -11,15 +11,19 @@ from pdmesh.deploy.cluster_file import ClusterFile, load_cluster_file
 from pdmesh.deploy.common import CLUSTER_FILE_NAME
 from pdmesh.deploy.compose import ComposeRenderer
 from pdmesh.deploy.k8s import cluster_file_json, render_k8s
+from pdmesh.deploy.observability import compose_files
 
 COMPOSE_FILE = "compose.yaml"
 HEADER = "# Rendered by `pdmesh deploy render` from the cluster file; edit that file and render again.\n"
 
 
 def render_compose(cluster: ClusterFile) -> dict[str, str]:
-    """``{file name: text}``: compose.yaml and the cluster file it mounts."""
+    """``{file name: text}``: compose.yaml, the cluster file it mounts and, as the cluster file asks,
+    the Prometheus and Grafana files (under observability/)."""
     document = ComposeRenderer(cluster, CLUSTER_FILE_NAME).render()
-    return {COMPOSE_FILE: HEADER + _dump([document]), CLUSTER_FILE_NAME: cluster_file_json(cluster)}
+    files = {COMPOSE_FILE: HEADER + _dump([document]), CLUSTER_FILE_NAME: cluster_file_json(cluster)}
+    target = f"coordinator:{cluster.observability.metrics_port}"
+    return files | compose_files(cluster, target)
 
 
 def render_kubernetes(cluster: ClusterFile) -> dict[str, str]:
@@ -36,6 +40,7 @@ def render_to(config: Path, target: str, out: Path) -> list[Path]:
     written = []
     for name, text in files.items():
         path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     return written

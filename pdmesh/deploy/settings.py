@@ -27,10 +27,17 @@ def _build(model: type[BaseModel], values: dict[str, Any], what: str) -> BaseMod
 
 
 def controller_config(
-    cluster: ClusterFile, *, host: str, port: int, redis_url: str, advertise_address: str | None = None
+    cluster: ClusterFile,
+    *,
+    host: str,
+    port: int,
+    redis_url: str,
+    advertise_address: str | None = None,
+    metrics_port: int | None = None,
 ) -> ControllerConfig:
     values = cluster.controller.model_dump(exclude={"replicas"})
     values.update(host=host, port=port, redis_url=redis_url, advertise_address=advertise_address)
+    values.update(metrics_port=metrics_port)
     return _build(ControllerConfig, values, "controller")
 
 
@@ -41,6 +48,7 @@ def coordinator_config(
     controller: str,
     http_port: int | None = None,
     grpc_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> CoordinatorConfig:
     """Readiness counts are the file's instance counts: the coordinator turns ready (and logs
     ``pdmesh coordinator is ready``) once every prefill and decode instance is healthy."""
@@ -53,6 +61,7 @@ def coordinator_config(
         block_size=cluster.prefill.block_size,
         ready_prefill_instances=cluster.deploy_config.p_instances_num,
         ready_decode_instances=cluster.deploy_config.d_instances_num,
+        metrics_port=metrics_port,
     )
     if http_port is not None:
         values["http_port"] = http_port
@@ -71,6 +80,7 @@ def worker_config(
     redis_url: str,
     instance_id: str | None = None,
     transfer_port: int = 0,
+    metrics_port: int | None = None,
 ) -> WorkerConfig:
     """A worker of ``role``; the layout (tp, dp, moe_ep, moe_tp) and limits come from its section."""
     values = cluster.server(role).model_dump()
@@ -83,6 +93,7 @@ def worker_config(
         model_dir=cluster.model.path,
         instance_id=instance_id,
         transfer_port=transfer_port,
+        metrics_port=metrics_port,
     )
     return _build(WorkerConfig, values, role)
 

@@ -105,6 +105,7 @@ class LLMEngine:
         self._external: Counter[int] = Counter()  # caller-owned block -> references held
         self._order = 0
         self.ran_batch = False  # whether the last step ran a batch (False: nothing could run)
+        self.last_batches: list[tuple[bool, int]] = []  # the last step's (is_prefill, size) (metrics)
         self._rng = torch.Generator().manual_seed(config.seed)
         log.info(
             "engine ready: %s, %d KV blocks of %d tokens", mc.fingerprint(), num_blocks, config.block_size
@@ -242,6 +243,7 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         self.ran_batch = batch is not None
+        self.last_batches = [] if batch is None else [(batch.is_prefill, len(batch.seqs))]
         if batch is None:
             return outputs
         try:
@@ -262,6 +264,7 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         batches: list[ScheduledBatch | None] = [r.scheduler.schedule() for r in self.replicas]
         self.ran_batch = any(b is not None for b in batches)
+        self.last_batches = [(b.is_prefill, len(b.seqs)) for b in batches if b is not None]
         if not self.ran_batch:
             return outputs
         plans = [

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,6 +30,9 @@ from pdmesh.kv.types import KVLayout
 log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[TokenOutput], None]
+# After each step that ran, on the engine thread: its batches as (is_prefill, size), its wall time
+# and the stats published after it (what the worker's metrics record).
+StepObserver = Callable[[list[tuple[bool, int]], float, EngineStats], None]
 # A command runs on the engine thread; its future (if any) gets the result.
 Command = tuple[Callable[[], Any], Future | None]
 
@@ -50,6 +54,7 @@ class EngineRunner:
         self._has_work = False
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.on_step: StepObserver | None = None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -159,16 +164,31 @@ class EngineRunner:
                 self._run_command(command)
             if commands:  # what a step is about to run shows as load while it runs
                 self._publish_stats()
-            outputs = self._step() if self.engine.has_unfinished() else []
+            stepping = self.engine.has_unfinished()
+            started, started_ns = time.perf_counter(), time.time_ns()
+            outputs = self._step() if stepping else []
+            for out in outputs:
+                out.step_started_ns = started_ns  # traces split a request's queue time from its compute
+            seconds = time.perf_counter() - started
             self._has_work = self.engine.has_unfinished()
             blocked = self._has_work and not self.engine.ran_batch and not outputs
             self._publish_stats()
+            if stepping and self.engine.ran_batch:
+                self._observe_step(seconds)
             for callback, out in self._take_callbacks(outputs):
                 self._deliver(callback, out)
             if blocked:
                 with self._cond:
                     if not self._commands and not self._stopping:
                         self._cond.wait(BLOCKED_WAIT_S)
+
+    def _observe_step(self, seconds: float) -> None:
+        if self.on_step is None:
+            return
+        try:
+            self.on_step(list(getattr(self.engine, "last_batches", [])), seconds, self._stats)
+        except Exception:  # noqa: BLE001 - metrics must never stop the engine
+            log.exception("the step observer failed")
 
     def _run_command(self, command: Command) -> None:
         fn, future = command

@@ -91,6 +91,7 @@ class TokenOutput:
     # One entry per token in token_ids when logprobs were asked: (chosen logprob, {token: logprob}).
     logprobs: list[tuple[float, dict[int, float]]] | None = None
     error: str | None = None
+    step_started_ns: int = 0  # time.time_ns() when the step that produced it began (0: unknown)
 
 
 @dataclass

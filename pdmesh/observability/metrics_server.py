@@ -12,12 +12,25 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 log = logging.getLogger(__name__)
 
 
-class MetricsServer:
-    """prometheus_client's HTTP server on ``host:port`` (0 picks a free port), stopped by ``stop()``."""
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
+
+class MetricsServer:
+    """prometheus_client's HTTP server on ``host:port`` (0 picks a free port), stopped by ``stop()``.
+
+    ``address`` is what others scrape: bound to a wildcard host, the server names ``public_host``
+    instead (the host the service advertises for its API), since 0.0.0.0 reaches no one else."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry = REGISTRY,
+        public_host: str | None = None,
+    ) -> None:
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
-        self.address = f"{host}:{self._server.server_port}"
+        shown = public_host if host in WILDCARD_HOSTS and public_host else host
+        self.address = f"{shown}:{self._server.server_port}"
         log.info("metrics on http://%s/metrics", self.address)
 
     def stop(self) -> None:

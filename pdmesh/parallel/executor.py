@@ -63,6 +63,8 @@ class GroupExecutor:
         self.runner: ModelRunner | None = None  # the leader's, set once its engine is built
         self.broken: str | None = None
         self.on_broken: Callable[[str], None] | None = None
+        # hears the seconds this rank spent in collectives during each step (the worker's metrics)
+        self.on_collectives: Callable[[float], None] | None = None
         self._lock = threading.Lock()
         hub.on_lost = lambda rank, why: self.mark_broken(why)
 
@@ -82,12 +84,15 @@ class GroupExecutor:
             raise GroupBroken(self.broken)
         tokens = [p.num_tokens if p is not None else 0 for p in plans]
         rows = [p.num_logit_rows if p is not None else 0 for p in plans]
+        comm_before = self.state.comm_s
         try:
             self._send(plans, tokens, rows)
             parts = run_rank_step(self.runner, self.state, plans[0], tokens, rows)
         except (ControlError, RuntimeError, ValueError) as exc:
             self.mark_broken(f"step failed: {type(exc).__name__}: {exc}")
             raise GroupBroken(self.broken) from exc
+        if self.on_collectives is not None:
+            self.on_collectives(self.state.comm_s - comm_before)
         return self._assemble(parts, rows)
 
     def _send(self, plans: list[StepInputs | None], tokens: list[int], rows: list[int]) -> None:

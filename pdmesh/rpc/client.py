@@ -8,6 +8,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdmesh.observability import tracing
+
 DEFAULT_DEADLINE_S = 10.0
 
 CHANNEL_OPTIONS = [
@@ -22,8 +24,10 @@ CHANNEL_OPTIONS = [
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure asyncio channel to ``host:port`` with the project's options."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """An insecure asyncio channel to ``host:port`` with the project's options (and, while tracing is
+    on, the interceptors that start client spans and put the trace context in the call's metadata)."""
+    interceptors = tracing.client_interceptors() or None
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 async def check_health(channel: grpc.aio.Channel, service: str = "", timeout_s: float = 2.0) -> bool:

@@ -1,5 +1,5 @@
 """gRPC server plumbing shared by every service: the standard health service, binding port 0 for
-tests, and a graceful stop on SIGTERM/SIGINT."""
+tests, a graceful stop on SIGTERM/SIGINT, and the OpenTelemetry interceptor while tracing is on."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pdmesh.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ async def start_server(
     port: int = 0,
 ) -> RunningServer:
     """Creates, binds (port 0: a free one) and starts a gRPC server with the health service."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=tracing.server_interceptors())
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -15,11 +15,13 @@ from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, Sampli
 from pdmesh.kv.registry import KVError, KVRegistry
 from pdmesh.kv.transfer.base import TransferError
 from pdmesh.kv.types import KVHandle
+from pdmesh.observability import tracing
 from pdmesh.worker.bridge import EngineBridge
 from pdmesh.worker.errors import ErrorKind, WorkerError
 from pdmesh.worker.kv_plane import KVPlane
 
 log = logging.getLogger(__name__)
+CLIENT = tracing.SpanKind.CLIENT
 
 PULL_TIMEOUT_S = 30.0
 ALLOCATE_WAIT_S = 10.0
@@ -45,14 +47,17 @@ class DecodeHandler:
         # (prefill address, handle_id): tells the prefill worker to free its blocks now
         self.release_remote = release_remote
         self._background: set[asyncio.Task] = set()  # referenced until done: the loop holds tasks weakly
+        self.metrics = None  # pdmesh.observability.worker_metrics.WorkerMetrics, set by the worker
 
     async def generate_local(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[TokenOutput]:
         """The whole request in this engine (mixed serving); the first output holds the first token."""
         request = EngineRequest(request_id, prompt_ids, sampling, mode=RequestMode.MIXED)
+        phases = tracing.EnginePhases("prefill.queue", "prefill.compute", "decode.finish")
         async for output in self.bridge.stream(request):
             _raise_on_failure(output)
+            phases.observe(output)
             yield output
 
     async def decode(
@@ -73,8 +78,10 @@ class DecodeHandler:
             first_token=first_token,
             kv_block_ids=block_ids,
         )
+        phases = tracing.EnginePhases("decode.queue", "decode.first_step", "decode.finish")
         async for output in self.bridge.stream(request):
             _raise_on_failure(output)
+            phases.observe(output)
             yield output
 
     async def _fetch_kv(self, request_id: str, handle: KVHandle) -> list[int]:
@@ -86,11 +93,14 @@ class DecodeHandler:
         if refusal:
             raise WorkerError(ErrorKind.INVALID_ARGUMENT, refusal)
         try:
-            claimed = await self.registry.claim(handle.handle_id, self.instance_id, self.lease_s)
+            claim = self.registry.claim(handle.handle_id, self.instance_id, self.lease_s)
+            claimed = await tracing.traced("kv.claim", claim, {"pdmesh.kv.handle_id": handle.handle_id})
         except KVError as exc:
             raise WorkerError(
                 ErrorKind.KV_UNAVAILABLE, f"cannot claim KV handle {handle.handle_id}: {exc}"
             ) from exc
+        if self.metrics is not None:
+            self.metrics.handle("claimed")
         block_ids = await self._allocate(handle.num_tokens)
         try:
             await self._pull(request_id, claimed, block_ids)
@@ -114,7 +124,8 @@ class DecodeHandler:
     async def _pull(self, request_id: str, handle: KVHandle, block_ids: list[int]) -> None:
         renewer = asyncio.ensure_future(self._renew_while_pulling(handle.handle_id))
         try:
-            await self.kv.pull(handle, block_ids, PULL_TIMEOUT_S)
+            pull = self.kv.pull(handle, block_ids, PULL_TIMEOUT_S)
+            await tracing.traced("kv.transfer.receive", pull, _transfer_attributes(handle, block_ids), CLIENT)
         except TransferError as exc:
             raise WorkerError(
                 ErrorKind.KV_UNAVAILABLE, f"KV pull from {handle.transfer_endpoint} failed: {exc}"
@@ -147,6 +158,16 @@ class DecodeHandler:
         """Waits briefly for the releases still being sent (the prefill reaper is their fallback)."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=1.0)
+
+
+def _transfer_attributes(handle: KVHandle, block_ids: list[int]) -> dict:
+    return {
+        "pdmesh.kv.backend": handle.transfer_endpoint.partition("://")[0],
+        "pdmesh.kv.bytes": len(block_ids) * handle.layout.block_nbytes,
+        "pdmesh.kv.blocks": len(block_ids),
+        "pdmesh.kv.handle_id": handle.handle_id,
+        "pdmesh.kv.source_instance": handle.prefill_instance,
+    }
 
 
 def _raise_on_failure(output: TokenOutput) -> None:

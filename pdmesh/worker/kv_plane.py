@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from pdmesh.kv.transfer.base import KVTransferServer, TransferError
-from pdmesh.kv.transfer.sharded import RankHeads, ShardedPuller, plan_pull
+from pdmesh.kv.transfer.sharded import RankHeads, ShardedPuller, plan_pull, pull_nbytes
 from pdmesh.kv.types import KVHandle, KVLayout, KVPart
+from pdmesh.observability.worker_metrics import transfer_failure_cause
 from pdmesh.parallel.control import ControlError
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class KVPlane:
         self.leader = leader  # pdmesh.parallel.instance.Leader, None on a single rank
         self.server: KVTransferServer | None = None  # the leader's own, while it may prefill
         self._exposed: dict[str, list[int]] = {}  # handle id -> the follower ranks exposing it
+        self.metrics = None  # pdmesh.observability.worker_metrics.WorkerMetrics, set by the worker
 
     @property
     def endpoint(self) -> str:
@@ -102,9 +105,11 @@ class KVPlane:
         """Pulls the handle's KV into ``block_ids`` on every rank of their replica (TransferError)."""
         replica, local = self.replica_of(block_ids)
         waits = []
+        nbytes, started = 0, time.perf_counter()
         tp = self.leader.plan.layout.tp if self.leader is not None else 1
         for rank in self._ranks(replica):
             steps = plan_pull(handle, self.layout, self._heads(rank), rank % tp)
+            nbytes += pull_nbytes(handle, steps, len(local))
             if rank == 0:
                 waits.append(asyncio.to_thread(self.puller.pull, handle, steps, local, timeout_s))
             else:
@@ -113,7 +118,11 @@ class KVPlane:
         results = await asyncio.gather(*waits, return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
+            if self.metrics is not None:
+                self.metrics.kv_failed(transfer_failure_cause(failures[0]))
             raise TransferError("; ".join(str(f) for f in failures))
+        if self.metrics is not None:
+            self.metrics.kv_received(nbytes, time.perf_counter() - started)
 
     async def _follower_pull(self, rank: int, message: dict) -> None:
         bound = message["timeout_s"] + self.leader.config.dist_timeout_s  # its own pull is bounded too

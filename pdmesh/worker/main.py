@@ -36,6 +36,9 @@ from pdmesh.kv.transfer.base import allocate_pool, make_transfer_server
 from pdmesh.kv.transfer.sharded import ShardedPuller
 from pdmesh.kv.types import KVLayout
 from pdmesh.logs import setup_logging
+from pdmesh.observability import tracing
+from pdmesh.observability.metrics_server import MetricsServer, start_metrics_server
+from pdmesh.observability.worker_metrics import LOAD, WorkerMetrics
 from pdmesh.parallel import follower
 from pdmesh.parallel.instance import InstancePlan, Leader, plan_instance
 from pdmesh.rpc.channels import ChannelCache
@@ -77,6 +80,8 @@ class Worker:
         self.decode: DecodeHandler | None = None
         self._reaper: asyncio.Task | None = None
         self._switch_lock = asyncio.Lock()
+        self.metrics: WorkerMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -87,14 +92,18 @@ class Worker:
         pool, layout = self.runner.kv_pool, self.runner.kv_layout
         self.server = await start_server(self._register, ["pdmesh.v1.Worker"], cfg.host, cfg.port)
         instance_id = self.instance_id = cfg.instance_id or f"{cfg.role}-{cfg.host}-{self.server.port}"
+        tracing.set_span_attributes({"pdmesh.instance_id": instance_id, "pdmesh.role": cfg.role})
+        self._start_metrics()
         await self._expire_previous_handles()
         puller = ShardedPuller(cfg.transfer_backend, pool, layout)
         self.kv = KVPlane(layout, puller, self.runner.engine.replica_of, self.leader)
+        self.kv.metrics = self.metrics
         if cfg.role in ("prefill", "mixed"):
             self._start_prefill()
         self.decode = DecodeHandler(
             self.bridge, self.registry, self.kv, instance_id, cfg.kv_lease_s, self.release_remote
         )
+        self.decode.metrics = self.metrics
         self._servicer.decode_handler = self.decode
         info = InstanceInfoData(
             instance_id=instance_id,
@@ -102,6 +111,7 @@ class Worker:
             address=self.address,
             transfer_endpoint=self.transfer_server.endpoint if self.transfer_server else "",
             model=layout.model,
+            metrics_address=self.metrics_server.address if self.metrics_server else "",
         )
         self.agent = InstanceAgent(cfg.controller, info, self._load)
         if self.leader is not None:
@@ -111,6 +121,16 @@ class Worker:
                 self._leave(self.leader.executor.broken)
         await self.agent.start()
         log.info("%s worker %s serving on %s", cfg.role, instance_id, self.address)
+
+    def _start_metrics(self) -> None:
+        """The series of this worker (recorded whether or not they are served) and, with
+        ``--metrics-port``, the server that exposes them."""
+        self.metrics = WorkerMetrics(self.instance_id, lambda: self.role, self.config.transfer_backend)
+        self.runner.on_step = self.metrics.engine_step
+        LOAD.add(self.metrics, self.runner.stats)
+        if self.leader is not None:
+            self.leader.executor.on_collectives = self.metrics.collective
+        self.metrics_server = start_metrics_server(self.config.host, self.config.metrics_port)
 
     def _leave(self, why: str) -> None:
         """The instance broke: stop as on SIGTERM (deregister, fail what runs, end the followers)
@@ -131,6 +151,7 @@ class Worker:
             log.warning("%s: could not expire the handles of a previous process: %s", self.instance_id, exc)
             return
         if count:
+            self.metrics.handle("expired", count)
             log.warning("%s: expired %d KV handles its previous process left", self.instance_id, count)
 
     def _register(self, server) -> None:
@@ -144,11 +165,13 @@ class Worker:
         self.transfer_server = make_transfer_server(
             cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port
         )
+        self.transfer_server.on_served = self.metrics.kv_sent
         self.transfer_server.start()
         self.kv.server = self.transfer_server
         self.prefill = PrefillHandler(
             self.bridge, self.registry, self.kv, self.instance_id, self.address, cfg.kv_lease_s
         )
+        self.prefill.metrics = self.metrics
         self._reaper = asyncio.ensure_future(self.prefill.reap_forever())
         self._servicer.prefill_handler = self.prefill
 
@@ -190,6 +213,7 @@ class Worker:
                     self._stop_prefill()
                 log.warning("%s switched role: %s -> %s", self.instance_id, self.role, role)
                 self.role = self._servicer.role = role
+                tracing.set_span_attributes({"pdmesh.role": role})
             endpoint = self.transfer_server.endpoint if self.transfer_server else ""
             if self.agent is not None:
                 info = dataclasses.replace(self.agent.info, role=Role(role), transfer_endpoint=endpoint)
@@ -245,6 +269,10 @@ class Worker:
         self.runner.stop()
         if self.leader is not None:
             await asyncio.to_thread(self.leader.stop)
+        if self.metrics is not None:
+            LOAD.remove(self.metrics)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
 def make_engine(
@@ -307,8 +335,18 @@ async def create_worker(config: WorkerConfig, plan: InstancePlan | None = None) 
 
 
 async def _serve(config: WorkerConfig, plan: InstancePlan | None) -> int:
-    worker = await create_worker(config, plan)
-    await serve_until_signal(worker.server, on_stop=worker.stop)
+    tracing.configure(
+        "pdmesh-worker",
+        config.otlp_traces_endpoint,
+        config.trace_sample_ratio,
+        role=config.role,
+        instance_id=config.instance_id,
+    )
+    try:
+        worker = await create_worker(config, plan)
+        await serve_until_signal(worker.server, on_stop=worker.stop)
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
     return worker.exit_code
 
 

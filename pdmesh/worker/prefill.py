@@ -19,6 +19,7 @@ from pdmesh.aio import raise_lost_cancellation
 from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams
 from pdmesh.kv.registry import KVError, KVRegistry
 from pdmesh.kv.types import HandleState, KVHandle
+from pdmesh.observability import tracing
 from pdmesh.worker.bridge import EngineBridge
 from pdmesh.worker.errors import ErrorKind, WorkerError
 from pdmesh.worker.kv_plane import KVPlane
@@ -66,6 +67,7 @@ class PrefillHandler:
         self.address = address
         self.lease_s = lease_s
         self._pinned: dict[str, _Pinned] = {}
+        self.metrics = None  # pdmesh.observability.worker_metrics.WorkerMetrics, set by the worker
 
     @property
     def pinned_handles(self) -> int:
@@ -75,7 +77,9 @@ class PrefillHandler:
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
     ) -> PrefillResult:
         request = EngineRequest(request_id, prompt_ids, sampling, mode=RequestMode.PREFILL)
+        phases = tracing.EnginePhases("prefill.queue", "prefill.compute")
         output = await self.bridge.run_to_end(request)
+        phases.observe(output)
         if output.finish_reason == FinishReason.ERROR:
             raise WorkerError(ErrorKind.INTERNAL, output.error or "prefill failed")
         if output.finish_reason == FinishReason.ABORT:
@@ -84,7 +88,9 @@ class PrefillHandler:
         if output.kv_block_ids is None:
             reason = output.finish_reason.value if output.finish_reason else "stop"
             return PrefillResult(first_token, True, reason, len(prompt_ids), None, output.logprobs)
-        handle = await self._publish(request_id, len(prompt_ids), output.kv_block_ids)
+        with tracing.tracer().start_as_current_span("kv.register") as span:
+            handle = await self._publish(request_id, len(prompt_ids), output.kv_block_ids)
+            span.set_attribute("pdmesh.kv.handle_id", handle.handle_id)
         return PrefillResult(first_token, False, None, len(prompt_ids), handle, output.logprobs)
 
     async def _publish(self, request_id: str, num_tokens: int, block_ids: list[int]) -> KVHandle:
@@ -112,13 +118,15 @@ class PrefillHandler:
         try:
             await self.registry.register(handle, self.lease_s)
         except KVError as exc:
-            await self.release(handle.handle_id)  # the write may have landed before the error
+            await self.release(handle.handle_id, event=None)  # the write may have landed before the error
             raise WorkerError(ErrorKind.INTERNAL, f"cannot register the KV handle: {exc}") from exc
         except BaseException:  # cancelled: nobody will pull it (a key written expires with its lease)
             self.free(handle.handle_id)
             raise
         finally:
             pinned.registering = False
+        if self.metrics is not None:
+            self.metrics.handle("registered")
         log.info(
             "[%s] prefilled %d tokens into %d blocks%s, handle %s",
             request_id,
@@ -139,8 +147,11 @@ class PrefillHandler:
         log.info("[%s] freed %d pinned blocks", handle_id.split(":")[0], len(pinned.block_ids))
         return True
 
-    async def release(self, handle_id: str) -> bool:
+    async def release(self, handle_id: str, event: str | None = "released") -> bool:
+        """Frees the blocks and forgets the handle; ``event`` is what the metrics count it as."""
         freed = self.free(handle_id)
+        if freed and event and self.metrics is not None:
+            self.metrics.handle(event)
         try:
             await self.registry.forget(handle_id)
         except KVError as exc:
@@ -151,23 +162,25 @@ class PrefillHandler:
         """Frees every pinned handle that no decode worker will pull any more; returns how many."""
         reaped = 0
         for handle_id, pinned in list(self._pinned.items()):
-            if await self._is_dead(handle_id, pinned):
-                await self.release(handle_id)
+            event = await self._dead_event(handle_id, pinned)
+            if event is not None:
+                await self.release(handle_id, event)
                 reaped += 1
         return reaped
 
-    async def _is_dead(self, handle_id: str, pinned: _Pinned) -> bool:
+    async def _dead_event(self, handle_id: str, pinned: _Pinned) -> str | None:
+        """None while the handle may still be pulled; else "released" (pulled) or "expired"."""
         if pinned.registering:
-            return False
+            return None
         try:
             handle = await self.registry.get(handle_id)
         except KVError:
-            return time.time() > pinned.expires_at + OFFLINE_GRACE_S
+            return "expired" if time.time() > pinned.expires_at + OFFLINE_GRACE_S else None
         if handle is None:
-            return True
-        if handle.state == HandleState.CLAIMED:
-            return False  # a pull is in flight; the decode worker renews the lease
-        return handle.state != HandleState.READY
+            return "expired"
+        if handle.state in (HandleState.CLAIMED, HandleState.READY):
+            return None  # CLAIMED: a pull is in flight; the decode worker renews the lease
+        return "released" if handle.state == HandleState.RELEASED else "expired"
 
     async def reap_forever(self, interval_s: float = 0.5) -> None:
         while True:

@@ -4,6 +4,7 @@
     pdmesh ctl --controller ... set-ratio 2:1|auto|off
     pdmesh ctl --controller ... drain ID | undrain ID
     pdmesh ctl --controller ... flip ID prefill|decode|mixed
+    pdmesh ctl --controller ... top [--coordinator URL] [--interval-s 2] [--once]
 
 Exit codes: 0 done, 1 the controller refused or could not be reached, 2 bad input.
 """
@@ -18,6 +19,7 @@ import sys
 import grpc
 
 from pdmesh.cluster import Role
+from pdmesh.observability.top import TopError, check_coordinator_url, parse_interval, run_top
 from pdmesh.rpc.client import open_channel
 from pdmesh.rpc.controller_endpoints import ControllerEndpoints
 from pdmesh.rpc.convert_cluster import instance_from_proto, role_to_proto
@@ -53,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     flip = sub.add_parser("flip", help="drain an instance, switch its role, put it back online")
     flip.add_argument("instance_id")
     flip.add_argument("role", help="prefill, decode or mixed")
+    top = sub.add_parser("top", help="live view: instances, loads, ratio; latency with --coordinator")
+    top.add_argument(
+        "--coordinator",
+        default=os.environ.get("PDMESH_COORDINATOR_URL", ""),
+        help="coordinator HTTP URL (its /dashboard/data: latency, requests/s); default: $PDMESH_COORDINATOR_URL",
+    )
+    top.add_argument("--interval-s", default="2", help="seconds between frames (default 2)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     return parser
 
 
@@ -122,6 +132,25 @@ def render(method: str, reply) -> str:
     return f"{info.instance_id}: {info.role.value} {info.state.value}"
 
 
+def top(args: argparse.Namespace, endpoints: ControllerEndpoints) -> int:
+    """`pdmesh ctl top`: frames until Ctrl-C (exit 0), or one with --once; CtlError on bad input or
+    when the first frame's sources fail."""
+    try:
+        interval_s = parse_interval(args.interval_s)
+        coordinator = check_coordinator_url(args.coordinator) if args.coordinator else None
+        request = controller_pb2.ListInstancesRequest()
+        timeout_s = min(args.timeout_s, max(interval_s, 5.0))
+
+        def list_instances():
+            return call(endpoints, "ListInstances", request, timeout_s)
+
+        return asyncio.run(run_top(list_instances, coordinator, interval_s, args.once))
+    except TopError as exc:
+        raise CtlError(str(exc), exc.code) from None
+    except KeyboardInterrupt:  # Ctrl-C is how a live view ends
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -132,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             endpoints = ControllerEndpoints(args.controller)
         except ValueError as exc:
             raise CtlError(str(exc), 2) from None
+        if args.command == "top":
+            return top(args, endpoints)
         method, request = request_for(args)
         reply = asyncio.run(call(endpoints, method, request, args.timeout_s))
     except CtlError as exc:

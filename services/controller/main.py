@@ -10,6 +10,7 @@ import sys
 from pdmesh.config import ControllerConfig
 from pdmesh.kv.registry import KVError, RedisKVRegistry
 from pdmesh.logs import setup_logging
+from pdmesh.observability import tracing
 from pdmesh.rpc.server import serve_until_signal
 from pdmesh.settings_cli import add_config_flags, config_from_flags
 from services.controller.server import DeadHook, create_controller
@@ -35,8 +36,12 @@ def dead_hook(config: ControllerConfig) -> DeadHook | None:
 
 
 async def _serve(config: ControllerConfig) -> None:
-    service = await create_controller(config, on_instance_dead=dead_hook(config))
-    await serve_until_signal(service.server, on_stop=service.stop)
+    tracing.configure("pdmesh-controller", config.otlp_traces_endpoint, config.trace_sample_ratio)
+    try:
+        service = await create_controller(config, on_instance_dead=dead_hook(config))
+        await serve_until_signal(service.server, on_stop=service.stop)
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def parse_args(argv: list[str] | None) -> ControllerConfig:

@@ -15,6 +15,7 @@ implement the same protocol.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from pdmesh.rpc.client import open_channel
 from pdmesh.rpc.convert_cluster import role_to_proto
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.controller.membership import Membership
-from services.controller.ratio import DemandMeter, RatioPolicy, RatioTarget
+from services.controller.ratio import DemandMeter, RatioPolicy, RatioTarget, auto_prefill, fixed_prefill
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class RoleManager:
         self.meter = DemandMeter(demand_window_s)
         self.is_active = is_active  # a controller that lost its lease mid-flip must not switch the worker
         self.flips = 0
+        # (from role, to role, outcome) -> flips, for the metrics
+        self.flip_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._lock = asyncio.Lock()
 
     def check_floor(self, info: InstanceInfoData, new_role: Role) -> None:
@@ -126,9 +129,13 @@ class RoleManager:
             raise KeyError(instance_id)
         if info.role == new_role:
             return info
-        self.check_floor(info, new_role)
-        if self._lock.locked():
-            raise FlipRefused("another role flip is running")
+        try:
+            self.check_floor(info, new_role)
+            if self._lock.locked():
+                raise FlipRefused("another role flip is running")
+        except FlipRefused:
+            self.flip_counts[(info.role.value, new_role.value, "refused")] += 1
+            raise
         async with self._lock:
             self.check_floor(info, new_role)
             return await self._flip_locked(info, new_role)
@@ -142,6 +149,7 @@ class RoleManager:
         was_draining = False if resuming else self.membership.is_draining(instance_id)
         self.membership.set_draining(instance_id, True)
         self.membership.set_flip_target(instance_id, new_role)
+        outcome = "failed"
         await self.persist()
         try:
             drained = await self.wait_drained(instance_id)
@@ -149,7 +157,9 @@ class RoleManager:
                 raise FlipFailed(f"this controller is no longer active; {instance_id} keeps its role")
             await self.actuator.flip(drained, new_role)  # idempotent: a worker already switched stays
             self.membership.set_role(instance_id, new_role)
+            outcome = "ok"
         finally:
+            self.flip_counts[(info.role.value, new_role.value, outcome)] += 1
             self.membership.set_flip_target(instance_id, None)
             self.membership.set_draining(instance_id, was_draining)
             await self.persist()
@@ -230,6 +240,20 @@ class RoleManager:
             self.policy.record_flip(now)  # back off as after a flip
             return None
         return chosen.instance_id
+
+    def role_targets(self) -> dict[Role, int] | None:
+        """How many prefill and decode instances the ratio asks for now (None when it is off, or
+        auto before its first demand measurement)."""
+        members = self.membership.instances()
+        prefill, decode = _count(members, Role.PREFILL), _count(members, Role.DECODE)
+        total = prefill + decode
+        if self.target.mode == "fixed":
+            wanted = fixed_prefill(self.target, total)
+        elif self.target.mode == "auto" and self.meter.measured:
+            wanted = auto_prefill(self.meter.last, prefill, decode, self.policy.capacity)
+        else:
+            return None
+        return {Role.PREFILL: wanted, Role.DECODE: total - wanted}
 
     def describe_demand(self) -> str:
         """The last measured demand in words (empty before the first ratio check)."""

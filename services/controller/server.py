@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from pdmesh.aio import raise_lost_cancellation
 from pdmesh.config import ControllerConfig
+from pdmesh.observability.controller_metrics import DeadInstances, controller_registry
+from pdmesh.observability.metrics_server import MetricsServer
 from pdmesh.planner.capacity import capacity_from_profile
 from pdmesh.rpc.server import RunningServer, start_server
 from pdmesh.v1 import controller_pb2_grpc
@@ -113,6 +115,9 @@ class ControllerService:
             is_active=lambda: self.leadership.active,
         )
         servicer.leadership, servicer.roles = self.leadership, self.roles
+        self.dead = DeadInstances()  # counted as dead in the metrics a while after they left
+        self.takeovers = 0
+        self.metrics_server: MetricsServer | None = None
         self._sweep_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._hook_tasks: set[asyncio.Task] = set()
@@ -139,6 +144,14 @@ class ControllerService:
             self.leadership.lease.address = self.address
         else:
             self.leadership.active_address = self.address
+        if self.config.metrics_port is not None:
+            self.metrics_server = MetricsServer(
+                self.config.host,
+                self.config.metrics_port,
+                controller_registry(self),
+                public_host=self.address.rsplit(":", 1)[0],
+            )
+            self.servicer.metrics_address = self.metrics_server.address
         await self.leadership.try_once()
         self._sweep_task = asyncio.ensure_future(self._sweep_forever(sweep_interval_s(self.config)))
         is_active = lambda: self.leadership.active  # noqa: E731
@@ -160,6 +173,7 @@ class ControllerService:
     def _on_transition(self, active: bool) -> None:
         """Becoming active: take the stored ratio (or store ours); either way wake the view streams."""
         if active:
+            self.takeovers += 1
             stored = self.leadership.stored_ratio
             try:
                 self.roles.target = parse_ratio(stored) if stored else self.roles.target
@@ -199,6 +213,8 @@ class ControllerService:
         await self.leadership.close()
         if self.server is not None:
             await self.server.stop(grace_s)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         log.info("controller stopped")
 
     async def abandon(self) -> None:
@@ -209,11 +225,15 @@ class ControllerService:
                 task.cancel()
         if self.server is not None:
             await self.server.server.stop(0)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
     def sweep_once(self, now: float | None = None) -> list[str]:
         """One sweep; runs the dead-instance hook for each instance that died."""
+        roles = {i.instance_id: i.role.value for i in self.membership.instances()}
         dead = self.membership.sweep(now)
         for instance_id in dead:
+            self.dead.record(instance_id, roles.get(instance_id, "unknown"))
             task = asyncio.ensure_future(self._run_dead_hook(instance_id))
             self._hook_tasks.add(task)
             task.add_done_callback(self._hook_tasks.discard)

@@ -50,6 +50,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         self.leadership = leadership
         self.roles = roles
         self.watchers = 0
+        self.metrics_address = ""  # this controller's /metrics server (ListInstances tells it)
 
     def is_active(self) -> bool:
         return self.leadership is None or self.leadership.active
@@ -120,6 +121,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             active=self.leadership.address if self.leadership else "",
             fencing_token=self.leadership.token if self.leadership else 0,
             demand=self.roles.describe_demand() if self.roles else "",
+            metrics_address=self.metrics_address,
         )
 
     async def SetRatio(self, request, context) -> controller_pb2.SetRatioResponse:

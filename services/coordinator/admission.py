@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
+from pdmesh.observability import coordinator_metrics as metrics
 from services.coordinator.backend import GenerationError
 
 
@@ -31,6 +33,8 @@ class AdmissionGate:
                 retry_after_s=1.0,
             )
         self.waiting += 1
+        metrics.QUEUED.inc()
+        queued_at = time.monotonic()
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=self.queue_timeout_s)
         except TimeoutError:
@@ -41,9 +45,13 @@ class AdmissionGate:
             ) from None
         finally:
             self.waiting -= 1
+            metrics.QUEUED.dec()
+        metrics.QUEUE_TIME.observe(time.monotonic() - queued_at)
         self.inflight += 1
+        metrics.INFLIGHT.inc()
         try:
             yield
         finally:
             self.inflight -= 1
+            metrics.INFLIGHT.dec()
             self._slots.release()

@@ -14,10 +14,12 @@ import uuid
 import grpc
 
 from pdmesh.engine.types import SamplingParams
+from pdmesh.observability import http_tracing
 from pdmesh.rpc.convert import logprobs_to_proto
 from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from services.coordinator.backend import GenerationBackend, GenerationError
+from services.coordinator.front_metrics import count_grpc_requests
 from services.coordinator.limits import completion_budget
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         requested = request.sampling.max_tokens or None  # unset: the context left, as over HTTP
         sampling.max_tokens = completion_budget(len(prompt_ids), requested, self.max_model_len)
 
+    @count_grpc_requests
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         try:
@@ -92,6 +95,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         detok = IncrementalDetokenizer(self.tokenizer)
         completion_tokens = 0
+        http_tracing.record_gen_ai_request("generate", self.model_name, sampling, prompt_ids, request_id)
         try:
             async for chunk in self.backend.generate(request_id, prompt_ids, sampling):
                 completion_tokens += len(chunk.token_ids)
@@ -107,6 +111,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     reply.usage.CopyFrom(
                         common_pb2.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens)
                     )
+                    http_tracing.record_gen_ai_usage(completion_tokens, chunk.finish_reason)
                 yield reply
         except GenerationError as exc:
             log.warning("[%s] failed: %s", request_id, exc)

@@ -32,17 +32,20 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdmesh.engine.types import SamplingParams
+from pdmesh.observability import http_tracing
+from pdmesh.observability.coordinator_metrics import Outcome
 from pdmesh.tokenizer import Tokenizer
 from services.coordinator import http_schema, logprobs
 from services.coordinator import openai_api as api
 from services.coordinator.backend import GenerationBackend, GenerationChunk, GenerationError
+from services.coordinator.front_metrics import RequestMetricsMiddleware
 from services.coordinator.http_errors import ApiError, install_error_handlers
 from services.coordinator.http_util import (
     ClientGone,
@@ -72,6 +75,7 @@ class Job:
     chat: bool
     stream: bool
     created: int
+    outcome: Outcome = field(default_factory=Outcome)  # what requests_total records
 
 
 def _sse(payload: dict | str) -> str:
@@ -188,6 +192,10 @@ class OpenAIServer:
             job.sampling.max_tokens,
             ", streaming" if job.stream else "",
         )
+        operation = "chat" if job.chat else "text_completion"
+        http_tracing.record_gen_ai_request(
+            operation, self.model_name, job.sampling, job.prompt_ids, job.response_id
+        )
         return self.backend.generate(job.response_id, job.prompt_ids, job.sampling)
 
     def _logprobs(self, job: Job, entries: list[TokenEntry]) -> dict | None:
@@ -224,6 +232,8 @@ class OpenAIServer:
             result.completion_tokens,
             time.monotonic() - started,
         )
+        job.outcome.finish(result.finish_reason, len(job.prompt_ids), result.completion_tokens)
+        http_tracing.record_gen_ai_usage(result.completion_tokens, result.finish_reason)
         return JSONResponse(self._full_response(job, text, result).model_dump(mode="json"))
 
     def _full_response(self, job: Job, text: str, result: TextStream):
@@ -268,6 +278,8 @@ class OpenAIServer:
                     break
             if not stream.done:
                 raise GenerationError("generation ended without finishing", status_code=502)
+            job.outcome.finish(stream.finish_reason, len(job.prompt_ids), stream.completion_tokens)
+            http_tracing.record_gen_ai_usage(stream.completion_tokens, stream.finish_reason)
             if job.include_usage:
                 yield _sse(
                     self._usage_chunk(job, api.Usage.of(len(job.prompt_ids), stream.completion_tokens))
@@ -277,6 +289,7 @@ class OpenAIServer:
             )
         except GenerationError as exc:
             log.warning("[%s] failed mid-stream (%d): %s", job.request_id, exc.status_code, exc.message)
+            job.outcome.status = str(exc.status_code)
             yield _sse(api.error_body(exc.message, exc.error_type, None, exc.code or exc.status_code))
         except asyncio.CancelledError:
             log.info("[%s] client disconnected; generation cancelled", job.request_id)
@@ -314,9 +327,12 @@ def create_app(
     """The OpenAI-compatible app over ``backend``; ``readiness`` answers ``/ready`` (ready, what is
     missing), by default whether the backend can serve."""
     server = OpenAIServer(backend, model_name, tokenizer, max_model_len)
-    app = FastAPI(title="pdmesh coordinator", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="pdmesh coordinator", docs_url=None, redoc_url=None, telemetry=http_tracing.fastapi_telemetry()
+    )
     app.state.server = server
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the request id is there first
     install_error_handlers(app)
     http_schema.document(app, model_name, tokenizer.vocab_size)
 
@@ -345,12 +361,14 @@ def create_app(
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
         server.check_common(body)
         job = server.prepare(body, server.completion_prompt(body), request.state.request_id, chat=False)
+        request.state.outcome = job.outcome
         return await server.respond(job, request)
 
     @app.post("/v1/chat/completions", response_model=None, responses=chat_answers)
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
         server.check_common(body)
         job = server.prepare(body, server.chat_prompt(body), request.state.request_id, chat=True)
+        request.state.outcome = job.outcome
         return await server.respond(job, request)
 
     return app

@@ -8,14 +8,19 @@ import sys
 
 from pdmesh.config import CoordinatorConfig
 from pdmesh.logs import setup_logging
+from pdmesh.observability import tracing
 from pdmesh.rpc.server import serve_until_signal
 from pdmesh.settings_cli import add_config_flags, config_from_flags
 from services.coordinator.server import create_coordinator
 
 
 async def _serve(config: CoordinatorConfig) -> None:
-    coordinator = await create_coordinator(config)
-    await serve_until_signal(coordinator.grpc, on_stop=coordinator.stop)
+    tracing.configure("pdmesh-coordinator", config.otlp_traces_endpoint, config.trace_sample_ratio)
+    try:
+        coordinator = await create_coordinator(config)
+        await serve_until_signal(coordinator.grpc, on_stop=coordinator.stop)
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def main(argv: list[str] | None = None) -> int:

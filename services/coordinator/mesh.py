@@ -34,6 +34,7 @@ import grpc
 from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
 from pdmesh.config import CoordinatorConfig
 from pdmesh.engine.types import SamplingParams
+from pdmesh.observability import coordinator_metrics as metrics
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
 from pdmesh.rpc.convert import logprobs_from_proto, sampling_to_proto
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -54,6 +55,10 @@ RETRYABLE_STATUS = {
 
 class _Retry(Exception):
     """This attempt lost its KV or its instance; start another on other instances."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause  # retries_total's label: a gRPC status or worker error code, lower case
 
 
 @dataclass
@@ -147,11 +152,12 @@ class MeshBackend:
     ) -> AsyncIterator[GenerationChunk]:
         if not self.router.snapshot().ready():
             raise _unservable()
+        arrived = time.monotonic()
         async with self.gate.admit():
             request = _Request(
                 request_id, prompt_ids, sampling, time.monotonic() + self.config.request_timeout_s
             )
-            async for chunk in self._with_retries(request):
+            async for chunk in metrics.observe_stream(self._with_retries(request), arrived):
                 yield chunk
 
     async def _with_retries(self, request: _Request) -> AsyncIterator[GenerationChunk]:
@@ -168,6 +174,9 @@ class MeshBackend:
                         f"request failed after {request.attempt} attempts; last: {why}", status_code=503
                     ) from None
                 log.warning("[%s] attempt %d failed (%s); retrying", request.request_id, request.attempt, why)
+                metrics.RETRIES.labels(why.cause).inc()
+                if request.sent:  # the client is mid-stream: the next attempt continues it elsewhere
+                    metrics.MIGRATIONS.inc()
 
     async def _attempt(self, request: _Request) -> AsyncIterator[GenerationChunk]:
         prompt_ids, sampling = request.continuation()
@@ -275,7 +284,7 @@ class MeshBackend:
             call.cancel()  # the client went away or we are done: the worker aborts and frees blocks
             self._let_go(instance)
         request.tried.add(instance.instance_id)
-        raise _Retry(f"decode stream from {instance.instance_id} ended without finishing")
+        raise _Retry(f"decode stream from {instance.instance_id} ended without finishing", "stream_ended")
 
     async def _abort(self, instance: InstanceInfoData, request_id: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError), self._calling(instance):
@@ -294,6 +303,7 @@ def _pick(
     instance = snapshot.pick(role, exclude=request.tried, prompt_ids=prompt_ids)
     if instance is None:
         raise GenerationError(f"no healthy {role.value} instance", status_code=503, retry_after_s=1)
+    metrics.ROUTE_CHOICES.labels(role.value, instance.instance_id).inc()
     return instance
 
 
@@ -327,7 +337,9 @@ def _raise_for_status(exc: grpc.aio.AioRpcError, instance: InstanceInfoData, pha
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise GenerationError(f"{phase} timed out at {instance.instance_id}", status_code=504) from exc
     if code in RETRYABLE_STATUS:
-        raise _Retry(f"{phase} at {instance.instance_id}: {code.name} {exc.details()}") from exc
+        raise _Retry(
+            f"{phase} at {instance.instance_id}: {code.name} {exc.details()}", code.name.lower()
+        ) from exc
     raise GenerationError(
         f"{phase} failed at {instance.instance_id}: {exc.details()}", status_code=502
     ) from exc
@@ -336,4 +348,7 @@ def _raise_for_status(exc: grpc.aio.AioRpcError, instance: InstanceInfoData, pha
 def _raise_for_error(error: common_pb2.Error, instance: InstanceInfoData):
     if error.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT:
         raise GenerationError(error.message, status_code=400)
-    raise _Retry(f"{common_pb2.ErrorCode.Name(error.code)} at {instance.instance_id}: {error.message}")
+    name = common_pb2.ErrorCode.Name(error.code)
+    raise _Retry(
+        f"{name} at {instance.instance_id}: {error.message}", name.removeprefix("ERROR_CODE_").lower()
+    )

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
+from pdmesh.observability import tracing
 
 POLICIES = ("round_robin", "least_load", "power_of_two", "cache_aware")
 
@@ -190,4 +191,16 @@ class RoutingSnapshot:
         if not candidates:
             return None
         hashes = prompt_block_hashes(prompt_ids, self.router.block_size) if prompt_ids else []
-        return self.router.policies[role].pick(candidates, PickContext(self.router.inflight, hashes))
+        policy = self.router.policies[role]
+        with tracing.tracer().start_as_current_span("route") as span:
+            chosen = policy.pick(candidates, PickContext(self.router.inflight, hashes))
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "pdmesh.route.role": role.value,
+                        "pdmesh.route.policy": type(policy).__name__,
+                        "pdmesh.route.candidates": len(candidates),
+                        "pdmesh.route.instance_id": chosen.instance_id,
+                    }
+                )
+        return chosen

@@ -17,9 +17,11 @@ from pdmesh.rpc.controller_client import ClusterWatcher
 from pdmesh.rpc.server import RunningServer, start_server
 from pdmesh.tokenizer import Tokenizer
 from pdmesh.v1 import coordinator_pb2_grpc
+from services.coordinator.dashboard import install_dashboard
 from services.coordinator.grpc_front import CoordinatorServicer
 from services.coordinator.http_app import create_app
 from services.coordinator.mesh import MeshBackend
+from services.coordinator.metrics_http import create_metrics_app
 from services.coordinator.readiness import Readiness
 from services.coordinator.routing import Router
 
@@ -72,6 +74,9 @@ class Coordinator:
         self.http: _QuietSignalsServer | None = None
         self.http_port = 0
         self._http_task: asyncio.Task | None = None
+        self.metrics: _QuietSignalsServer | None = None  # the metrics port (--metrics-port)
+        self.metrics_address = ""
+        self._metrics_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         tokenizer = Tokenizer.from_dir(self.model_dir)
@@ -85,39 +90,57 @@ class Coordinator:
             self.config.grpc_port,
         )
         app = create_app(self.backend, self.model_name, tokenizer, max_model_len, self.readiness.check)
+        install_dashboard(app, self.watcher)
         await self._start_http(app)
+        if self.config.metrics_port is not None:
+            self.metrics, self._metrics_task, port = await _serve(
+                create_metrics_app(self.watcher), self.config.host, self.config.metrics_port
+            )
+            self.metrics_address = f"{self.config.host}:{port}"
+            log.info("metrics on http://%s/metrics (the whole mesh: /metrics/mesh)", self.metrics_address)
         log.info(
             "coordinator serving HTTP on %s:%d, gRPC on %d", self.config.host, self.http_port, self.grpc.port
         )
 
     async def _start_http(self, app) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.host, self.config.http_port))
-        self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", timeout_graceful_shutdown=HTTP_GRACE_S
+        self.http, self._http_task, self.http_port = await _serve(
+            app, self.config.host, self.config.http_port
         )
-        self.http = _QuietSignalsServer(config)
-        self._http_task = asyncio.ensure_future(self.http.serve(sockets=[sock]))
-        while not self.http.started:
-            if self._http_task.done():
-                self._http_task.result()
-            await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
         if self.http is not None:
-            self.http.should_exit = True
-            try:
-                await asyncio.wait_for(self._http_task, timeout=HTTP_STOP_TIMEOUT_S)
-            except TimeoutError:
-                log.warning("the HTTP server did not stop within %gs; cancelled it", HTTP_STOP_TIMEOUT_S)
-            except Exception:
-                log.warning("the HTTP server failed while stopping", exc_info=True)
+            await _stop_serving(self.http, self._http_task, "HTTP")
+        if self.metrics is not None:
+            await _stop_serving(self.metrics, self._metrics_task, "metrics")
         if self.grpc is not None:
             await self.grpc.stop(grace_s=2.0)
         await self.watcher.stop()
         await self.backend.close()
+
+
+async def _serve(app, host: str, port: int) -> tuple[_QuietSignalsServer, asyncio.Task, int]:
+    """Serves ``app`` with uvicorn on ``host:port`` (0: a free port); returns once it listens."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=HTTP_GRACE_S)
+    server = _QuietSignalsServer(config)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    return server, task, sock.getsockname()[1]
+
+
+async def _stop_serving(server: _QuietSignalsServer, task: asyncio.Task, what: str) -> None:
+    server.should_exit = True
+    try:
+        await asyncio.wait_for(task, timeout=HTTP_STOP_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("the %s server did not stop within %gs; cancelled it", what, HTTP_STOP_TIMEOUT_S)
+    except Exception:
+        log.warning("the %s server failed while stopping", what, exc_info=True)
 
 
 async def create_coordinator(config: CoordinatorConfig) -> Coordinator:

@@ -43,11 +43,15 @@ def _read_ready_line(proc: subprocess.Popen, timeout_s: float = 120.0) -> str:
 
 def test_up_serves_and_stops_cleanly(tiny_qwen3, tmp_path):
     argv = [sys.executable, "-m", "pdmesh.cli", "up", "--model", str(tiny_qwen3), "--http-port", "0"]
+    argv += ["--metrics-port", "0"]  # the default, 9464, may be taken (another test, a real stack)
     argv += ["--log-dir", str(tmp_path / "logs")]
     env = {**os.environ, "PDMESH_WORKER_KV_CACHE_MEMORY_MIB": "16"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = _read_ready_line(proc)
+        metrics = proc.stdout.readline()
+        assert re.fullmatch(r"metrics: http://127\.0\.0\.1:\d+/metrics/mesh\n", metrics), metrics
+        assert httpx.get(metrics.split(" ", 1)[1].strip(), timeout=10).status_code == 200
         body = {
             "model": tiny_qwen3.name,
             "messages": [{"role": "user", "content": "Hello!"}],
@@ -93,6 +97,7 @@ class _Lines:
 def test_up_restarts_a_killed_worker(tiny_qwen3, tmp_path):
     logs = tmp_path / "logs"
     argv = [sys.executable, "-m", "pdmesh.cli", "up", "--model", str(tiny_qwen3), "--http-port", "0"]
+    argv += ["--metrics-port", "0"]  # the default, 9464, may be taken (another test, a real stack)
     env = {**os.environ, "PDMESH_WORKER_KV_CACHE_MEMORY_MIB": "16"}
     proc = subprocess.Popen(
         [*argv, "--log-dir", str(logs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env

@@ -43,6 +43,7 @@ def test_up_with_a_cluster_file(tiny_qwen3, tmp_path):
     config.write_text(json.dumps(cluster))
     log_dir = tmp_path / "logs"
     argv = [sys.executable, "-m", "pdmesh.cli", "up", "--config", str(config), "--http-port", "0"]
+    argv += ["--metrics-port", "0"]  # the default, 9464, may be taken (another test, a real stack)
     argv += ["--log-dir", str(log_dir)]
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ}

@@ -114,6 +114,10 @@ class CudaIpcTransferServer(wire.ExposingServer):
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
         hello = wire.recv_frame(conn)
+        with wire.pull_span(hello, "cuda_ipc"):
+            self._serve_pull(conn, peer, hello)
+
+    def _serve_pull(self, conn: socket.socket, peer, hello: dict) -> None:
         admitted = self._exposed.admit(conn, hello, self.layout, peer)
         if admitted is None:
             return
@@ -125,9 +129,10 @@ class CudaIpcTransferServer(wire.ExposingServer):
         conn.settimeout(ACK_TIMEOUT_S + wire.HANDSHAKE_TIMEOUT_S)
         done = wire.recv_frame(conn)
         before_ack()
-        wire.send_frame(
-            conn, {"ok": done.get("op") == "done" and self._exposed.still(hello["handle_id"], token)}
-        )
+        still = done.get("op") == "done" and self._exposed.still(hello["handle_id"], token)
+        wire.send_frame(conn, {"ok": still})
+        if still:  # the client copied the blocks out of this pool itself
+            self._served(len(block_ids), self.layout.block_nbytes)
 
 
 class CudaIpcTransferClient:

@@ -128,7 +128,8 @@ class DeviceTransferServer(wire.ExposingServer):
                     message = wire.recv_frame(conn)
                 except ConnectionError:
                     return
-                self._serve_pull(conn, group, message, peer)
+                with wire.pull_span(message, "device"):
+                    self._serve_pull(conn, group, message, peer)
         except RuntimeError as exc:  # the group failed: the peer died or stalled
             log.warning("device pair with %s failed: %s", peer, exc)
 
@@ -167,6 +168,7 @@ class DeviceTransferServer(wire.ExposingServer):
         wire.send_frame(conn, {"ok": True, "num_blocks": len(block_ids), "runs": [n for _, n in runs]})
         for start, count in runs:
             send_run(group, self.pool[start : start + count])
+        self._served(len(block_ids), self.layout.block_nbytes)
 
 
 class _Pair:

@@ -167,6 +167,10 @@ class MooncakeTransferServer(wire.ExposingServer):
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
         hello = wire.recv_frame(conn)
+        with wire.pull_span(hello, "mooncake"):
+            self._serve_pull(conn, peer, hello)
+
+    def _serve_pull(self, conn: socket.socket, peer, hello: dict) -> None:
         admitted = self._exposed.admit(conn, hello, self.layout, peer)
         if admitted is None:
             return
@@ -186,6 +190,8 @@ class MooncakeTransferServer(wire.ExposingServer):
         before_ack()
         still = done.get("op") == "done" and self._exposed.still(hello["handle_id"], token)
         wire.send_frame(conn, {"ok": still})
+        if still:  # the peer's engine read the blocks out of this pool itself
+            self._served(len(block_ids), self.layout.block_nbytes)
 
 
 def read_runs(

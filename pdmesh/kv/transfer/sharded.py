@@ -102,6 +102,11 @@ def part_handle(handle: KVHandle, part: KVPart) -> KVHandle:
     )
 
 
+def pull_nbytes(handle: KVHandle, steps: list[PullStep], num_blocks: int) -> int:
+    """The bytes ``steps`` move for ``num_blocks`` blocks: each step takes its part's whole blocks."""
+    return sum(num_blocks * part_handle(handle, s.part).layout.block_nbytes for s in steps)
+
+
 class _Staging:
     """A pool shaped like one part's blocks, with a client of the backend over it."""
 

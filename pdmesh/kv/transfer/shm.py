@@ -139,6 +139,10 @@ class ShmTransferServer(wire.ExposingServer):
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
         hello = wire.recv_frame(conn)
+        with wire.pull_span(hello, "shm"):
+            self._serve_pull(conn, peer, hello)
+
+    def _serve_pull(self, conn: socket.socket, peer, hello: dict) -> None:
         admitted = self._exposed.admit(conn, hello, self.layout, peer)
         if admitted is None:
             return
@@ -159,6 +163,8 @@ class ShmTransferServer(wire.ExposingServer):
         before_ack()
         still = done.get("op") == "done" and self._exposed.still(hello["handle_id"], token)
         wire.send_frame(conn, {"ok": still})
+        if still:  # the client copied the blocks out of this pool itself
+            self._served(len(block_ids), self.layout.block_nbytes)
 
 
 class _Mapping:

@@ -138,7 +138,8 @@ class TcpTransferServer(wire.ExposingServer):
             except (ConnectionError, TimeoutError):
                 return  # the client closed (or forgot) its idle connection
             conn.settimeout(wire.HANDSHAKE_TIMEOUT_S)
-            self._serve_pull(conn, peer, hello)
+            with wire.pull_span(hello, "tcp"):
+                self._serve_pull(conn, peer, hello)
 
     def _serve_pull(self, conn: socket.socket, peer, hello: dict) -> None:
         admitted = self._exposed.admit(conn, hello, self.layout, peer)
@@ -151,6 +152,7 @@ class TcpTransferServer(wire.ExposingServer):
         started = time.monotonic()
         for start, count in wire.block_runs(list(block_ids)):
             send_run(conn, self._blocks.read(start, count))
+        self._served(len(block_ids), self._blocks.block_nbytes)
         log.debug(
             "served %s: %d bytes in %.3fs to %s",
             hello.get("handle_id"),

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 from pdmesh.kv.transfer.base import TransferError
 from pdmesh.kv.types import KVHandle, KVLayout
+from pdmesh.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,20 @@ def check_ids(block_ids: list[int], num_blocks: int, what: str) -> None:
 
 
 def hello(handle_id: str, layout: KVLayout, **extra) -> dict:
-    """The opening frame of a pull."""
-    return {"v": PROTOCOL_VERSION, "op": "pull", "handle_id": handle_id, "layout": layout.to_dict(), **extra}
+    """The opening frame of a pull; while tracing is on it carries the puller's trace context
+    (``"trace": {"traceparent": ...}``), the parent of the server's span of the pull."""
+    message = {"v": PROTOCOL_VERSION, "op": "pull", "handle_id": handle_id, "layout": layout.to_dict()}
+    message.update(extra)
+    carrier = tracing.inject({})
+    if carrier:
+        message["trace"] = carrier
+    return message
+
+
+def pull_span(hello: dict, backend: str):
+    """The server's span of one pull (``kv.transfer.send``), a child of the puller's span."""
+    attributes = {"pdmesh.kv.backend": backend, "pdmesh.kv.handle_id": str(hello.get("handle_id"))}
+    return tracing.remote_span("kv.transfer.send", hello.get("trace"), attributes)
 
 
 class ExposedTable:
@@ -183,9 +196,22 @@ class ExposedTable:
 
 
 class ExposingServer:
-    """``expose``/``withdraw`` of a transfer server over its ``ExposedTable`` (``self._exposed``)."""
+    """``expose``/``withdraw`` of a transfer server over its ``ExposedTable`` (``self._exposed``).
+
+    ``on_served`` (set by the worker) hears the bytes of every pull served to the end, whatever the
+    backend: the prefill side's count of what it sent.
+    """
 
     _exposed: ExposedTable
+    on_served: Callable[[int], None] | None = None
+
+    def _served(self, num_blocks: int, block_nbytes: int) -> None:
+        tracing.current_span().set_attribute("pdmesh.kv.bytes", num_blocks * block_nbytes)
+        if self.on_served is not None:
+            try:
+                self.on_served(num_blocks * block_nbytes)
+            except Exception:  # noqa: BLE001 - counting must never fail a pull
+                log.exception("on_served failed")
 
     def expose(self, handle_id: str, block_ids: list[int]) -> None:
         """Lets peers pull these blocks as ``handle_id`` until ``withdraw``."""
