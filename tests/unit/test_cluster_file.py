@@ -129,6 +129,12 @@ def test_up_config_builds_the_stack_and_flags_win(tmp_path):
     spec = stack_spec(multi, UpOverrides(), tmp_path, False)  # the leader starts its other rank itself
     assert (spec.role_args["prefill"]["tp"], spec.role_args["prefill"]["moe-tp"]) == ("2", "2")
     assert "tp" not in spec.role_args["decode"]
+    assert spec.metrics_port == 9464  # the coordinator's /metrics/mesh: the file's default
+    quiet = parse_cluster_file(minimal(observability={"metrics_port": None}))
+    assert (
+        stack_spec(quiet, UpOverrides(), tmp_path, False).metrics_port is None
+    )  # no service serves /metrics
+    assert stack_spec(quiet, UpOverrides(metrics_port=0), tmp_path, False).metrics_port == 0  # the flag wins
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
