@@ -6,10 +6,29 @@ Every field has an environment-variable twin: ``PDMESH_<SERVICE>_<FIELD>`` (for 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What every service takes to be observed (docs/observability.md).
+MetricsPort = Annotated[
+    int | None,
+    Field(
+        ge=0, le=65535, description="port of the Prometheus /metrics server; 0 picks a free one; unset: none"
+    ),
+]
+OtlpEndpoint = Annotated[
+    str | None,
+    Field(
+        pattern=r"^https?://[^/\s]+",
+        description="OTLP/gRPC collector for traces, http(s)://host:port; unset: OTEL_EXPORTER_OTLP_* or no traces",
+    ),
+]
+TraceSampleRatio = Annotated[
+    float,
+    Field(ge=0, le=1, description="fraction of requests traced (a traced request is traced everywhere)"),
+]
 
 
 class ControllerConfig(BaseSettings):
@@ -19,22 +38,9 @@ class ControllerConfig(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address the gRPC server binds")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-    metrics_port: int | None = Field(
-        None,
-        ge=0,
-        le=65535,
-        description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
-    )
-    otlp_traces_endpoint: str | None = Field(
-        None,
-        pattern=r"^https?://[^/\s]+",
-        description=(
-            "OTLP/gRPC collector for traces, http(s)://host:port; unset: OTEL_EXPORTER_OTLP_* or no traces"
-        ),
-    )
-    trace_sample_ratio: float = Field(
-        1.0, ge=0, le=1, description="fraction of requests traced (a traced request is traced everywhere)"
-    )
+    metrics_port: MetricsPort = None
+    otlp_traces_endpoint: OtlpEndpoint = None
+    trace_sample_ratio: TraceSampleRatio = 1.0
     redis_url: str | None = Field(None, description="Redis for cluster state and KV handle invalidation")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="how often workers send heartbeats")
     suspect_after_s: float = Field(
@@ -108,22 +114,9 @@ class CoordinatorConfig(BaseSettings):
         8000, ge=0, le=65535, description="HTTP port for the OpenAI API; 0 picks a free one"
     )
     grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port for Generate; 0 picks a free one")
-    metrics_port: int | None = Field(
-        None,
-        ge=0,
-        le=65535,
-        description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
-    )
-    otlp_traces_endpoint: str | None = Field(
-        None,
-        pattern=r"^https?://[^/\s]+",
-        description=(
-            "OTLP/gRPC collector for traces, http(s)://host:port; unset: OTEL_EXPORTER_OTLP_* or no traces"
-        ),
-    )
-    trace_sample_ratio: float = Field(
-        1.0, ge=0, le=1, description="fraction of requests traced (a traced request is traced everywhere)"
-    )
+    metrics_port: MetricsPort = None
+    otlp_traces_endpoint: OtlpEndpoint = None
+    trace_sample_ratio: TraceSampleRatio = 1.0
     controller: str = Field(
         ..., description="controller address host:port, or several (comma-separated) for HA"
     )
@@ -176,22 +169,9 @@ class WorkerConfig(BaseSettings):
     instance_id: str | None = Field(None, description="unique id; default: role-host-port")
     host: str = Field("127.0.0.1", description="address the gRPC and transfer servers bind")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-    metrics_port: int | None = Field(
-        None,
-        ge=0,
-        le=65535,
-        description="port of the Prometheus /metrics server; 0 picks a free one; unset: none",
-    )
-    otlp_traces_endpoint: str | None = Field(
-        None,
-        pattern=r"^https?://[^/\s]+",
-        description=(
-            "OTLP/gRPC collector for traces, http(s)://host:port; unset: OTEL_EXPORTER_OTLP_* or no traces"
-        ),
-    )
-    trace_sample_ratio: float = Field(
-        1.0, ge=0, le=1, description="fraction of requests traced (a traced request is traced everywhere)"
-    )
+    metrics_port: MetricsPort = None
+    otlp_traces_endpoint: OtlpEndpoint = None
+    trace_sample_ratio: TraceSampleRatio = 1.0
     controller: str = Field(
         ..., description="controller address host:port, or several (comma-separated) for HA"
     )

