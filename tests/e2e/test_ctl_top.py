@@ -92,7 +92,15 @@ def test_with_coordinator_shows_rate_and_latency_after_requests(stack):
 def test_refreshes_until_ctrl_c(stack):
     argv = ctl_argv(stack.controller_address, "top", "--interval-s", "0.2")
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        # as from a terminal: a run started in the background by a non-interactive shell (CI) inherits
+        # SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         frames = 0
