@@ -33,6 +33,7 @@ TOOLS = {
     ("profile",): ("pdmesh.planner.profile", "main_profile"),
     ("plan",): ("pdmesh.planner.plan", "main_plan"),
     ("deploy",): ("pdmesh.deploy.cli", "main"),
+    ("certs",): ("pdmesh.security.cli", "main"),
 }
 
 
@@ -77,6 +78,18 @@ def _up_parser(sub) -> None:
         dest="restart",
         action="store_false",
         help="leave a worker that dies dead (default: restart it, backing off while it keeps crashing)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on every gRPC link and the KV transfer, HTTPS on the API port; certificates "
+        "in --tls-dir (written when absent or not valid for --host); see docs/security.md",
+    )
+    p.add_argument(
+        "--tls-dir", type=Path, default=None, help="with --tls: certificates (default .pdmesh/tls)"
+    )
+    p.add_argument(
+        "--api-key-file", type=Path, default=None, help="API keys the coordinator requires, one per line"
     )
     for role, name in PARALLEL_FLAGS:
         p.add_argument(
@@ -144,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "deploy", help="render docker-compose or Kubernetes manifests from a cluster file", add_help=False
     )
+    sub.add_parser(
+        "certs",
+        help="write a CA and the services' TLS certificates; revoke one (see `pdmesh certs --help`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -177,6 +195,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     for role, flags in parallel.items():
         spec.role_args[role] = {**spec.role_args.get(role, {}), **flags}
+    from pdmesh.launcher_tls import apply_up_flags
+
+    problem = apply_up_flags(spec, args.tls, args.tls_dir, args.api_key_file)
+    if problem:
+        print(f"pdmesh up: {problem}", file=sys.stderr)
+        return 2
     return _run_stack(LocalStack(spec))
 
 
@@ -237,6 +261,8 @@ def _spec_from_flags(args: argparse.Namespace):
 
 
 def _run_stack(stack) -> int:
+    from pdmesh.launcher_tls import ready_hint
+
     stopping = {"flag": False}
 
     def on_signal(signum, frame):
@@ -247,6 +273,8 @@ def _run_stack(stack) -> int:
     try:
         stack.start()
         print(f"pdmesh ready: {stack.base_url}", flush=True)
+        for line in ready_hint(stack.spec, stack.base_url):
+            print(line, flush=True)
         if stack.spec.metrics_port is not None:
             print(f"metrics: http://{stack.metrics_address('coordinator')}/metrics/mesh", flush=True)
         print(f"logs in {stack.log_dir}; Ctrl-C stops everything", flush=True)

@@ -6,10 +6,11 @@ Every field has an environment-variable twin: ``PDMESH_<SERVICE>_<FIELD>`` (for 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # What every service takes to be observed (docs/observability.md).
 MetricsPort = Annotated[
@@ -30,6 +31,33 @@ TraceSampleRatio = Annotated[
     Field(ge=0, le=1, description="fraction of requests traced (a traced request is traced everywhere)"),
 ]
 
+# Mutual TLS on the service's gRPC links (docs/security.md): on when tls_cert is set.
+TlsCa = Annotated[str | None, Field(description="TLS: the CA bundle (PEM) peers' certificates must chain to")]
+TlsCert = Annotated[
+    str | None,
+    Field(description="TLS: this service's certificate (PEM); set: mutual TLS on (needs tls_ca and tls_key)"),
+]
+TlsKey = Annotated[
+    str | None, Field(description="TLS: the certificate's private key (PEM, mode 0600 or stricter)")
+]
+TlsCrl = Annotated[
+    str | None, Field(description="TLS: a CRL (PEM) of revoked certificates, re-read when it changes")
+]
+
+
+def check_tls_fields(config: BaseSettings) -> None:
+    """TLS is on when tls_cert is set; then tls_ca and tls_key are required, and without tls_cert
+    the other TLS files are an error rather than a silent plaintext service."""
+    fields = {name: getattr(config, name) for name in ("tls_ca", "tls_cert", "tls_key", "tls_crl")}
+    if fields["tls_cert"]:
+        missing = [name for name in ("tls_ca", "tls_key") if not fields[name]]
+        if missing:
+            raise ValueError(f"tls_cert is set without {' and '.join(missing)} (mutual TLS needs all three)")
+    else:
+        given = [name for name, value in fields.items() if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} set without tls_cert (TLS is on only with a certificate)")
+
 
 class ControllerConfig(BaseSettings):
     """The controller: membership, health and the cluster view."""
@@ -41,6 +69,10 @@ class ControllerConfig(BaseSettings):
     metrics_port: MetricsPort = None
     otlp_traces_endpoint: OtlpEndpoint = None
     trace_sample_ratio: TraceSampleRatio = 1.0
+    tls_ca: TlsCa = None
+    tls_cert: TlsCert = None
+    tls_key: TlsKey = None
+    tls_crl: TlsCrl = None
     redis_url: str | None = Field(None, description="Redis for cluster state and KV handle invalidation")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="how often workers send heartbeats")
     suspect_after_s: float = Field(
@@ -103,6 +135,11 @@ class ControllerConfig(BaseSettings):
         ),
     )
 
+    @model_validator(mode="after")
+    def _tls_files(self) -> ControllerConfig:
+        check_tls_fields(self)
+        return self
+
 
 class CoordinatorConfig(BaseSettings):
     """The coordinator: OpenAI-compatible HTTP front, gRPC Generate, routing."""
@@ -117,6 +154,10 @@ class CoordinatorConfig(BaseSettings):
     metrics_port: MetricsPort = None
     otlp_traces_endpoint: OtlpEndpoint = None
     trace_sample_ratio: TraceSampleRatio = 1.0
+    tls_ca: TlsCa = None
+    tls_cert: TlsCert = None
+    tls_key: TlsKey = None
+    tls_crl: TlsCrl = None
     controller: str = Field(
         ..., description="controller address host:port, or several (comma-separated) for HA"
     )
@@ -159,6 +200,45 @@ class CoordinatorConfig(BaseSettings):
         0, ge=0, description="readiness: healthy mixed instances before /ready answers 200"
     )
 
+    @model_validator(mode="after")
+    def _tls_files(self) -> CoordinatorConfig:
+        check_tls_fields(self)
+        return self
+
+    # API keys and HTTPS (docs/security.md "HTTP API"); keys are SecretStr so that no repr shows them
+    api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
+        None,
+        description="an API key clients must send (Authorization: Bearer KEY); repeat for several; "
+        "env: a JSON list or comma-separated",
+        json_schema_extra={"flag": "api-key"},
+    )
+    api_key_file: str | None = Field(
+        None, description="a file of API keys, one per line (# comments); re-read when it changes"
+    )
+    api_key_max_rps: float | None = Field(None, gt=0, description="requests per second per API key")
+    api_key_max_concurrency: int | None = Field(None, ge=1, description="requests at once per API key")
+    http_tls_cert: str | None = Field(None, description="HTTPS on the API port: certificate (PEM)")
+    http_tls_key: str | None = Field(None, description="HTTPS on the API port: private key (PEM, mode 0600)")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        """The environment gives one string: a JSON list or a comma-separated list."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list):
+            value = [v.strip() if isinstance(v, str) else v for v in value]
+            if any(v == "" for v in value):
+                raise ValueError("an API key must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _http_tls_pair(self):
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("http_tls_cert and http_tls_key go together: give both or neither")
+        return self
+
 
 class WorkerConfig(BaseSettings):
     """A prefill, decode or mixed worker around one engine."""
@@ -172,6 +252,10 @@ class WorkerConfig(BaseSettings):
     metrics_port: MetricsPort = None
     otlp_traces_endpoint: OtlpEndpoint = None
     trace_sample_ratio: TraceSampleRatio = 1.0
+    tls_ca: TlsCa = None
+    tls_cert: TlsCert = None
+    tls_key: TlsKey = None
+    tls_crl: TlsCrl = None
     controller: str = Field(
         ..., description="controller address host:port, or several (comma-separated) for HA"
     )
@@ -253,6 +337,11 @@ class WorkerConfig(BaseSettings):
     @property
     def world_size(self) -> int:
         return self.tp * self.dp
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> WorkerConfig:
+        check_tls_fields(self)
+        return self
 
     @model_validator(mode="after")
     def _parallel_layout(self) -> WorkerConfig:

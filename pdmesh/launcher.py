@@ -12,7 +12,6 @@ back-off while it keeps crashing (a crash loop); a worker that ran ``restart_res
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -30,9 +29,9 @@ from pathlib import Path
 
 import httpx
 
+from pdmesh import launcher_tls
 from pdmesh.launcher_metrics import metrics_args, wait_metrics_address
 from pdmesh.redis_server import RedisServer
-from pdmesh.rpc.client import wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,10 @@ class StackSpec:
     # the coordinator's --metrics-port (0: a free one); every other service serves on a free port.
     # None: no service serves /metrics.
     metrics_port: int | None = 0
+    # TLS everywhere (``pdmesh up --tls``): certificates here (written when absent or stale), mTLS
+    # on every gRPC link, HTTPS on the API port; and the coordinator's API key file
+    tls_dir: Path | None = None
+    api_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("pd", "mixed"):
@@ -158,7 +161,8 @@ class LocalStack:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.spec.host}:{self.http_port}"
+        scheme = "http" if self.spec.tls_dir is None else "https"
+        return f"{scheme}://{self.spec.host}:{self.http_port}"
 
     @property
     def coordinator_grpc(self) -> str:
@@ -168,6 +172,8 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._stopping.clear()
         try:
+            if self.spec.tls_dir is not None:
+                launcher_tls.ensure_certs(self.spec.tls_dir, [self.spec.host])
             self._start_redis()
             self._start_controller()
             cpus = self.spec.worker_cpus or [None] * len(self._worker_plan())
@@ -211,10 +217,11 @@ class LocalStack:
                 "port": str(port),
                 "redis-url": self.redis_url,
                 **self._metrics_args(0),
+                **launcher_tls.service_args(self.spec.tls_dir, "controller"),
                 **self.spec.controller_args,
             }
             self._spawn(name, "services.controller", args)
-            asyncio.run(wait_healthy(address, timeout_s=self.spec.startup_timeout_s))
+            launcher_tls.wait_healthy(address, self.spec.tls_dir, self.spec.startup_timeout_s)
             addresses.append(address)
         self.controller_address = ",".join(addresses)
 
@@ -227,6 +234,7 @@ class LocalStack:
             "redis-url": self.redis_url,
             "model-dir": str(self.spec.model_dir),
             **self._metrics_args(0),
+            **launcher_tls.service_args(self.spec.tls_dir, "worker"),
             **self.spec.role_args.get(role, {}),
             **self.spec.worker_args,
         }
@@ -245,6 +253,8 @@ class LocalStack:
             "model-dir": str(self.spec.model_dir),
             **self._ready_counts(),
             **self._metrics_args(self.spec.metrics_port),
+            **launcher_tls.service_args(self.spec.tls_dir, "coordinator"),
+            **launcher_tls.coordinator_args(self.spec.tls_dir, self.spec.api_key_file),
             **self.spec.coordinator_args,
         }
         self._spawn("coordinator", "services.coordinator", args)
@@ -303,10 +313,11 @@ class LocalStack:
         """Waits until the coordinator answers /ready with 200: every worker of the stack is healthy
         in its view (it has logged ``pdmesh coordinator is ready``)."""
         deadline = time.monotonic() + self.spec.startup_timeout_s
+        verify = launcher_tls.http_verify(self.spec.tls_dir)
         while time.monotonic() < deadline:
             self._check_alive()
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/ready", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.base_url}/ready", timeout=2.0, verify=verify).status_code == 200:
                     return
             time.sleep(0.2)
         raise TimeoutError(

@@ -15,8 +15,15 @@ def add_config_flags(
     """One ``--field-name`` flag per field (default: unset, so the environment and defaults apply)."""
     for name, field in model.model_fields.items():
         if name not in skip:
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            flag = str(extra.get("flag", name.replace("_", "-")))
+            repeat = "list[" in str(field.annotation)  # a list field: the flag may be given several times
             parser.add_argument(
-                "--" + name.replace("_", "-"), dest=name, default=None, help=field.description
+                "--" + flag,
+                dest=name,
+                default=None,
+                action="append" if repeat else "store",
+                help=field.description,
             )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 

@@ -34,11 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("target", nargs="?", default="", help="host:port (grpc) or a URL (http)")
     probe.add_argument("--service", default="", help="grpc: the health service name ('' overall)")
     probe.add_argument("--timeout-s", type=float, default=3.0)
+    probe.add_argument("--cacert", default=None, help="http: the CA of an https URL (default: not checked)")
     drain = sub.add_parser("drain", help="take this worker offline and wait until its work is done")
     drain.add_argument("--controller", default=os.environ.get("PDMESH_WORKER_CONTROLLER", ""))
     drain.add_argument("--instance-id", default=os.environ.get("PDMESH_WORKER_INSTANCE_ID", ""))
     drain.add_argument("--timeout-s", type=float, default=60.0)
+    for command in (probe, drain):  # mutual TLS: the container's own certificate
+        for kind in ("ca", "cert", "key", "crl"):
+            command.add_argument(f"--tls-{kind}", default=None, help=f"grpc with mutual TLS: {kind} (PEM)")
     return parser
+
+
+def _configure_tls(args: argparse.Namespace) -> None:
+    """Presents the given certificate on this process's gRPC channels (TlsError when a file is bad)."""
+    from pdmesh.security import tls
+
+    if args.tls_cert:
+        tls.configure(tls.TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, crl=args.tls_crl))
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -46,7 +58,27 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     written = render_to(args.config, args.target, args.out)
     print(f"wrote {len(written)} files to {args.out}: {', '.join(p.name for p in written)}")
+    for line in tls_notes(args.config, args.target):
+        print(line)
     return 0
+
+
+def tls_notes(config: Path, target: str) -> list[str]:
+    """What the user does with ``tls_config`` before applying: certificates naming the services'
+    host names, and on Kubernetes the Secret the pods mount."""
+    from pdmesh.deploy.cluster_file import load_cluster_file
+    from pdmesh.deploy.tls_config import secret_command
+    from pdmesh.deploy.tls_render import cert_hosts
+
+    cluster = load_cluster_file(config)
+    tls, notes = cluster.tls_config, []
+    if tls.management_tls_enable:
+        hosts = " ".join(f"--host '{h}'" for h in cert_hosts(cluster, target))
+        notes.append(f"certificates must name the services: pdmesh certs --out DIR {hosts}")
+    command = secret_command(tls, cluster.deploy_config.namespace, cluster.coordinator.api_key_file)
+    if target == "k8s" and command:
+        notes.append(f"create the Secret the pods mount first: {command}")
+    return notes
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -67,7 +99,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     if args.kind == "self":
         try:
-            args.kind, args.target = self_target(Path("/proc/1/cmdline").read_bytes().split(b"\0"))
+            cmdline = Path("/proc/1/cmdline").read_bytes().split(b"\0")
+            args.kind, args.target = self_target(cmdline)
+            _self_tls(args, [a.decode(errors="replace") for a in cmdline if a])
         except ValueError as exc:
             print(f"{PROG} probe self: {exc}", file=sys.stderr)
             return 1
@@ -77,15 +111,28 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.kind == "http":
         import httpx
 
+        # a container's health check of its own port: without --cacert, https is not verified
+        verify = args.cacert or not args.target.startswith("https://")
         try:
-            code = httpx.get(args.target, timeout=args.timeout_s).status_code
+            code = httpx.get(args.target, timeout=args.timeout_s, verify=verify).status_code
         except httpx.HTTPError as exc:
             print(f"{PROG} probe: {args.target}: {exc!r}", file=sys.stderr)
             return 1
         if code != 200:
             print(f"{PROG} probe: {args.target} answered {code}", file=sys.stderr)
         return 0 if code == 200 else 1
+    _configure_tls(args)
     return asyncio.run(_grpc_probe(args.target, args.service, args.timeout_s))
+
+
+def _self_tls(args: argparse.Namespace, argv: list[str]) -> None:
+    """``probe self``: the service's own ``--tls-*`` files (and CA for its HTTPS), unless given."""
+    for kind in ("ca", "cert", "key", "crl"):
+        flag = f"--tls-{kind}"
+        if getattr(args, f"tls_{kind}") is None and flag in argv[:-1]:
+            setattr(args, f"tls_{kind}", argv[argv.index(flag) + 1])
+    if "--http-tls-cert" in argv[:-1]:
+        args.target = args.target.replace("http://", "https://", 1)
 
 
 def self_target(cmdline: list[bytes]) -> tuple[str, str]:
@@ -137,6 +184,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    _configure_tls(args)
     return asyncio.run(_drain(args.controller, args.instance_id, args.timeout_s))
 
 
@@ -165,13 +213,12 @@ async def _drain(controller: str, instance_id: str, timeout_s: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pdmesh.deploy.cluster_file import ClusterFileError
 
     args = build_parser().parse_args(argv)
     handler = {"render": cmd_render, "check": cmd_check, "probe": cmd_probe, "drain": cmd_drain}
     try:
         return handler[args.command](args)
-    except ClusterFileError as exc:
+    except ValueError as exc:  # ClusterFileError, or a TLS file (TlsError) that cannot be used
         print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -25,6 +25,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from pdmesh.config import ControllerConfig, CoordinatorConfig, WorkerConfig
+from pdmesh.deploy.tls_config import TlsConfig
 
 # Worker settings that belong to a role's server section (an include list: fields added to
 # WorkerConfig later, such as a rank's address, are the deployment's unless named here).
@@ -39,11 +40,14 @@ MINDIE_NAMES = {
     "max_prefill_batch_size": "maxPrefillBatchSize",
     "max_prefill_tokens": "maxPrefillTokens",
 }
-# Settings the deployment decides (addresses, identity, readiness), never the file.
-CONTROLLER_RUNTIME = ("host", "port", "metrics_port", "redis_url", "advertise_address")
+# Settings the deployment decides (addresses, identity, readiness), never the file; the TLS files
+# come from tls_config, and API keys only from a file (the cluster file is a ConfigMap, not a secret).
+TLS_FIELDS = ("tls_ca", "tls_cert", "tls_key", "tls_crl")
+CONTROLLER_RUNTIME = ("host", "port", "metrics_port", "redis_url", "advertise_address", *TLS_FIELDS)
 COORDINATOR_RUNTIME = (
     "host", "controller", "model_dir", "model_name", "block_size", "metrics_port",
     "ready_prefill_instances", "ready_decode_instances", "ready_mixed_instances",
+    *TLS_FIELDS, "http_tls_cert", "http_tls_key", "api_keys",
 )  # fmt: skip
 
 _SECTION_CONFIG = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
@@ -173,6 +177,7 @@ class ClusterFile(BaseModel):
         validation_alias=AliasChoices("decode", "mindie_server_decode_config"),
     )
     observability: ObservabilitySection = Field(default_factory=ObservabilitySection)
+    tls_config: TlsConfig = Field(default_factory=TlsConfig)
 
     def server(self, role: str) -> BaseModel:
         """The server section of ``role`` (prefill or decode)."""
@@ -218,6 +223,13 @@ class ClusterFile(BaseModel):
                 problems.append(f"{role}.device: {s.device!r} is not cpu, cuda or npu (cuda:N, npu:N)")
             elif ":" in s.device and pods * per_pod > 1:
                 problems.append(f"{role}.device: name no index ({s.device}) for an instance of many devices")
+        if self.tls_config.redis_tls_enable and not (self.deploy_config.redis_url or "").startswith(
+            "rediss://"
+        ):
+            problems.append(
+                "tls_config.redis_tls_enable: needs deploy_config.redis_url, a rediss:// URL "
+                "(the Redis that pdmesh starts or deploys runs without TLS)"
+            )
         for key in ("block_size", "dtype"):
             if getattr(self.prefill, key) != getattr(self.decode, key):
                 problems.append(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pdmesh.deploy import tls_render
 from pdmesh.deploy.cluster_file import ClusterFile
 from pdmesh.deploy.common import (
     ASCEND_DRIVER,
@@ -32,11 +33,14 @@ from pdmesh.deploy.common import (
 from pdmesh.deploy.observability import check_metrics, compose_services
 from pdmesh.deploy.settings import (
     COORDINATOR_GRPC_PORT,
+    TLS_DIR,
     controller_config,
     coordinator_config,
     settings_argv,
+    tls_flags,
     worker_config,
 )
+from pdmesh.deploy.tls_config import redis_url
 
 
 def _healthcheck(test: list[str], start_period_s: int) -> dict[str, Any]:
@@ -60,6 +64,7 @@ class ComposeRenderer:
     def __init__(self, cluster: ClusterFile, cluster_file_name: str = CLUSTER_FILE_NAME) -> None:
         check_containers(cluster)
         check_metrics(cluster)
+        tls_render.check(cluster)
         self.cluster = cluster
         self.metrics_port = cluster.observability.metrics_port
         self.d = cluster.deploy_config
@@ -82,7 +87,17 @@ class ComposeRenderer:
                     services[pod] = self._worker(role, instance_id, pod, index)
         services["coordinator"] = self._coordinator()
         services.update(compose_services(self.cluster))
-        return {"name": self.d.namespace, "services": services}
+        document = {"name": self.d.namespace, "services": services}
+        secrets = tls_render.compose_secrets(self.cluster)
+        if secrets:
+            document["secrets"] = secrets
+        return document
+
+    def _secure(self, service: dict[str, Any], identity: str) -> None:
+        """Mounts ``identity``'s TLS files (and the coordinator's API keys) as file secrets."""
+        secrets = tls_render.compose_service_secrets(self.cluster, identity)
+        if secrets:
+            service["secrets"] = secrets
 
     def _expose(self, *ports: int) -> list[str]:
         """Container ports other services reach: the service's own and its metrics port (Prometheus
@@ -118,12 +133,14 @@ class ComposeRenderer:
             self.cluster,
             host="0.0.0.0",
             port=port,
-            redis_url=self.redis_url,
+            redis_url=redis_url(self.cluster.tls_config, self.redis_url, "controller", TLS_DIR),
             advertise_address=f"{name}:{port}",
             metrics_port=self.metrics_port,
         )
-        command = ["pdmesh", "controller", *settings_argv(config)]
-        service = self._base(command, _healthcheck(grpc_probe(f"127.0.0.1:{port}"), 30), self.redis_deps)
+        command = ["pdmesh", "controller", *settings_argv(config), *tls_flags(self.cluster, "controller")]
+        probe = [*grpc_probe(f"127.0.0.1:{port}"), *tls_render.probe_flags(self.cluster, "controller")]
+        service = self._base(command, _healthcheck(probe, 30), self.redis_deps)
+        self._secure(service, "controller")
         service["expose"] = self._expose(port)
         service["stop_grace_period"] = "10s"
         return service
@@ -136,14 +153,17 @@ class ComposeRenderer:
             host=pod,
             port=port,
             controller=self.controller_address,
-            redis_url=self.redis_url,
+            redis_url=redis_url(self.cluster.tls_config, self.redis_url, "worker", TLS_DIR),
             instance_id=instance_id,
             transfer_port=self.d.worker_transfer_port,
             metrics_port=self.metrics_port,
         )
         command = ["pdmesh", WORKER_COMMANDS[role], *settings_argv(config, skip=("role",))]
+        command += tls_flags(self.cluster, "worker")
         depends = [*self.redis_deps, *self.controllers]
-        service = self._base(command, _healthcheck(grpc_probe(f"{pod}:{port}"), 600), depends)
+        probe = [*grpc_probe(f"{pod}:{port}"), *tls_render.probe_flags(self.cluster, "worker")]
+        service = self._base(command, _healthcheck(probe, 600), depends)
+        self._secure(service, "worker")
         if index > 0:  # a follower rank serves no gRPC API of its own; the group fails as one
             del service["healthcheck"]
         service["volumes"].append(f"{model_mount(self.cluster)}:{model_mount(self.cluster)}:ro")
@@ -194,9 +214,12 @@ class ComposeRenderer:
             grpc_port=grpc_port,
             metrics_port=self.metrics_port,
         )
-        command = ["pdmesh", "coordinator", *settings_argv(config)]
-        ready = http_probe(f"http://127.0.0.1:{config.http_port}/ready")
+        command = ["pdmesh", "coordinator", *settings_argv(config, skip=("api_key_file",))]
+        command += [*tls_flags(self.cluster, "coordinator"), *tls_render.api_key_flag(self.cluster)]
+        scheme = "https" if self.cluster.tls_config.http_server_tls_enable else "http"
+        ready = http_probe(f"{scheme}://127.0.0.1:{config.http_port}/ready")
         service = self._base(command, _healthcheck(ready, 600), self.controllers)
+        self._secure(service, "coordinator")
         service["volumes"].append(f"{model_mount(self.cluster)}:{model_mount(self.cluster)}:ro")
         service["ports"] = [f"{config.http_port}:{config.http_port}"]
         service["expose"] = self._expose(grpc_port)

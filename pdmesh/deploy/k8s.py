@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pdmesh.deploy import tls_render
 from pdmesh.deploy.cluster_file import ClusterFile
 from pdmesh.deploy.common import COORDINATOR_GRACE_S, REDIS_PORT, ROLES, check_containers
 from pdmesh.deploy.k8s_pods import (
@@ -29,10 +30,13 @@ from pdmesh.deploy.k8s_workers import LWS_API, leader_worker_set, lws_name
 from pdmesh.deploy.observability import check_metrics, k8s_objects, metrics_container_port, pod_metadata
 from pdmesh.deploy.settings import (
     COORDINATOR_GRPC_PORT,
+    TLS_DIR,
     controller_config,
     coordinator_config,
     settings_argv,
+    tls_flags,
 )
+from pdmesh.deploy.tls_config import redis_url as tls_redis_url
 
 CONTROLLER = "pdmesh-controller"
 COORDINATOR = "pdmesh-coordinator"
@@ -44,6 +48,7 @@ def render_k8s(cluster: ClusterFile, cluster_file_text: str) -> dict[str, list[d
     """``{file name: [objects]}`` for the whole deployment."""
     check_containers(cluster)
     check_metrics(cluster)
+    tls_render.check(cluster)
     d = cluster.deploy_config
     ns = d.namespace
     redis_url = d.redis_url or f"redis://{REDIS}.{ns}.svc:{REDIS_PORT}/0"
@@ -70,7 +75,10 @@ def render_k8s(cluster: ClusterFile, cluster_file_text: str) -> dict[str, list[d
     files["30-controller.yaml"] = [*_controller_rbac(ns), *_controllers(cluster, redis_url)]
     files["40-coordinator.yaml"] = _coordinator(cluster, controller)
     for i, role in enumerate(ROLES):
-        files[f"5{i}-{role}.yaml"] = [leader_worker_set(cluster, role, controller, redis_url, d.image_name)]
+        worker_redis = tls_redis_url(cluster.tls_config, redis_url, "worker", TLS_DIR)
+        files[f"5{i}-{role}.yaml"] = [
+            leader_worker_set(cluster, role, controller, worker_redis, d.image_name)
+        ]
     target = f"{COORDINATOR}.{ns}.svc:{cluster.observability.metrics_port}"
     observability = k8s_objects(cluster, target, meta("x", ns, "observability")["labels"])
     if observability:
@@ -155,7 +163,7 @@ def _controllers(cluster: ClusterFile, redis_url: str) -> list[dict[str, Any]]:
         cluster,
         host="0.0.0.0",
         port=port,
-        redis_url=redis_url,
+        redis_url=tls_redis_url(cluster.tls_config, redis_url, "controller", TLS_DIR),
         advertise_address=f"$(POD_NAME).{CONTROLLER}.{ns}.svc:{port}",  # expanded by the kubelet
         metrics_port=cluster.observability.metrics_port,
     )
@@ -165,7 +173,7 @@ def _controllers(cluster: ClusterFile, redis_url: str) -> list[dict[str, Any]]:
         "name": "controller",
         "image": d.image_name,
         "command": ["pdmesh", "controller"],
-        "args": settings_argv(config),
+        "args": [*settings_argv(config), *tls_flags(cluster, "controller")],
         "env": [field_env("POD_NAME", "metadata.name"), field_env("POD_NAMESPACE", "metadata.namespace")],
         "ports": [{"name": "grpc", "containerPort": port}, *metrics_container_port(cluster)],
         "volumeMounts": [cluster_file_volume()[1]],
@@ -193,6 +201,7 @@ def _controllers(cluster: ClusterFile, redis_url: str) -> list[dict[str, Any]]:
             },
         },
     }
+    tls_render.k8s_secure_pod(cluster, "controller", d.image_name, statefulset["spec"]["template"]["spec"])
     return [_service(CONTROLLER, ns, "controller", [("grpc", port)], headless=True), statefulset]
 
 
@@ -214,7 +223,11 @@ def _coordinator(cluster: ClusterFile, controller: str) -> list[dict[str, Any]]:
         "name": "coordinator",
         "image": d.image_name,
         "command": ["pdmesh", "coordinator"],
-        "args": settings_argv(config),
+        "args": [
+            *settings_argv(config, skip=("api_key_file",)),
+            *tls_flags(cluster, "coordinator"),
+            *tls_render.api_key_flag(cluster),
+        ],
         "ports": [
             {"name": "http", "containerPort": config.http_port},
             {"name": "grpc", "containerPort": grpc_port},
@@ -243,6 +256,7 @@ def _coordinator(cluster: ClusterFile, controller: str) -> list[dict[str, Any]]:
             },
         },
     }
+    tls_render.k8s_secure_pod(cluster, "coordinator", d.image_name, deployment["spec"]["template"]["spec"])
     ports = [("http", config.http_port), ("grpc", grpc_port)]
     if config.metrics_port is not None:  # the one target a Prometheus needs: /metrics/mesh
         ports.append(("metrics", config.metrics_port))

@@ -28,7 +28,8 @@ from pdmesh.deploy.k8s_pods import (
     shm_volume,
 )
 from pdmesh.deploy.observability import metrics_container_port, pod_metadata
-from pdmesh.deploy.settings import settings_argv, worker_config
+from pdmesh.deploy.settings import settings_argv, tls_flags, worker_config
+from pdmesh.deploy.tls_render import k8s_secure_pod, probe_flags
 
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 LEADER_NAME_ANNOTATION = "leaderworkerset.sigs.k8s.io/leader-name"
@@ -55,11 +56,16 @@ def leader_worker_set(
         transfer_port=d.worker_transfer_port,
         metrics_port=cluster.observability.metrics_port,
     )
-    args = settings_argv(config, skip=POD_FIELDS)
+    args = [*settings_argv(config, skip=POD_FIELDS), *tls_flags(cluster, "worker")]
     base_env = [
         field_env("PDMESH_WORKER_HOST", "status.podIP"),  # the address it registers must be routable
         env("PDMESH_WORKER_CONTROLLER", controller),
     ]
+    if cluster.tls_config.management_tls_enable:
+        # peers check the name a worker registers against its certificate, which cannot know pod IPs:
+        # the pod's DNS name under LeaderWorkerSet's headless Service (*.pdmesh-<role>.<ns>.svc)
+        host = f"$(POD_NAME).{lws_name(role)}.{d.namespace}.svc"
+        base_env = [field_env("POD_NAME", "metadata.name"), env("PDMESH_WORKER_HOST", host), base_env[1]]
     leader = _pod(
         cluster, role, image, args, [*base_env, field_env("PDMESH_WORKER_INSTANCE_ID", "metadata.name")]
     )
@@ -115,12 +121,11 @@ def _pod(
     drain_s = int(cluster.controller.drain_timeout_s)
     if leader:
         container.update(grpc_probes(d.worker_port, WORKER_SERVICE))
-        container["lifecycle"] = {
-            "preStop": {"exec": {"command": ["pdmesh", "deploy", "drain", "--timeout-s", str(drain_s)]}}
-        }
+        drain = ["pdmesh", "deploy", "drain", "--timeout-s", str(drain_s)]
+        container["lifecycle"] = {"preStop": {"exec": {"command": [*drain, *probe_flags(cluster, "worker")]}}}
     component = "leader" if leader else "follower"
     pod_labels = labels(role, **{ROLE_LABEL: role, "pdmesh.io/rank-role": component})
-    return {
+    pod = {
         # the leader serves the instance's metrics (as it serves its gRPC API)
         "metadata": pod_metadata(cluster, pod_labels) if leader else {"labels": pod_labels},
         "spec": {
@@ -131,6 +136,8 @@ def _pod(
             "volumes": list(volumes),
         },
     }
+    k8s_secure_pod(cluster, "worker", image, pod["spec"])
+    return pod
 
 
 def _pod_security(cluster: ClusterFile, role: str) -> dict[str, Any]:

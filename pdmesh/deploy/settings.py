@@ -13,6 +13,9 @@ from pydantic import BaseModel, ValidationError
 
 from pdmesh.config import ControllerConfig, CoordinatorConfig, WorkerConfig
 from pdmesh.deploy.cluster_file import ClusterFile, ClusterFileError, describe_errors
+from pdmesh.deploy.tls_config import CONTAINER_TLS_DIR, https_flags, service_flags
+
+TLS_DIR = CONTAINER_TLS_DIR
 
 COORDINATOR_GRPC_PORT = 50050  # in a container: a fixed port, since the file's default 0 means "any"
 CONTROLLER_RUNTIME_FLAGS = ("host", "port", "redis_url", "advertise_address")
@@ -117,3 +120,12 @@ def settings_argv(config: BaseModel, skip: tuple[str, ...] = ()) -> list[str]:
     for flag, value in settings_args(config, skip).items():
         argv += [f"--{flag}", value]
     return argv
+
+
+def tls_flags(cluster: ClusterFile, service: str) -> list[str]:
+    """A container's ``--tls-*`` flags (and the coordinator's ``--http-tls-*``) from ``tls_config``,
+    with the files where the renders mount them."""
+    flags = service_flags(cluster.tls_config, service, TLS_DIR)
+    if service == "coordinator":
+        flags.update(https_flags(cluster.tls_config, TLS_DIR))
+    return [a for flag, value in flags.items() for a in (f"--{flag}", value)]

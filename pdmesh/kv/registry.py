@@ -24,6 +24,7 @@ from redis.exceptions import BusyLoadingError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from pdmesh.kv.redis_client import mask_url
 from pdmesh.kv.types import HANDLE_SCHEMA_VERSION, HandleState, KVHandle, KVLayout, KVPart
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,9 @@ class RedisKVRegistry:
         try:
             return await awaitable
         except _UNAVAILABLE as exc:
-            raise RegistryUnavailable(f"KV registry at {self.url} unreachable during {what}: {exc}") from exc
+            raise RegistryUnavailable(
+                f"KV registry at {mask_url(self.url)} unreachable during {what}: {exc}"
+            ) from exc
         except RedisError as exc:
             raise KVError(f"KV registry error during {what}: {exc}") from exc
 

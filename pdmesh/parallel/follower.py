@@ -22,12 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pdmesh.config import WorkerConfig
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.step import StepInputs
+from pdmesh.kv.transfer import secure
 from pdmesh.kv.transfer.base import TransferError, make_transfer_server
 from pdmesh.kv.transfer.sharded import RankHeads, ShardedPuller, plan_pull
 from pdmesh.kv.types import KVHandle
 from pdmesh.parallel.control import ControlError, ControlLink
 from pdmesh.parallel.executor import run_rank_step
 from pdmesh.parallel.instance import CONTROL_KEY, InstancePlan, Joined, join
+from pdmesh.security import tls
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,12 @@ class Follower:
         self.state = joined.state
         pool, layout = engine.kv_pool, engine.kv_layout
         port = config.transfer_port + self.state.rank if config.transfer_port else 0
-        self.server = make_transfer_server(config.transfer_backend, pool, layout, config.host, port)
+        server_tls, client_tls = secure.contexts(tls.files_from(config))
+        self.server = make_transfer_server(
+            config.transfer_backend, pool, layout, config.host, port, server_tls
+        )
         self.server.start()
-        self.puller = ShardedPuller(config.transfer_backend, pool, layout)
+        self.puller = ShardedPuller(config.transfer_backend, pool, layout, ssl_context=client_tls)
         first, count = self.state.layout.kv_heads(self.state.rank)
         self.heads = RankHeads(first, count, self.state.layout.dims.num_kv_heads)
         self.steps: queue.Queue[dict | None] = queue.Queue()

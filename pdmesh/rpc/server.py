@@ -1,5 +1,6 @@
 """gRPC server plumbing shared by every service: the standard health service, binding port 0 for
-tests, a graceful stop on SIGTERM/SIGINT, and the OpenTelemetry interceptor while tracing is on."""
+tests, a graceful stop on SIGTERM/SIGINT, the OpenTelemetry interceptor while tracing is on, and
+mutual TLS with the identity checks while ``pdmesh.security.tls.current()`` is set."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pdmesh.observability import tracing
+from pdmesh.security import tls
+from pdmesh.security.authz import IdentityInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +54,30 @@ async def start_server(
     port: int = 0,
 ) -> RunningServer:
     """Creates, binds (port 0: a free one) and starts a gRPC server with the health service."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=tracing.server_interceptors())
+    files = tls.current()
+    interceptors = list(tracing.server_interceptors())
+    if files is not None:
+        interceptors.append(IdentityInterceptor(files))
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if files is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", tls.grpc_server_credentials(files))
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()
     running = RunningServer(server, bound, health_servicer, service_names)
     await running.set_serving(True)
-    log.info("gRPC server for %s listening on %s:%d", ", ".join(service_names), host, bound)
+    log.info(
+        "gRPC server for %s listening on %s:%d (%s)",
+        ", ".join(service_names),
+        host,
+        bound,
+        "mutual TLS" if files else "plaintext",
+    )
     return running
 
 

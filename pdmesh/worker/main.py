@@ -31,7 +31,9 @@ from pdmesh.config import WorkerConfig
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine, StepExecutor
 from pdmesh.engine.runner import EngineRunner
+from pdmesh.kv.redis_client import check_redis
 from pdmesh.kv.registry import KVError, RedisKVRegistry
+from pdmesh.kv.transfer import secure
 from pdmesh.kv.transfer.base import allocate_pool, make_transfer_server
 from pdmesh.kv.transfer.sharded import ShardedPuller
 from pdmesh.kv.types import KVLayout
@@ -45,6 +47,7 @@ from pdmesh.rpc.channels import ChannelCache
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S
 from pdmesh.rpc.controller_client import InstanceAgent
 from pdmesh.rpc.server import RunningServer, serve_until_signal, start_server
+from pdmesh.security import tls
 from pdmesh.settings_cli import add_config_flags, config_from_flags
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from pdmesh.worker.bridge import EngineBridge
@@ -73,6 +76,8 @@ class Worker:
         self.bridge = EngineBridge(runner)
         self.registry = RedisKVRegistry(config.redis_url)
         self.transfer_server = None
+        # mutual TLS on the KV transfer when this worker's TLS is on (its own certificate)
+        self._transfer_tls = secure.contexts(tls.files_from(config))
         self.prefill: PrefillHandler | None = None
         self.server: RunningServer | None = None
         self.agent: InstanceAgent | None = None
@@ -95,7 +100,7 @@ class Worker:
         tracing.set_span_attributes({"pdmesh.instance_id": instance_id, "pdmesh.role": cfg.role})
         self._start_metrics()
         await self._expire_previous_handles()
-        puller = ShardedPuller(cfg.transfer_backend, pool, layout)
+        puller = ShardedPuller(cfg.transfer_backend, pool, layout, ssl_context=self._transfer_tls[1])
         self.kv = KVPlane(layout, puller, self.runner.engine.replica_of, self.leader)
         self.kv.metrics = self.metrics
         if cfg.role in ("prefill", "mixed"):
@@ -163,7 +168,7 @@ class Worker:
         cfg = self.config
         pool, layout = self.runner.kv_pool, self.runner.kv_layout
         self.transfer_server = make_transfer_server(
-            cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port
+            cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port, self._transfer_tls[0]
         )
         self.transfer_server.on_served = self.metrics.kv_sent
         self.transfer_server.start()
@@ -343,6 +348,7 @@ async def _serve(config: WorkerConfig, plan: InstancePlan | None) -> int:
         instance_id=config.instance_id,
     )
     try:
+        await check_redis(config.redis_url)  # before the engine loads: a bad password fails fast
         worker = await create_worker(config, plan)
         await serve_until_signal(worker.server, on_stop=worker.stop)
     finally:
@@ -363,6 +369,9 @@ def parse_args(argv: list[str] | None, role: str | None) -> WorkerConfig:
 def run_worker(argv: list[str] | None = None, role: str | None = None) -> int:
     config = parse_args(argv, role)
     try:
+        # Before the engine loads: a bad TLS file fails startup at once. Followers of a multi-rank
+        # instance talk to their leader over the ranks' own control channel, not gRPC.
+        tls.configure(tls.files_from(config))
         plan = plan_instance(config) if config.world_size > 1 else None
         if plan is not None and plan.spec.rank != 0:
             _log_rank(plan.spec.rank)

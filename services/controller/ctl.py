@@ -6,6 +6,9 @@
     pdmesh ctl --controller ... flip ID prefill|decode|mixed
     pdmesh ctl --controller ... top [--coordinator URL] [--interval-s 2] [--once]
 
+With mutual TLS on the controller: --tls-ca CA --tls-cert admin.pem --tls-key admin.key (or
+PDMESH_CTL_TLS_CA/_CERT/_KEY); the admin methods need the ``admin`` identity.
+
 Exit codes: 0 done, 1 the controller refused or could not be reached, 2 bad input.
 """
 
@@ -23,6 +26,7 @@ from pdmesh.observability.top import TopError, check_coordinator_url, parse_inte
 from pdmesh.rpc.client import open_channel
 from pdmesh.rpc.controller_endpoints import ControllerEndpoints
 from pdmesh.rpc.convert_cluster import instance_from_proto, role_to_proto
+from pdmesh.security import tls
 from pdmesh.v1 import controller_pb2, controller_pb2_grpc
 from services.controller.ratio import parse_ratio
 
@@ -45,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="controller address(es) host:port[,host:port]; default: $PDMESH_CONTROLLER",
     )
     parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of the call (flips wait)")
+    for name, what in (
+        ("ca", "the CA bundle"),
+        ("cert", "the admin certificate"),
+        ("key", "its private key"),
+    ):
+        parser.add_argument(
+            f"--tls-{name}",
+            default=os.environ.get(f"PDMESH_CTL_TLS_{name.upper()}"),
+            help=f"mutual TLS: {what} (PEM); default: $PDMESH_CTL_TLS_{name.upper()}",
+        )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="instances, roles, states and loads")
     sub.add_parser("set-ratio", help="target P:D ratio").add_argument(
@@ -88,6 +102,24 @@ def request_for(args: argparse.Namespace) -> tuple[str, object]:
         )
     method = "Drain" if args.command == "drain" else "Undrain"
     return method, controller_pb2.DrainRequest(instance_id=args.instance_id)
+
+
+def tls_files(args: argparse.Namespace) -> tls.TlsFiles | None:
+    """The TLS files of --tls-ca/--tls-cert/--tls-key (all three or none); CtlError(code 2) else."""
+    given = {"--tls-ca": args.tls_ca, "--tls-cert": args.tls_cert, "--tls-key": args.tls_key}
+    if not any(given.values()):
+        return None
+    missing = [flag for flag, value in given.items() if not value]
+    if missing:
+        raise CtlError(
+            f"mutual TLS needs --tls-ca, --tls-cert and --tls-key; missing {', '.join(missing)}", 2
+        )
+    files = tls.TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    try:
+        files.load()
+    except tls.TlsError as exc:
+        raise CtlError(str(exc), 2) from None
+    return files
 
 
 async def call(endpoints: ControllerEndpoints, method: str, request, timeout_s: float):
@@ -161,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoints = ControllerEndpoints(args.controller)
         except ValueError as exc:
             raise CtlError(str(exc), 2) from None
+        tls.configure(tls_files(args))  # open_channel then presents the certificate
         if args.command == "top":
             return top(args, endpoints)
         method, request = request_for(args)

@@ -8,10 +8,12 @@ import logging
 import sys
 
 from pdmesh.config import ControllerConfig
+from pdmesh.kv.redis_client import check_redis
 from pdmesh.kv.registry import KVError, RedisKVRegistry
 from pdmesh.logs import setup_logging
 from pdmesh.observability import tracing
 from pdmesh.rpc.server import serve_until_signal
+from pdmesh.security import tls
 from pdmesh.settings_cli import add_config_flags, config_from_flags
 from services.controller.server import DeadHook, create_controller
 
@@ -36,8 +38,11 @@ def dead_hook(config: ControllerConfig) -> DeadHook | None:
 
 
 async def _serve(config: ControllerConfig) -> None:
+    tls.configure(tls.files_from(config))
     tracing.configure("pdmesh-controller", config.otlp_traces_endpoint, config.trace_sample_ratio)
     try:
+        if config.redis_url:  # a wrong password or TLS setting stops the start with one line
+            await check_redis(config.redis_url)
         service = await create_controller(config, on_instance_dead=dead_hook(config))
         await serve_until_signal(service.server, on_stop=service.stop)
     finally:

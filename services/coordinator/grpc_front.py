@@ -18,6 +18,7 @@ from pdmesh.observability import http_tracing
 from pdmesh.rpc.convert import logprobs_to_proto
 from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from services.coordinator.api_keys import KeyRing, bearer
 from services.coordinator.backend import GenerationBackend, GenerationError
 from services.coordinator.front_metrics import count_grpc_requests
 from services.coordinator.limits import completion_budget
@@ -62,6 +63,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.api_keys: KeyRing | None = None  # set: callers must send `authorization: Bearer KEY`
+
+    def _key_ok(self, context) -> bool:
+        if self.api_keys is None:
+            return True
+        metadata = dict(context.invocation_metadata() or ())
+        return self.api_keys.match(bearer(metadata.get("authorization"))) is not None
 
     def _prompt_ids(self, request) -> list[int]:
         which = request.WhichOneof("input")
@@ -87,6 +95,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     @count_grpc_requests
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
+        if not self._key_ok(context):
+            log.info("[%s] Generate refused: no or an unknown API key", request_id)
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required: 'authorization: Bearer KEY'"
+            )
         try:
             sampling = sampling_with_defaults(request.sampling)
             prompt_ids = self._prompt_ids(request)

@@ -44,8 +44,10 @@ from pdmesh.observability.coordinator_metrics import Outcome
 from pdmesh.tokenizer import Tokenizer
 from services.coordinator import http_schema, logprobs
 from services.coordinator import openai_api as api
+from services.coordinator.api_keys import KeyLimits, KeyRing
 from services.coordinator.backend import GenerationBackend, GenerationChunk, GenerationError
 from services.coordinator.front_metrics import RequestMetricsMiddleware
+from services.coordinator.http_auth import ApiKeyMiddleware
 from services.coordinator.http_errors import ApiError, install_error_handlers
 from services.coordinator.http_util import (
     ClientGone,
@@ -323,14 +325,18 @@ def create_app(
     tokenizer: Tokenizer,
     max_model_len: int,
     readiness: Callable[[], tuple[bool, str]] | None = None,
+    api_keys: tuple[KeyRing, KeyLimits] | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over ``backend``; ``readiness`` answers ``/ready`` (ready, what is
-    missing), by default whether the backend can serve."""
+    missing), by default whether the backend can serve; ``api_keys``: the keys required and their
+    limits (http_auth.py)."""
     server = OpenAIServer(backend, model_name, tokenizer, max_model_len)
     app = FastAPI(
         title="pdmesh coordinator", docs_url=None, redoc_url=None, telemetry=http_tracing.fastapi_telemetry()
     )
     app.state.server = server
+    if api_keys is not None:  # innermost of the three: its log lines have the request id
+        app.add_middleware(ApiKeyMiddleware, ring=api_keys[0], limits=api_keys[1])
     app.add_middleware(RequestMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the request id is there first
     install_error_handlers(app)

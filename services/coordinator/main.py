@@ -10,11 +10,13 @@ from pdmesh.config import CoordinatorConfig
 from pdmesh.logs import setup_logging
 from pdmesh.observability import tracing
 from pdmesh.rpc.server import serve_until_signal
+from pdmesh.security import tls
 from pdmesh.settings_cli import add_config_flags, config_from_flags
 from services.coordinator.server import create_coordinator
 
 
 async def _serve(config: CoordinatorConfig) -> None:
+    tls.configure(tls.files_from(config))
     tracing.configure("pdmesh-coordinator", config.otlp_traces_endpoint, config.trace_sample_ratio)
     try:
         coordinator = await create_coordinator(config)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 from pathlib import Path
 
 import uvicorn
@@ -17,9 +18,11 @@ from pdmesh.rpc.controller_client import ClusterWatcher
 from pdmesh.rpc.server import RunningServer, start_server
 from pdmesh.tokenizer import Tokenizer
 from pdmesh.v1 import coordinator_pb2_grpc
+from services.coordinator.api_keys import KeyLimits, KeyRing
 from services.coordinator.dashboard import install_dashboard
 from services.coordinator.grpc_front import CoordinatorServicer
 from services.coordinator.http_app import create_app
+from services.coordinator.https import https_context
 from services.coordinator.mesh import MeshBackend
 from services.coordinator.metrics_http import create_metrics_app
 from services.coordinator.readiness import Readiness
@@ -79,19 +82,25 @@ class Coordinator:
         self._metrics_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        cfg = self.config
+        ring = self._key_ring()  # bad key or HTTPS files stop the start before anything listens
+        tls = https_context(cfg.http_tls_cert, cfg.http_tls_key) if cfg.http_tls_cert else None
         tokenizer = Tokenizer.from_dir(self.model_dir)
         max_model_len = read_max_model_len(self.model_dir)
         await self.watcher.start()
         servicer = CoordinatorServicer(self.backend, tokenizer, self.model_name, max_model_len)
+        servicer.api_keys = ring if ring.enabled else None
         self.grpc = await start_server(
             lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, s),
             ["pdmesh.v1.Coordinator"],
             self.config.host,
             self.config.grpc_port,
         )
-        app = create_app(self.backend, self.model_name, tokenizer, max_model_len, self.readiness.check)
+        limits = KeyLimits(self.config.api_key_max_rps, self.config.api_key_max_concurrency)
+        keys = (ring, limits) if ring.enabled else None
+        app = create_app(self.backend, self.model_name, tokenizer, max_model_len, self.readiness.check, keys)
         install_dashboard(app, self.watcher)
-        await self._start_http(app)
+        await self._start_http(app, tls)
         if self.config.metrics_port is not None:
             self.metrics, self._metrics_task, port = await _serve(
                 create_metrics_app(self.watcher), self.config.host, self.config.metrics_port
@@ -99,12 +108,21 @@ class Coordinator:
             self.metrics_address = f"{self.config.host}:{port}"
             log.info("metrics on http://%s/metrics (the whole mesh: /metrics/mesh)", self.metrics_address)
         log.info(
-            "coordinator serving HTTP on %s:%d, gRPC on %d", self.config.host, self.http_port, self.grpc.port
+            "coordinator serving %s on %s:%d, gRPC on %d%s",
+            "HTTPS" if self.config.http_tls_cert else "HTTP",
+            self.config.host,
+            self.http_port,
+            self.grpc.port,
+            "; API keys required" if ring.enabled else "",
         )
 
-    async def _start_http(self, app) -> None:
+    def _key_ring(self) -> KeyRing:
+        keys = [k.get_secret_value() for k in self.config.api_keys or ()]
+        return KeyRing(keys, self.config.api_key_file)
+
+    async def _start_http(self, app, tls: ssl.SSLContext | None = None) -> None:
         self.http, self._http_task, self.http_port = await _serve(
-            app, self.config.host, self.config.http_port
+            app, self.config.host, self.config.http_port, tls
         )
 
     async def stop(self) -> None:
@@ -118,12 +136,21 @@ class Coordinator:
         await self.backend.close()
 
 
-async def _serve(app, host: str, port: int) -> tuple[_QuietSignalsServer, asyncio.Task, int]:
-    """Serves ``app`` with uvicorn on ``host:port`` (0: a free port); returns once it listens."""
+async def _serve(
+    app, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> tuple[_QuietSignalsServer, asyncio.Task, int]:
+    """Serves ``app`` with uvicorn on ``host:port`` (0: a free port), over ``tls`` when given;
+    returns once it listens."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=HTTP_GRACE_S)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=HTTP_GRACE_S,
+        ssl_context_factory=None if tls is None else (lambda _config, _default: tls),
+    )
     server = _QuietSignalsServer(config)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started:

@@ -14,12 +14,15 @@ point: gloo, nccl or hccl after the pool's device), ``cuda_ipc`` (GPUs of one no
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from pdmesh.kv.transfer import hostmem
 from pdmesh.kv.types import KVHandle, KVLayout
+
+if TYPE_CHECKING:
+    from pdmesh.kv.transfer.secure import TlsContext
 
 MOONCAKE_PACKAGE = "mooncake-transfer-engine-non-cuda"
 
@@ -107,56 +110,66 @@ def allocate_pool(
 
 
 def make_transfer_server(
-    backend: str, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0
+    backend: str,
+    kv_pool: torch.Tensor,
+    layout: KVLayout,
+    host: str,
+    port: int = 0,
+    ssl_context: TlsContext | None = None,
 ) -> KVTransferServer:
     """The prefill-side server of ``backend`` over ``kv_pool`` (call ``start()`` on it).
 
     ``host``/``port`` bind the control socket of ``tcp``, ``device``, ``cuda_ipc`` and ``mooncake``; ``shm``
-    listens on a Unix socket named after its pool's segment and ignores them.
+    listens on a Unix socket named after its pool's segment and ignores them. ``ssl_context`` (a
+    server context or ``SslContextCache``; ``pdmesh.kv.transfer.secure``) puts that socket under
+    mutual TLS; None: plaintext.
     """
     if backend == "tcp":
         from pdmesh.kv.transfer.tcp import TcpTransferServer
 
-        return TcpTransferServer(kv_pool, layout, host, port)
+        return TcpTransferServer(kv_pool, layout, host, port, ssl_context)
     if backend == "shm":
         from pdmesh.kv.transfer.shm import ShmTransferServer
 
-        return ShmTransferServer(kv_pool, layout)
+        return ShmTransferServer(kv_pool, layout, ssl_context)
     if backend == "device":
         from pdmesh.kv.transfer.device import DeviceTransferServer
 
-        return DeviceTransferServer(kv_pool, layout, host, port)
+        return DeviceTransferServer(kv_pool, layout, host, port, ssl_context)
     if backend == "cuda_ipc":
         from pdmesh.kv.transfer.cuda_ipc import CudaIpcTransferServer
 
-        return CudaIpcTransferServer(kv_pool, layout, host, port)
+        return CudaIpcTransferServer(kv_pool, layout, host, port, ssl_context)
     if backend == "mooncake" and backend in BACKENDS:
         from pdmesh.kv.transfer.mooncake import MooncakeTransferServer
 
-        return MooncakeTransferServer(kv_pool, layout, host, port)
+        return MooncakeTransferServer(kv_pool, layout, host, port, ssl_context)
     raise _unknown(backend)
 
 
-def make_transfer_client(backend: str, kv_pool: torch.Tensor, layout: KVLayout) -> KVTransferClient:
-    """The decode-side client of ``backend`` writing into ``kv_pool``."""
+def make_transfer_client(
+    backend: str, kv_pool: torch.Tensor, layout: KVLayout, ssl_context: TlsContext | None = None
+) -> KVTransferClient:
+    """The decode-side client of ``backend`` writing into ``kv_pool``; ``ssl_context`` (a client
+    context or ``SslContextCache``) for servers under TLS."""
     if backend == "tcp":
         from pdmesh.kv.transfer.tcp import TcpTransferClient
 
-        return TcpTransferClient(kv_pool, layout)
+        return TcpTransferClient(kv_pool, layout, ssl_context)
     if backend == "shm":
         from pdmesh.kv.transfer.shm import ShmTransferClient
 
-        return ShmTransferClient(kv_pool, layout)
+        return ShmTransferClient(kv_pool, layout, ssl_context)
     if backend == "device":
         from pdmesh.kv.transfer.device import DeviceTransferClient
 
-        return DeviceTransferClient(kv_pool, layout)
+        return DeviceTransferClient(kv_pool, layout, ssl_context)
     if backend == "cuda_ipc":
         from pdmesh.kv.transfer.cuda_ipc import CudaIpcTransferClient
 
-        return CudaIpcTransferClient(kv_pool, layout)
+        return CudaIpcTransferClient(kv_pool, layout, ssl_context)
     if backend == "mooncake" and backend in BACKENDS:
         from pdmesh.kv.transfer.mooncake import MooncakeTransferClient
 
-        return MooncakeTransferClient(kv_pool, layout)
+        return MooncakeTransferClient(kv_pool, layout, ssl_context)
     raise _unknown(backend)

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from pdmesh.kv.transfer import wire
+from pdmesh.kv.transfer import secure, wire
 from pdmesh.kv.transfer.base import TransferError, check_pool
 from pdmesh.kv.transfer.tcp import advertised_host, parse_endpoint
 from pdmesh.kv.types import KVHandle, KVLayout
@@ -83,8 +83,16 @@ def before_ack() -> None:
 class CudaIpcTransferServer(wire.ExposingServer):
     """Prefill side of ``cuda_ipc``: hands out the pool's IPC handle and the exposed block ids."""
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        kv_pool: torch.Tensor,
+        layout: KVLayout,
+        host: str,
+        port: int = 0,
+        ssl_context: secure.TlsContext | None = None,
+    ) -> None:
         check_pool(kv_pool, layout)
+        self.ssl_context = ssl_context
         if kv_pool.device.type != "cuda":
             raise ValueError(f"the cuda_ipc backend needs a CUDA pool, not {kv_pool.device}")
         self.layout = layout
@@ -104,7 +112,9 @@ class CudaIpcTransferServer(wire.ExposingServer):
         if self._control is None:
             listener = socket.create_server((self.host, self.port), backlog=128)
             self.port = listener.getsockname()[1]
-            self._control = wire.ControlServer(listener, self._serve, f"kv-cuda-ipc-{self.port}")
+            self._control = wire.ControlServer(
+                listener, self._serve, f"kv-cuda-ipc-{self.port}", self.ssl_context
+            )
 
     def stop(self) -> None:
         if self._control is not None:
@@ -138,8 +148,11 @@ class CudaIpcTransferServer(wire.ExposingServer):
 class CudaIpcTransferClient:
     """Decode side of ``cuda_ipc``: maps each prefill pool once and copies runs of blocks from it."""
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
+    def __init__(
+        self, kv_pool: torch.Tensor, layout: KVLayout, ssl_context: secure.TlsContext | None = None
+    ) -> None:
         check_pool(kv_pool, layout)
+        self.ssl_context = ssl_context
         if kv_pool.device.type != "cuda":
             raise ValueError(f"the cuda_ipc backend needs a CUDA pool, not {kv_pool.device}")
         self.layout = layout
@@ -154,9 +167,8 @@ class CudaIpcTransferClient:
         deadline = time.monotonic() + timeout_s
         with wire.pull_errors(handle, timeout_s):
             try:
-                with socket.create_connection(
-                    address, timeout=min(wire.CONNECT_TIMEOUT_S, timeout_s)
-                ) as sock:
+                connect_s = min(wire.CONNECT_TIMEOUT_S, timeout_s)
+                with secure.dial(address, connect_s, self.ssl_context, handle.transfer_endpoint) as sock:
                     self._exchange(sock, handle, list(dst_block_ids), deadline)
             except RuntimeError as exc:  # CUDA refused the handle or the copy
                 raise TransferError(f"cuda_ipc pull of {handle.handle_id} failed: {exc}") from exc

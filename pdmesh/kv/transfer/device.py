@@ -17,6 +17,10 @@ each run of consecutive source blocks as one ``send`` of a slice of its pool; th
 run straight into its destination blocks when they are consecutive too, else into a staging buffer
 it scatters with ``index_copy_``. Every ``wait`` is bounded by the pull's timeout; any failure
 drops the pair (control socket and group) and the next pull forms a new one.
+
+Under TLS (``secure``) the control connection is mutual TLS between workers: only a peer that
+passed it learns the pair id and the store's port. The ``TCPStore`` and the group's own transport
+(gloo, nccl, hccl) are not encrypted (docs/security.md).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from pdmesh.accelerator import dist_backend
-from pdmesh.kv.transfer import wire
+from pdmesh.kv.transfer import secure, wire
 from pdmesh.kv.transfer.base import TransferError, check_pool
 from pdmesh.kv.transfer.tcp import advertised_host, parse_endpoint
 from pdmesh.kv.types import KVHandle, KVLayout
@@ -83,12 +87,20 @@ def send_run(group, tensor: torch.Tensor) -> None:
 class DeviceTransferServer(wire.ExposingServer):
     """Prefill side of ``device``: a TCPStore, a control socket, and a group per pulling peer."""
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        kv_pool: torch.Tensor,
+        layout: KVLayout,
+        host: str,
+        port: int = 0,
+        ssl_context: secure.TlsContext | None = None,
+    ) -> None:
         check_pool(kv_pool, layout)
         self.layout = layout
         self.pool = kv_pool
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.backend = dist_backend_for(kv_pool.device)
         self._exposed = wire.ExposedTable(kv_pool.shape[0])
         self._store: dist.TCPStore | None = None
@@ -107,7 +119,9 @@ class DeviceTransferServer(wire.ExposingServer):
         )  # fmt: skip
         listener = socket.create_server((self.host, self.port), backlog=128)
         self.port = listener.getsockname()[1]
-        self._control = wire.ControlServer(listener, self._serve_pair, f"kv-device-{self.port}")
+        self._control = wire.ControlServer(
+            listener, self._serve_pair, f"kv-device-{self.port}", self.ssl_context
+        )
         log.info("KV device (%s) transfer server on %s", self.backend, self.endpoint)
 
     def stop(self) -> None:
@@ -174,11 +188,20 @@ class DeviceTransferServer(wire.ExposingServer):
 class _Pair:
     """The decode end of one prefill/decode pair: the control connection and the group."""
 
-    def __init__(self, endpoint: str, layout: KVLayout, pool: torch.Tensor, timeout_s: float) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        layout: KVLayout,
+        pool: torch.Tensor,
+        timeout_s: float,
+        ssl_context: secure.TlsContext | None = None,
+    ) -> None:
         self.lock = threading.Lock()
         self.pool = pool
         host, port = parse_endpoint(endpoint)
         self.sock = socket.create_connection((host, port), timeout=min(wire.CONNECT_TIMEOUT_S, timeout_s))
+        if ssl_context is not None:
+            self.sock = secure.connect(self.sock, ssl_context, host, endpoint)
         try:
             self.group = self._join(host, layout, timeout_s)
         except BaseException:
@@ -245,10 +268,13 @@ class _Pair:
 class DeviceTransferClient:
     """Decode side of ``device``: one pair (group) per prefill endpoint, formed on the first pull."""
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
+    def __init__(
+        self, kv_pool: torch.Tensor, layout: KVLayout, ssl_context: secure.TlsContext | None = None
+    ) -> None:
         check_pool(kv_pool, layout)
         self.layout = layout
         self.pool = kv_pool
+        self.ssl_context = ssl_context
         dist_backend_for(kv_pool.device)
         self._pairs: dict[str, _Pair] = {}
         self._lock = threading.Lock()
@@ -280,7 +306,7 @@ class DeviceTransferClient:
             pair = self._pairs.get(endpoint)
             if pair is None:
                 try:
-                    pair = _Pair(endpoint, self.layout, self.pool, timeout_s)
+                    pair = _Pair(endpoint, self.layout, self.pool, timeout_s, self.ssl_context)
                 except RuntimeError as exc:  # the group could not form
                     raise TransferError(f"could not form a device group with {endpoint}: {exc}") from exc
                 self._pairs[endpoint] = pair

@@ -37,7 +37,7 @@ import weakref
 import torch
 from mooncake.engine import TransferEngine
 
-from pdmesh.kv.transfer import wire
+from pdmesh.kv.transfer import secure, wire
 from pdmesh.kv.transfer.base import TransferError, check_pool
 from pdmesh.kv.transfer.tcp import advertised_host
 from pdmesh.kv.types import KVHandle, KVLayout
@@ -129,8 +129,16 @@ def before_ack() -> None:
 class MooncakeTransferServer(wire.ExposingServer):
     """Prefill side of ``mooncake``: registers the pool with the engine, tells pullers where blocks are."""
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        kv_pool: torch.Tensor,
+        layout: KVLayout,
+        host: str,
+        port: int = 0,
+        ssl_context: secure.TlsContext | None = None,
+    ) -> None:
         check_pool(kv_pool, layout)
+        self.ssl_context = ssl_context
         _cpu_only(kv_pool)
         self.layout = layout
         self.host = host
@@ -153,7 +161,9 @@ class MooncakeTransferServer(wire.ExposingServer):
         self._base = self._engine.register(self._pool)
         listener = socket.create_server((self.host, self.port), backlog=128)
         self.port = listener.getsockname()[1]
-        self._control = wire.ControlServer(listener, self._serve, f"kv-mooncake-{self.port}")
+        self._control = wire.ControlServer(
+            listener, self._serve, f"kv-mooncake-{self.port}", self.ssl_context
+        )
         log.info("KV mooncake transfer server on %s (engine session %s)", self.endpoint, self._engine.session)
 
     def stop(self) -> None:
@@ -212,8 +222,11 @@ class MooncakeTransferClient:
     Thread-safe: each pull has its own control connection; the engine serves concurrent reads.
     """
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
+    def __init__(
+        self, kv_pool: torch.Tensor, layout: KVLayout, ssl_context: secure.TlsContext | None = None
+    ) -> None:
         check_pool(kv_pool, layout)
+        self.ssl_context = ssl_context
         _cpu_only(kv_pool)
         self.layout = layout
         self.pool = kv_pool
@@ -227,9 +240,8 @@ class MooncakeTransferClient:
         address = parse_endpoint(handle.transfer_endpoint)
         deadline = time.monotonic() + timeout_s
         with wire.pull_errors(handle, timeout_s):
-            sock = socket.create_connection(address, timeout=min(wire.CONNECT_TIMEOUT_S, timeout_s))
-            with sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connect_s = min(wire.CONNECT_TIMEOUT_S, timeout_s)
+            with secure.dial(address, connect_s, self.ssl_context, handle.transfer_endpoint) as sock:
                 self._exchange(sock, handle, list(dst_block_ids), deadline)
 
     def _exchange(

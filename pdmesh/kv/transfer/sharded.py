@@ -23,11 +23,15 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdmesh.kv.transfer.base import KVTransferClient, TransferError, make_transfer_client
 from pdmesh.kv.types import KVHandle, KVLayout, KVPart
+
+if TYPE_CHECKING:
+    from pdmesh.kv.transfer.secure import TlsContext
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,12 @@ def pull_nbytes(handle: KVHandle, steps: list[PullStep], num_blocks: int) -> int
 class _Staging:
     """A pool shaped like one part's blocks, with a client of the backend over it."""
 
-    def __init__(self, backend: str, layout: KVLayout, blocks: int, device: torch.device) -> None:
+    def __init__(
+        self, backend: str, layout: KVLayout, blocks: int, device: torch.device, ssl_context=None
+    ) -> None:
         dtype = getattr(torch, layout.dtype)
         self.pool = torch.zeros((blocks, *layout.block_shape), dtype=dtype, device=device)
-        self.client = make_transfer_client(backend, self.pool, layout)
+        self.client = make_transfer_client(backend, self.pool, layout, ssl_context)
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -123,15 +129,22 @@ class _Staging:
 
 
 class ShardedPuller:
-    """Pulls a handle's KV into this rank's pool, straight or through staging, per ``plan_pull``."""
+    """Pulls a handle's KV into this rank's pool, straight or through staging, per ``plan_pull``;
+    with ``ssl_context`` (a client context, ``pdmesh.kv.transfer.secure``) every pull runs over TLS."""
 
     def __init__(
-        self, backend: str, pool: torch.Tensor, layout: KVLayout, client: KVTransferClient | None = None
+        self,
+        backend: str,
+        pool: torch.Tensor,
+        layout: KVLayout,
+        client: KVTransferClient | None = None,
+        ssl_context: TlsContext | None = None,
     ) -> None:
         self.backend = backend
         self.pool = pool
         self.layout = layout
-        self.client = client or make_transfer_client(backend, pool, layout)
+        self.ssl_context = ssl_context
+        self.client = client or make_transfer_client(backend, pool, layout, ssl_context)
         self._staging: dict[tuple, _Staging] = {}
         self._lock = threading.Lock()
 
@@ -154,7 +167,9 @@ class ShardedPuller:
                 if staging is not None:
                     staging.close()
                 size = max(blocks, 2 * staging.pool.shape[0] if staging is not None else blocks)
-                staging = self._staging[key] = _Staging(self.backend, layout, size, self.pool.device)
+                staging = self._staging[key] = _Staging(
+                    self.backend, layout, size, self.pool.device, self.ssl_context
+                )
             return staging
 
     def _pull_staged(self, source: KVHandle, step: PullStep, dst: list[int], timeout_s: float) -> None:

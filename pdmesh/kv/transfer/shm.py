@@ -18,6 +18,10 @@ Wire protocol (one pull per connection, control frames as in ``wire``):
 4. client -> server ``{"op": "done"}``; server -> client ``{"ok": true}`` only while the handle is
    still exposed as it was at step 2. A withdrawn handle or a server gone by then fails the pull.
 
+Under TLS (``secure``) the control connection is a TLS session over the Unix socket; the fd byte of
+step 2 still travels beside it on the socket itself (``SCM_RIGHTS`` cannot ride in TLS records),
+right after the reply's record, where both ends are between two whole records.
+
 A segment that disappeared (its worker exited) shows as a control socket nobody listens on; the
 client then drops its mapping and raises ``TransferError``.
 """
@@ -34,7 +38,7 @@ import weakref
 
 import torch
 
-from pdmesh.kv.transfer import wire
+from pdmesh.kv.transfer import secure, wire
 from pdmesh.kv.transfer.base import TransferError, check_pool
 from pdmesh.kv.types import KVHandle, KVLayout
 
@@ -103,9 +107,12 @@ def before_ack() -> None:
 class ShmTransferServer(wire.ExposingServer):
     """Prefill side of ``shm``: hands out its segment and the exposed block ids over a Unix socket."""
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
+    def __init__(
+        self, kv_pool: torch.Tensor, layout: KVLayout, ssl_context: secure.TlsContext | None = None
+    ) -> None:
         check_pool(kv_pool, layout)
         self.layout = layout
+        self.ssl_context = ssl_context
         self.name, self._fd = segment_of(kv_pool)
         self._pool_blocks = kv_pool.shape[0]
         self._segment = f"{os.getpid()}-{os.fstat(self._fd).st_ino}"
@@ -125,7 +132,7 @@ class ShmTransferServer(wire.ExposingServer):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address)
         listener.listen(128)
-        self._control = wire.ControlServer(listener, self._serve, f"kv-shm-{self.name}")
+        self._control = wire.ControlServer(listener, self._serve, f"kv-shm-{self.name}", self.ssl_context)
         log.info("KV shm transfer server on %s", self.endpoint)
 
     def stop(self) -> None:
@@ -157,7 +164,8 @@ class ShmTransferServer(wire.ExposingServer):
         }
         wire.send_frame(conn, reply)
         if hello.get("mapped") != self._segment:
-            socket.send_fds(conn, [b"F"], [self._fd])
+            with secure.raw(conn) as plain:
+                socket.send_fds(plain, [b"F"], [self._fd])
         conn.settimeout(ACK_TIMEOUT_S + wire.HANDSHAKE_TIMEOUT_S)
         done = wire.recv_frame(conn)
         before_ack()
@@ -184,10 +192,13 @@ class _Mapping:
 class ShmTransferClient:
     """Decode side of ``shm``: maps prefill segments by name and copies runs of blocks out of them."""
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
+    def __init__(
+        self, kv_pool: torch.Tensor, layout: KVLayout, ssl_context: secure.TlsContext | None = None
+    ) -> None:
         check_pool(kv_pool, layout)
         self.layout = layout
         self.pool = kv_pool
+        self.ssl_context = ssl_context
         self._maps: dict[str, _Mapping] = {}
         self._lock = threading.Lock()
 
@@ -213,6 +224,8 @@ class ShmTransferClient:
             raise TransferError(
                 f"shm segment {name!r} of {handle.transfer_endpoint} is gone (no prefill worker serves it): {exc}"
             ) from exc
+        if self.ssl_context is not None:  # no host name on a Unix socket: the certificates' own
+            return secure.connect(sock, self.ssl_context, "localhost", handle.transfer_endpoint)
         return sock
 
     def _exchange(
@@ -241,7 +254,8 @@ class ShmTransferClient:
             )
 
     def _map_segment(self, sock: socket.socket, name: str, reply: dict) -> _Mapping:
-        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        with secure.raw(sock) as plain:
+            _, fds, _, _ = socket.recv_fds(plain, 1, 1)
         if len(fds) != 1:
             raise wire.ProtocolError("the server did not pass its segment")
         mapping = _Mapping(reply["segment"], fds[0], reply["pool_blocks"], self.layout)

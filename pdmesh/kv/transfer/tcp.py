@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from pdmesh.kv.transfer import wire
+from pdmesh.kv.transfer import secure, wire
 from pdmesh.kv.transfer.base import TransferError, check_pool
 from pdmesh.kv.types import KVHandle, KVLayout
 
@@ -102,10 +102,18 @@ class PoolBytes:
 class TcpTransferServer(wire.ExposingServer):
     """Prefill side of the ``tcp`` backend: a listening socket and a thread per pulling connection."""
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout, host: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        kv_pool: torch.Tensor,
+        layout: KVLayout,
+        host: str,
+        port: int = 0,
+        ssl_context: secure.TlsContext | None = None,
+    ) -> None:
         self.layout = layout
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context  # a server context: mutual TLS, workers only (``secure``)
         self._blocks = PoolBytes(kv_pool, layout)
         self._exposed = wire.ExposedTable(self._blocks.num_blocks)
         self._control: wire.ControlServer | None = None
@@ -120,8 +128,8 @@ class TcpTransferServer(wire.ExposingServer):
             return
         listener = socket.create_server((self.host, self.port), backlog=128)
         self.port = listener.getsockname()[1]
-        self._control = wire.ControlServer(listener, self._serve, f"kv-tcp-{self.port}")
-        log.info("KV tcp transfer server on %s", self.endpoint)
+        self._control = wire.ControlServer(listener, self._serve, f"kv-tcp-{self.port}", self.ssl_context)
+        log.info("KV tcp transfer server on %s%s", self.endpoint, " (TLS)" if self.ssl_context else "")
 
     def stop(self) -> None:
         """Stops accepting and drops every connection in flight; idempotent."""
@@ -203,8 +211,11 @@ class TcpTransferClient:
     one that failed in any way is closed.
     """
 
-    def __init__(self, kv_pool: torch.Tensor, layout: KVLayout) -> None:
+    def __init__(
+        self, kv_pool: torch.Tensor, layout: KVLayout, ssl_context: secure.TlsContext | None = None
+    ) -> None:
         self.layout = layout
+        self.ssl_context = ssl_context  # a client context: this worker's certificate (``secure``)
         self._blocks = PoolBytes(kv_pool, layout)
         self._idle = _Idle()
 
@@ -225,6 +236,8 @@ class TcpTransferClient:
                     return
             sock = socket.create_connection(address, timeout=min(wire.CONNECT_TIMEOUT_S, timeout_s))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = secure.connect(sock, self.ssl_context, address[0], handle.transfer_endpoint, bulk=True)
             try:
                 self._exchange(sock, handle, list(dst_block_ids), deadline)
             except _StaleConnection as exc:

@@ -14,11 +14,13 @@ import itertools
 import json
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+from pdmesh.kv.transfer import secure
 from pdmesh.kv.transfer.base import TransferError
 from pdmesh.kv.types import KVHandle, KVLayout
 from pdmesh.observability import tracing
@@ -73,6 +75,8 @@ def recv_frame(sock: socket.socket, deadline: float | None = None) -> dict:
     header = bytearray(_FRAME.size)
     recv_exact(sock, memoryview(header), deadline)
     (length,) = _FRAME.unpack(header)
+    if header[0] == secure.TLS_HANDSHAKE_RECORD and header[1] == 3:  # no frame is that long
+        raise ProtocolError("the peer opened a TLS handshake; this KV transfer server runs without TLS")
     if length > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {length} bytes is larger than {MAX_FRAME_BYTES}")
     body = bytearray(length)
@@ -222,12 +226,23 @@ class ExposingServer:
 
 
 class ControlServer:
-    """Accepts connections on a listening socket and serves each in its own daemon thread."""
+    """Accepts connections on a listening socket and serves each in its own daemon thread.
 
-    def __init__(self, listener: socket.socket, handler: Callable[[socket.socket, object], None], name: str):
+    With ``ssl_context`` every connection must pass ``secure.accept`` (mutual TLS, a ``worker``
+    certificate) before the handler sees it; a refused peer gets one refusal frame.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        handler: Callable[[socket.socket, object], None],
+        name: str,
+        ssl_context: secure.TlsContext | None = None,
+    ):
         self.listener = listener
         self._handler = handler
         self._name = name
+        self._ssl = ssl_context
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -252,6 +267,11 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket, peer) -> None:
         try:
+            if self._ssl is not None:
+                conn, refusal = self._secure(conn)
+                if refusal is not None:
+                    self._refuse(conn, peer, refusal)
+                    return
             self._handler(conn, peer)
         except (OSError, ProtocolError) as exc:
             if not self.stopping.is_set():
@@ -260,6 +280,22 @@ class ControlServer:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
+
+    def _secure(self, conn: socket.socket) -> tuple[socket.socket, str | None]:
+        """``secure.accept``, keeping the set of live connections on the socket that owns the
+        descriptor (the TLS one once it took over)."""
+        secured, refusal = secure.accept(conn, self._ssl, HANDSHAKE_TIMEOUT_S)
+        with self._lock:
+            self._conns.discard(conn)
+            self._conns.add(secured)
+        return secured, refusal
+
+    def _refuse(self, conn: socket.socket, peer, refusal: str) -> None:
+        """Answers the peer's opening frame with the refusal (closing on unread data would reset
+        the connection before the peer read why)."""
+        log.warning("%s: refused %s: %s", self._name, peer, refusal)
+        recv_frame(conn, time.monotonic() + HANDSHAKE_TIMEOUT_S)
+        send_frame(conn, {"ok": False, "error": refusal})
 
     def stop(self) -> None:
         """Stops accepting and drops every connection in flight."""
@@ -283,6 +319,10 @@ def pull_errors(handle: KVHandle, timeout_s: float) -> Iterator[None]:
     except TimeoutError as exc:
         raise TransferError(
             f"pull of {handle.handle_id} from {handle.transfer_endpoint} timed out after {timeout_s:.1f}s: {exc}"
+        ) from exc
+    except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows at the first read
+        raise TransferError(
+            f"pull of {handle.handle_id} from {handle.transfer_endpoint} failed in TLS: {secure.describe(exc)}"
         ) from exc
     except (OSError, ProtocolError, EOFError) as exc:
         raise TransferError(
