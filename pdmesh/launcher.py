@@ -198,7 +198,9 @@ class LocalStack:
 
     def _start_redis(self) -> None:
         if self.redis_url is None:
-            self.redis = RedisServer(host=self.spec.host)
+            self.redis = launcher_tls.local_redis(self.spec.tls_dir, self.spec.host) or RedisServer(
+                host=self.spec.host
+            )
             self.redis.start()
             self.redis_url = self.redis.url
 
@@ -280,9 +282,10 @@ class LocalStack:
 
     def _spawn(self, name: str, module: str, args: dict[str, str], cpus: str | None = None) -> None:
         argv = [sys.executable, "-m", module]
+        args, secrets = launcher_tls.secret_env(module, args)
         for key, value in args.items():
             argv += [f"--{key}", value]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **secrets, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         preexec = None
         if cpus is not None:

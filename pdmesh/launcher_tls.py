@@ -158,6 +158,45 @@ def wait_healthy(address: str, tls_dir: Path | None, timeout_s: float) -> None:
 
 
 DEFAULT_TLS_DIR = Path(".pdmesh/tls")
+REDIS_USER = "pdmesh"
+
+
+def local_redis(tls_dir: Path | None, host: str):
+    """The Redis a stack with TLS starts for itself: an ACL user with a fresh random password, TLS
+    only (the controller's certificate serves, clients present the worker's); None without TLS."""
+    if tls_dir is None:
+        return None
+    import secrets
+
+    from pdmesh.redis_server import RedisServer, RedisTls
+
+    server, client = _paths(tls_dir, "controller"), _paths(tls_dir, "worker")
+    tls = RedisTls(
+        ca=server["ca"].resolve(),
+        cert=server["cert"].resolve(),
+        key=server["key"].resolve(),
+        client_cert=client["cert"].resolve(),
+        client_key=client["key"].resolve(),
+    )
+    return RedisServer(host=host, password=secrets.token_urlsafe(24), username=REDIS_USER, tls=tls)
+
+
+# Flags whose values are secrets: passed in the service's environment (PDMESH_<SERVICE>_<FIELD>), not
+# on its command line, where `ps` shows them to every user of the host.
+SECRET_FLAGS = ("redis-url",)
+
+
+def secret_env(module: str, args: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``(args without the secret flags, their environment variables)`` for a service module."""
+    service = "CONTROLLER" if module == "services.controller" else "WORKER"
+    if module == "services.coordinator":
+        service = "COORDINATOR"
+    env = {
+        f"PDMESH_{service}_{flag.upper().replace('-', '_')}": args[flag]
+        for flag in SECRET_FLAGS
+        if flag in args
+    }
+    return {k: v for k, v in args.items() if k not in SECRET_FLAGS}, env
 
 
 def apply_up_flags(spec, tls: bool, tls_dir: Path | None, api_key_file: Path | None) -> str | None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit
 
 import grpc
 import httpx
+import psutil
 import pytest
+import redis
 
 from pdmesh.launcher import LocalStack
 from pdmesh.launcher_tls import tls_files
@@ -119,3 +122,20 @@ def test_tls_stack_refuses_plaintext_and_checks_identities(stacks):
     log_dir = secure.log_dir
     logs = "".join((log_dir / name).read_text(errors="replace") for name in os.listdir(log_dir))
     assert "PRIVATE KEY" not in logs and "mutual TLS" in logs
+
+
+def test_the_stacks_own_redis_wants_its_password_over_tls(stacks):
+    _, secure = stacks
+    url = secure.redis_url
+    parts = urlsplit(url)
+    assert parts.scheme == "rediss" and parts.username == "pdmesh" and parts.password
+    assert redis.Redis.from_url(url, socket_timeout=5).ping()
+    no_password = url.replace(f":{parts.password}@", "@", 1)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(no_password, socket_timeout=5).ping()
+    plaintext = f"redis://{parts.username}:{parts.password}@{parts.hostname}:{parts.port}/0"
+    with pytest.raises(redis.exceptions.RedisError):  # the TLS port speaks no plaintext
+        redis.Redis.from_url(plaintext, socket_timeout=2, socket_connect_timeout=2).ping()
+    password = unquote(parts.password)
+    for name, proc in secure.processes.items():  # it travels in the environment, never on a command line
+        assert all(password not in arg for arg in psutil.Process(proc.pid).cmdline()), name
