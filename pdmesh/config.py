@@ -59,7 +59,16 @@ def check_tls_fields(config: BaseSettings) -> None:
             raise ValueError(f"{', '.join(given)} set without tls_cert (TLS is on only with a certificate)")
 
 
-class ControllerConfig(BaseSettings):
+class _TlsChecked(BaseSettings):
+    """A service's settings whose TLS files are checked together once the fields are read."""
+
+    @model_validator(mode="after")
+    def _tls_files(self):
+        check_tls_fields(self)
+        return self
+
+
+class ControllerConfig(_TlsChecked):
     """The controller: membership, health and the cluster view."""
 
     model_config = SettingsConfigDict(env_prefix="PDMESH_CONTROLLER_", extra="forbid")
@@ -135,13 +144,8 @@ class ControllerConfig(BaseSettings):
         ),
     )
 
-    @model_validator(mode="after")
-    def _tls_files(self) -> ControllerConfig:
-        check_tls_fields(self)
-        return self
 
-
-class CoordinatorConfig(BaseSettings):
+class CoordinatorConfig(_TlsChecked):
     """The coordinator: OpenAI-compatible HTTP front, gRPC Generate, routing."""
 
     model_config = SettingsConfigDict(env_prefix="PDMESH_COORDINATOR_", extra="forbid")
@@ -200,11 +204,6 @@ class CoordinatorConfig(BaseSettings):
         0, ge=0, description="readiness: healthy mixed instances before /ready answers 200"
     )
 
-    @model_validator(mode="after")
-    def _tls_files(self) -> CoordinatorConfig:
-        check_tls_fields(self)
-        return self
-
     # API keys and HTTPS (docs/security.md "HTTP API"); keys are SecretStr so that no repr shows them
     api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
         None,
@@ -240,7 +239,7 @@ class CoordinatorConfig(BaseSettings):
         return self
 
 
-class WorkerConfig(BaseSettings):
+class WorkerConfig(_TlsChecked):
     """A prefill, decode or mixed worker around one engine."""
 
     model_config = SettingsConfigDict(env_prefix="PDMESH_WORKER_", extra="forbid")
@@ -337,11 +336,6 @@ class WorkerConfig(BaseSettings):
     @property
     def world_size(self) -> int:
         return self.tp * self.dp
-
-    @model_validator(mode="after")
-    def _tls_files(self) -> WorkerConfig:
-        check_tls_fields(self)
-        return self
 
     @model_validator(mode="after")
     def _parallel_layout(self) -> WorkerConfig:
