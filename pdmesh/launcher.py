@@ -31,12 +31,12 @@ import httpx
 
 from pdmesh import launcher_tls
 from pdmesh.launcher_metrics import metrics_args, wait_metrics_address
+from pdmesh.launcher_supervise import Restart, Supervision, kill_group, signal_group
 from pdmesh.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPERVISE_INTERVAL_S = 0.2  # how often the supervisor looks for dead workers
 KILL_WAIT_S = 5.0  # a SIGKILLed process is gone at once unless stuck in the kernel; never wait forever
 
 
@@ -129,19 +129,7 @@ class _Launch:
     log_offset: int = 0  # the size of its log when its current process started
 
 
-@dataclass(frozen=True)
-class Restart:
-    """One restart of a worker by the supervisor."""
-
-    name: str
-    old_pid: int
-    exit_code: int
-    at: float  # time.time() of the restart
-    delay_s: float
-    new_pid: int
-
-
-class LocalStack:
+class LocalStack(Supervision):
     """The processes of one local deployment; ``stop()`` ends every one of them, in bounded time."""
 
     def __init__(self, spec: StackSpec) -> None:
@@ -346,7 +334,7 @@ class LocalStack:
             proc = self.processes[name]
             if proc.poll() is None:
                 raise RuntimeError(f"{name} (pid {proc.pid}) is still running")
-            _kill_group(proc)
+            kill_group(proc)
             return self._popen(name).pid
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -359,57 +347,6 @@ class LocalStack:
         with self._lock:
             return self.processes[name].pid
 
-    # -- supervision --------------------------------------------------------------------------------
-
-    def _supervise(self) -> None:
-        """Restarts dead workers until ``stop()``; one bad restart never ends the supervision."""
-        workers = [name for name, _ in self._worker_plan()]
-        while not self._stopping.wait(SUPERVISE_INTERVAL_S):
-            for name in workers:
-                try:
-                    with self._lock:
-                        if not self._stopping.is_set():
-                            self._supervise_one(name, time.monotonic())
-                except Exception:  # noqa: BLE001 - logged; the next pass tries again
-                    log.exception("supervising %s failed", name)
-
-    def _supervise_one(self, name: str, now: float) -> None:
-        launch, proc = self._launches[name], self.processes[name]
-        if launch.restart_at is None:
-            code = proc.poll()
-            if code is None:
-                return
-            _kill_group(proc)  # whatever it started goes with it
-            ran_s = now - launch.started_at
-            launch.crashes = 1 if ran_s >= self.spec.restart_reset_s else launch.crashes + 1
-            delay = self._backoff(launch.crashes)
-            launch.restart_at = now + delay
-            loop = f" (crash loop: {launch.crashes} in a row)" if launch.crashes > 1 else ""
-            log.warning(
-                "%s (pid %d) exited with code %s after %.1fs; restarting in %.1fs%s",
-                name, proc.pid, _exit_text(code), ran_s, delay, loop,
-            )  # fmt: skip
-            if delay > 0:
-                return
-        if now < launch.restart_at:
-            return
-        launch.restart_at = None
-        new = self._popen(name)
-        self.restarts.append(
-            Restart(name, proc.pid, proc.returncode, time.time(), self._backoff(launch.crashes), new.pid)
-        )
-        log.warning("restarted %s (pid %d, restart #%d)", name, new.pid, self.restart_count(name))
-
-    def _backoff(self, crashes: int) -> float:
-        """0 for the first death, then backoff, 2x backoff, ... up to the maximum (Kubernetes' shape)."""
-        if crashes <= 1:
-            return 0.0
-        return min(self.spec.restart_backoff_s * 2 ** (crashes - 2), self.spec.restart_backoff_max_s)
-
-    def restart_count(self, name: str) -> int:
-        """How many times the supervisor restarted ``name``."""
-        return sum(1 for r in self.restarts if r.name == name)
-
     # -- stopping -----------------------------------------------------------------------------------
 
     def stop(self, timeout_s: float = 15.0) -> None:
@@ -421,21 +358,21 @@ class LocalStack:
         """
         self._stopping.set()
         if self._supervisor is not None:
-            self._supervisor.join(timeout=KILL_WAIT_S)  # it wakes every SUPERVISE_INTERVAL_S
+            self._supervisor.join(timeout=KILL_WAIT_S)  # it wakes every few tenths of a second
             self._supervisor = None
         with self._lock:
             procs = [(name, self.processes[name]) for name in self._stop_order()]
             self.processes.clear()
         for _, proc in procs:
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for name, proc in procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("%s (pid %d) did not stop within %.0fs; killing it", name, proc.pid, timeout_s)
-            _kill_group(proc)
+            kill_group(proc)
         for name, proc in procs:
             try:
                 proc.wait(timeout=KILL_WAIT_S)
@@ -456,24 +393,3 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _exit_text(code: int) -> str:
-    """``-9 (SIGKILL)`` for a death by signal, else the exit status."""
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"{code} ({signal.Signals(-code).name})"
-    return str(code)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Signals the process group of ``proc`` (its pid: each service leads a session of its own)."""
-    if proc.returncode is not None and os.path.exists(f"/proc/{proc.pid}"):
-        # reaped earlier, and its pid belongs to another process now: that group is not ours
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    _signal_group(proc, signal.SIGKILL)
