@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,18 +31,13 @@ import httpx
 from pdmesh import launcher_tls
 from pdmesh.launcher_metrics import metrics_args, wait_metrics_address
 from pdmesh.launcher_supervise import Restart, Supervision, kill_group, signal_group
+from pdmesh.ports import free_port
 from pdmesh.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_WAIT_S = 5.0  # a SIGKILLed process is gone at once unless stuck in the kernel; never wait forever
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def parse_cpus(spec: str) -> set[int]:

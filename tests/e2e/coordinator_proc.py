@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from pdmesh.launcher import ROOT
-from pdmesh.redis_server import free_port
+from pdmesh.ports import free_port
 
 READY_TIMEOUT_S = 60.0
 

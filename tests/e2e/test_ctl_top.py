@@ -14,7 +14,8 @@ import sys
 import httpx
 import pytest
 
-from pdmesh.launcher import ROOT, free_port
+from pdmesh.launcher import ROOT
+from pdmesh.ports import free_port
 from pdmesh.rpc.convert_cluster import instance_from_proto
 from tests.e2e.conftest import start_stack
 from tests.e2e.helpers import list_instances, wait_until

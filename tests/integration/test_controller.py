@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from pdmesh.cluster import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
 from pdmesh.config import ControllerConfig
+from pdmesh.ports import free_port
 from pdmesh.rpc.client import check_health, open_channel, wait_healthy
 from pdmesh.rpc.controller_client import ClusterWatcher, InstanceAgent
 from pdmesh.v1 import common_pb2, controller_pb2, controller_pb2_grpc
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"heartbeat_interval_s": 0.1, "suspect_after_s": 0.4, "dead_after_s": 0.8}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(port: int = 0, **timings: float) -> ControllerConfig:

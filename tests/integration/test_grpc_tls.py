@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh.cluster import InstanceInfoData, Role
+from pdmesh.ports import free_port
 from pdmesh.rpc.client import open_channel, wait_healthy
 from pdmesh.rpc.convert_cluster import instance_to_proto
 from pdmesh.security import tls
@@ -31,12 +31,6 @@ from pdmesh.v1 import controller_pb2, controller_pb2_grpc
 pytestmark = pytest.mark.timeout(90)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def files(pki: Path, identity: str, crl: bool = False) -> tls.TlsFiles:
