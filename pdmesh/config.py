@@ -272,6 +272,13 @@ class WorkerConfig(_TlsChecked):
         ),
     )
     transfer_port: int = Field(0, ge=0, le=65535, description="KV transfer port (prefill side); 0: free")
+    kv_transfer_security: Literal["tls", "secret"] = Field(
+        "tls",
+        description=(
+            "tls: with tls_cert, mutual TLS on the KV transfer too; secret: its bytes go in clear, each "
+            "pull authenticated by its handle's secret from the registry (every pull presents it)"
+        ),
+    )
     kv_cache_memory_mib: int = Field(256, ge=1, description="memory for the paged KV cache")
     decode_workspace_mib: int = Field(
         512, ge=0, description="float32 CPU decode: the running batch's K/V kept densely, up to this; 0: off"

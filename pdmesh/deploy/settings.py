@@ -98,6 +98,9 @@ def worker_config(
         transfer_port=transfer_port,
         metrics_port=metrics_port,
     )
+    tls = cluster.tls_config
+    if tls.management_tls_enable and tls.kv_transfer_tls_enable is False:
+        values["kv_transfer_security"] = "secret"
     return _build(WorkerConfig, values, role)
 
 

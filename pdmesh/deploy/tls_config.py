@@ -5,7 +5,9 @@
 Channels: ``management_tls_enable`` (mutual TLS on every gRPC link between the coordinator, the
 controllers and the workers; MindIE's ``controller_server_tls_enable`` / ``mindie_mangment_tls_enable``),
 ``kv_transfer_tls_enable`` (the KV transfer between workers; it uses the worker's certificate, so it
-follows ``management_tls_enable``), ``http_server_tls_enable`` (HTTPS on the coordinator's API port;
+follows ``management_tls_enable``; ``false`` beside it sends the KV in clear, each pull authenticated
+by its handle's secret from the registry: the workers' ``kv_transfer_security: secret``),
+``http_server_tls_enable`` (HTTPS on the coordinator's API port;
 MindIE's ``request_server_tls_enable``) and ``redis_tls_enable`` (``rediss://`` to an external Redis,
 presenting each service's certificate).
 
@@ -47,7 +49,11 @@ class TlsConfig(BaseModel):
         description="mutual TLS on every gRPC link (coordinator, controllers, workers)",
     )
     kv_transfer_tls_enable: bool | None = Field(
-        None, description="TLS on the KV transfer; it uses the worker's certificate: follows management"
+        None,
+        description=(
+            "TLS on the KV transfer (the worker's certificate): follows management; false: KV in clear, "
+            "each pull authenticated by its handle's secret"
+        ),
     )
     http_server_tls_enable: bool = Field(
         False,
@@ -75,13 +81,10 @@ class TlsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TlsConfig:
-        if (
-            self.kv_transfer_tls_enable is not None
-            and self.kv_transfer_tls_enable != self.management_tls_enable
-        ):
+        if self.kv_transfer_tls_enable and not self.management_tls_enable:
             raise ValueError(
-                "kv_transfer_tls_enable: the KV transfer runs TLS with the worker's certificate exactly "
-                "when management_tls_enable does; leave it out or set it equal"
+                "kv_transfer_tls_enable: the KV transfer runs TLS with the worker's certificate, which "
+                "management_tls_enable turns on; enable that too"
             )
         if self.redis_tls_enable and not self.management_tls_enable:
             raise ValueError(

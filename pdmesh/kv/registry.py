@@ -176,6 +176,7 @@ def encode_handle(handle: KVHandle) -> dict[str, str]:
         "prefill_address": handle.prefill_address,
         "extra": json.dumps(handle.extra),
         "parts": json.dumps([p.to_dict() for p in handle.parts]),
+        "secret": handle.secret,
     }
 
 
@@ -198,6 +199,7 @@ def decode_handle(fields: dict[str, str]) -> KVHandle:
         prefill_address=fields.get("prefill_address", ""),
         extra=json.loads(fields.get("extra") or "{}"),
         parts=[KVPart.from_dict(p) for p in json.loads(fields.get("parts") or "[]")],
+        secret=fields.get("secret", ""),
     )
 
 

@@ -127,6 +127,9 @@ class KVHandle:
     # A parallel prefill instance: every rank that holds part of the KV (``layout`` is the first's,
     # each part's is ``layout.with_heads(part.head_count)``). Empty: one rank at transfer_endpoint.
     parts: list[KVPart] = field(default_factory=list)
+    # What a puller must present to the transfer server (``wire.ExposedTable``): handed out only
+    # through the registry, never through the coordinator; "" for a handle that needs none.
+    secret: str = field(default="", repr=False)
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (for the control channel of a parallel instance)."""

@@ -29,7 +29,6 @@ from pdmesh.kv.types import KVHandle
 from pdmesh.parallel.control import ControlError, ControlLink
 from pdmesh.parallel.executor import run_rank_step
 from pdmesh.parallel.instance import CONTROL_KEY, InstancePlan, Joined, join
-from pdmesh.security import tls
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class Follower:
         self.state = joined.state
         pool, layout = engine.kv_pool, engine.kv_layout
         port = config.transfer_port + self.state.rank if config.transfer_port else 0
-        server_tls, client_tls = secure.contexts(tls.files_from(config))
+        server_tls, client_tls = secure.worker_contexts(config)
         self.server = make_transfer_server(
             config.transfer_backend, pool, layout, config.host, port, server_tls
         )
@@ -83,7 +82,7 @@ class Follower:
                     if op == "stop":
                         return
                 elif op == "expose":
-                    self.server.expose(message["handle_id"], message["block_ids"])
+                    self.server.expose(message["handle_id"], message["block_ids"], message.get("secret", ""))
                     self.link.ack(message["id"])
                 elif op == "withdraw":
                     self.server.withdraw(message["handle_id"])

@@ -65,17 +65,18 @@ class KVPlane:
         endpoint = self.endpoint if rank == 0 else self.leader.endpoint(rank)
         return KVPart(rank, endpoint, replica, rank % tp, tp, heads.start, heads.count, heads.total)
 
-    async def expose(self, handle_id: str, block_ids: list[int]) -> list[KVPart]:
-        """Exposes the blocks on every rank that holds them; the handle's parts ([] on one rank)."""
+    async def expose(self, handle_id: str, block_ids: list[int], secret: str = "") -> list[KVPart]:
+        """Exposes the blocks on every rank that holds them, to pullers presenting ``secret``; the
+        handle's parts ([] on one rank)."""
         replica, local = self.replica_of(block_ids)
         ranks = self._ranks(replica)
         if 0 in ranks:
-            self.server.expose(handle_id, local)
+            self.server.expose(handle_id, local, secret)
         if self.leader is None:
             return []
         followers = [r for r in ranks if r != 0]
         self._exposed[handle_id] = followers
-        message = {"op": "expose", "handle_id": handle_id, "block_ids": local}
+        message = {"op": "expose", "handle_id": handle_id, "block_ids": local, "secret": secret}
         acks = [asyncio.wrap_future(self.leader.hub.request(r, message)) for r in followers]
         try:
             await asyncio.wait_for(asyncio.gather(*acks), self.leader.config.dist_timeout_s)

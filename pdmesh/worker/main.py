@@ -77,7 +77,7 @@ class Worker:
         self.registry = RedisKVRegistry(config.redis_url)
         self.transfer_server = None
         # mutual TLS on the KV transfer when this worker's TLS is on (its own certificate)
-        self._transfer_tls = secure.contexts(tls.files_from(config))
+        self._transfer_tls = secure.worker_contexts(config)
         self.prefill: PrefillHandler | None = None
         self.server: RunningServer | None = None
         self.agent: InstanceAgent | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -95,9 +96,10 @@ class PrefillHandler:
 
     async def _publish(self, request_id: str, num_tokens: int, block_ids: list[int]) -> KVHandle:
         handle_id = f"{request_id}:{uuid.uuid4().hex[:8]}"
+        secret = secrets.token_urlsafe(24)  # a puller must present it; it lives only in the registry
         pinned = self._pinned[handle_id] = _Pinned(list(block_ids), time.time() + self.lease_s)
         try:
-            parts = await self.kv.expose(handle_id, list(block_ids))
+            parts = await self.kv.expose(handle_id, list(block_ids), secret)
         except BaseException as exc:
             self.free(handle_id)
             if isinstance(exc, Exception):
@@ -114,6 +116,7 @@ class PrefillHandler:
             expires_at=pinned.expires_at,
             prefill_address=self.address,
             parts=parts,
+            secret=secret,
         )
         try:
             await self.registry.register(handle, self.lease_s)

@@ -1,6 +1,7 @@
 """A whole local PD stack with mutual TLS on every link (gRPC, KV transfer, HTTPS) answers a
-request with the same text as the same stack in plaintext; its gRPC servers refuse plaintext and
-check identities; no key material reaches the logs."""
+request with the same text as the same stack in plaintext, and so does one that sends the KV in
+clear on handle secrets; its gRPC servers refuse plaintext and check identities; no key material
+reaches the logs."""
 
 from __future__ import annotations
 
@@ -82,6 +83,21 @@ def test_pd_request_gives_the_same_text_with_tls(stacks, tiny_qwen3):
     assert chat(secure, tiny_qwen3.name) == chat(plain, tiny_qwen3.name)
     tokens = asyncio.run(generate(secure))
     assert len(tokens) == 8 and tokens == asyncio.run(generate(plain))
+
+
+def test_kv_in_clear_on_handle_secrets_gives_the_same_text(stacks, tiny_qwen3, tmp_path_factory):
+    """``kv_transfer_security: secret``: TLS everywhere but the KV bytes, each pull authenticated by
+    its handle's secret from the registry."""
+    plain, _ = stacks
+    tls_dir = tmp_path_factory.mktemp("tls-secret")
+    args = {"kv-transfer-security": "secret"}
+    stack = start_stack(tiny_qwen3, tmp_path_factory, args, prefill=1, decode=1, mode="pd", tls_dir=tls_dir)
+    try:
+        assert chat(stack, tiny_qwen3.name) == chat(plain, tiny_qwen3.name)
+        prefill_log = (stack.log_dir / "prefill-0.log").read_text()
+        assert "KV tcp transfer server on tcp://" in prefill_log and "(TLS)" not in prefill_log
+    finally:
+        stack.stop()
 
 
 async def status_of(call) -> grpc.StatusCode:

@@ -144,3 +144,27 @@ def test_tls_config_keys_are_checked(tmp_path, capsys):
     assert deploy_main(["check", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "tls_config" in err and "controller_tls_items" in err and len(err.strip().splitlines()) == 1
+
+
+def test_kv_in_clear_on_handle_secrets_reaches_the_workers(secure_file, tmp_path, capsys):
+    data = json.loads(secure_file.read_text())
+    data["tls_config"]["kv_transfer_tls_enable"] = False
+    secure_file.write_text(json.dumps(data))
+    out = tmp_path / "compose"
+    _render(secure_file, "compose", out, capsys)
+    services = yaml.safe_load((out / "compose.yaml").read_text())["services"]
+    for name in ("prefill-0", "decode-0"):
+        assert _flag(services[name]["command"], "--kv-transfer-security") == "secret", name
+    assert "--kv-transfer-security" not in services["coordinator"]["command"]
+
+    data["tls_config"] = {
+        "kv_transfer_tls_enable": True
+    }  # TLS on the transfer needs the workers' certificates
+    secure_file.write_text(json.dumps(data))
+    assert deploy_main(["check", "--config", str(secure_file)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "kv_transfer_tls_enable" in err
+        and "management_tls_enable" in err
+        and len(err.strip().splitlines()) == 1
+    )

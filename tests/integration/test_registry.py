@@ -31,6 +31,7 @@ def make_handle(instance: str = "prefill-0", blocks: list[int] | None = None) ->
         expires_at=time.time() + 30,
         prefill_address="127.0.0.1:9001",
         extra={"note": "x"},
+        secret=uuid.uuid4().hex,
     )
 
 
@@ -78,7 +79,7 @@ def test_register_then_get_round_trips(redis_url: str) -> None:
         got = await registry.get(handle.handle_id)
         assert got is not None and got.state == HandleState.READY
         for name in ("handle_id", "request_id", "prefill_instance", "transfer_endpoint", "block_ids", "num_tokens",
-                     "layout", "prefill_address", "extra", "version"):  # fmt: skip
+                     "layout", "prefill_address", "extra", "version", "secret"):  # fmt: skip
             assert getattr(got, name) == getattr(handle, name), name
         assert abs(got.expires_at - (time.time() + 30)) < 2
         assert await registry.get("no-such-handle") is None
@@ -92,6 +93,7 @@ def test_claim_once_then_refused(redis_url: str) -> None:
         await registry.register(handle, ttl_s=30)
         claimed = await registry.claim(handle.handle_id, "decode-0", ttl_s=10)
         assert claimed.state == HandleState.CLAIMED and claimed.block_ids == handle.block_ids
+        assert claimed.secret == handle.secret  # the puller presents it to the prefill's transfer server
         assert abs(claimed.expires_at - (time.time() + 10)) < 2  # the claim renewed the lease
         with pytest.raises(HandleUnavailable, match="already claimed by decode-0"):
             await registry.claim(handle.handle_id, "decode-1", ttl_s=10)

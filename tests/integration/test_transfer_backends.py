@@ -215,6 +215,7 @@ def test_bench_smoke(capsys) -> None:
     ):  # fmt: skip
         assert key in result
     assert result["backend"] == "tcp" and result["mib"] == 8 and result["gbytes_per_s"] > 0
+    assert result["handle_secret"]["ratio_to_unauthenticated"] > 0  # the secret's cost, measured
     assert main(["--backend", "nope"]) == 2
     assert "error" in capsys.readouterr().err
 

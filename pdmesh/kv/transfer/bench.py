@@ -12,6 +12,10 @@ memory allocated like a CPU pool's (``hostmem``: huge pages; ``*_socket_pool_mem
 pull's gain from its memory is told apart from the stream's) and a ``copy_`` between two CPU tensors
 of the same size.
 
+Every pull presents its handle's secret, as a worker's do (``wire.ExposedTable``: the plaintext
+pulls are those of ``kv_transfer_security: secret``); ``handle_secret.ratio_to_unauthenticated``
+compares them with pulls of the same blocks exposed without one, interleaved too.
+
 ``--tls`` adds the same pulls over mutual TLS (``pdmesh.kv.transfer.secure``; a CA and a worker
 certificate written to a temporary directory with ``write_certs``) from a second server of the
 same process, interleaved with the plaintext ones: ``tls.gbytes_per_s`` and ``tls.ratio_to_plain``.
@@ -44,6 +48,7 @@ from pdmesh.security.tls import TlsFiles
 QWEN3_58M = KVLayout("qwen3-58m", "mha", 8, 4, 64, 16, "float32", (8, 2, 16, 4, 64))
 TOKENS_2K_BLOCKS = 2048 // QWEN3_58M.block_size
 MiB = 1 << 20
+BENCH_SECRET = "bench-handle-secret"  # a worker draws one per handle (secrets.token_urlsafe)
 
 
 class _BadFlags(Exception):
@@ -67,8 +72,9 @@ def _serve(backend: str, num_blocks: int, bulk: int, conn, tls: TlsFiles | None)
         pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(7)))
         server = make_transfer_server(backend, pool, QWEN3_58M, "127.0.0.1", 0, context)
         server.start()
-        server.expose("bulk", list(range(bulk)))
-        server.expose("2k", list(range(bulk, bulk + TOKENS_2K_BLOCKS)))
+        server.expose("bulk", list(range(bulk)), BENCH_SECRET)
+        server.expose("bulk-open", list(range(bulk)))
+        server.expose("2k", list(range(bulk, bulk + TOKENS_2K_BLOCKS)), BENCH_SECRET)
         servers.append((server, pool))  # a shm segment lives as long as its pool
         endpoints.append(server.endpoint)
         checksum = float(pool[:bulk].double().sum())
@@ -152,7 +158,7 @@ def _interleaved(measures: dict[str, Callable[[], float]], reps: int) -> dict[st
 
 class _Decode:
     """The decode end of one server: a pool from ``allocate_pool``, as in a worker, its client and
-    the two handles."""
+    the handles (``bulk_open``: the bulk blocks without a secret)."""
 
     def __init__(self, backend: str, endpoint: str, bulk: int, name: str, context) -> None:
         self.pool = allocate_pool(backend, bulk + TOKENS_2K_BLOCKS, QWEN3_58M, name=name)
@@ -160,12 +166,20 @@ class _Decode:
         expiry = time.time() + 3600
         self.bulk_ids = list(range(bulk))
         self.ids_2k = list(range(bulk, bulk + TOKENS_2K_BLOCKS))
-        self.bulk = KVHandle("bulk", "bulk", "bench", endpoint, self.bulk_ids, 0, QWEN3_58M, expiry)
-        self.handle_2k = KVHandle("2k", "2k", "bench", endpoint, [], 2048, QWEN3_58M, expiry)
+        self.bulk = KVHandle(
+            "bulk", "bulk", "bench", endpoint, self.bulk_ids, 0, QWEN3_58M, expiry, secret=BENCH_SECRET
+        )
+        self.bulk_open = KVHandle("bulk-open", "bulk", "bench", endpoint, self.bulk_ids, 0, QWEN3_58M, expiry)
+        self.handle_2k = KVHandle(
+            "2k", "2k", "bench", endpoint, [], 2048, QWEN3_58M, expiry, secret=BENCH_SECRET
+        )
         self.client.pull(self.bulk, self.bulk_ids, timeout_s=120)  # warm-up: connections, groups, mappings
 
     def pull_bulk(self) -> float:
         return _timed_pulls(self.client, self.bulk, self.bulk_ids, 1)[0]
+
+    def pull_bulk_open(self) -> float:
+        return _timed_pulls(self.client, self.bulk_open, self.bulk_ids, 1)[0]
 
     def check(self, checksum: float) -> None:
         if abs(float(self.pool[: len(self.bulk_ids)].double().sum()) - checksum) > 1e-6 * max(
@@ -217,6 +231,7 @@ def _run(backend: str, mib: int, reps: int, tls: TlsFiles | None) -> dict:
             sides[name] = _Decode(backend, endpoint, bulk, f"bench-dst-{name}-{os.getpid()}", context)
         measures = {name: side.pull_bulk for name, side in sides.items()}
         measures.update(
+            pull_open=sides["pull"].pull_bulk_open,
             socket=stream.once,
             socket_pool_memory=stream_pool_memory.once,
             memcpy=lambda: memcpy_once(src, dst),
@@ -252,6 +267,10 @@ def _result(backend: str, nbytes: int, reps: int, gbps: dict[str, float], latenc
         "ratio_to_socket_pool_memory": round(gbps["pull"] / gbps["socket_pool_memory"], 3),
         "ratio_to_memcpy": round(gbps["pull"] / gbps["memcpy"], 3),
         "pull_latency_ms_2k_tokens": round(latency["pull"] * 1e3, 3),
+        "handle_secret": {
+            "unauthenticated_gbytes_per_s": round(gbps["pull_open"], 3),
+            "ratio_to_unauthenticated": round(gbps["pull"] / gbps["pull_open"], 3),
+        },
         "layout_2k": {
             "block_shape": list(QWEN3_58M.block_shape),
             "dtype": QWEN3_58M.dtype,

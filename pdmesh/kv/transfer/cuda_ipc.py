@@ -179,7 +179,9 @@ class CudaIpcTransferClient:
         endpoint = handle.transfer_endpoint
         with self._lock:
             mapped = self._maps.get(endpoint)
-        wire.send_frame(sock, wire.hello(handle.handle_id, self.layout, mapped=mapped and mapped[0]))
+        wire.send_frame(
+            sock, wire.hello(handle.handle_id, self.layout, handle.secret, mapped=mapped and mapped[0])
+        )
         reply = wire.recv_frame(sock, deadline)
         if not reply.get("ok"):
             raise wire.refused(handle, reply)

@@ -230,7 +230,7 @@ class _Pair:
 
     def pull(self, handle: KVHandle, layout: KVLayout, dst_block_ids: list[int], deadline: float) -> None:
         self.sock.settimeout(max(0.001, deadline - time.monotonic()))
-        wire.send_frame(self.sock, wire.hello(handle.handle_id, layout))
+        wire.send_frame(self.sock, wire.hello(handle.handle_id, layout, handle.secret))
         reply = wire.recv_frame(self.sock, deadline)
         if not reply.get("ok"):
             raise wire.refused(handle, reply)

@@ -248,7 +248,7 @@ class MooncakeTransferClient:
         self, sock: socket.socket, handle: KVHandle, dst_block_ids: list[int], deadline: float
     ) -> None:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        wire.send_frame(sock, wire.hello(handle.handle_id, self.layout))
+        wire.send_frame(sock, wire.hello(handle.handle_id, self.layout, handle.secret))
         reply = wire.recv_frame(sock, deadline)
         if not reply.get("ok"):
             raise wire.refused(handle, reply)

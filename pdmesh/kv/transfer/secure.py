@@ -11,8 +11,9 @@ The puller checks the server is a ``worker`` too.
 Mismatched ends fail at once and say why: a TLS server answers a plaintext hello (its first byte is
 not a TLS handshake record) with a plaintext refusal frame; a plaintext server refuses a TLS
 ClientHello as soon as it reads one (``wire.recv_frame``) and the puller reports the failed
-handshake as "the server may run without TLS". The per-handle secret the issue allows instead is
-not used: TLS also keeps the bytes private on the wire.
+handshake as "the server may run without TLS". Every pull also presents its handle's secret
+(``wire.ExposedTable``); a worker with ``kv_transfer_security: secret`` relies on that alone and
+sends the KV in clear (``worker_contexts``), for TLS's throughput cost (docs/security.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections.abc import Iterator
 
 from pdmesh.kv.transfer.base import TransferError
-from pdmesh.security.tls import SslContextCache, TlsFiles, ssl_peer_identity
+from pdmesh.security.tls import SslContextCache, TlsFiles, files_from, ssl_peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ def contexts(files: TlsFiles | None) -> tuple[SslContextCache | None, SslContext
     if files is None:
         return None, None
     return SslContextCache(files, server=True), SslContextCache(files, server=False)
+
+
+def worker_contexts(config) -> tuple[SslContextCache | None, SslContextCache | None]:
+    """A worker's transfer contexts (``contexts``): from its TLS files, or none when its config says
+    ``kv_transfer_security: secret`` (the handle secrets alone guard its pulls)."""
+    if config.kv_transfer_security == "secret":
+        return None, None
+    return contexts(files_from(config))
 
 
 def resolve(context: TlsContext) -> ssl.SSLContext:

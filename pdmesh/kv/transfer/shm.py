@@ -233,7 +233,9 @@ class ShmTransferClient:
     ) -> None:
         with self._lock:
             mapped = self._maps.get(name)
-        wire.send_frame(sock, wire.hello(handle.handle_id, self.layout, mapped=mapped and mapped.segment))
+        wire.send_frame(
+            sock, wire.hello(handle.handle_id, self.layout, handle.secret, mapped=mapped and mapped.segment)
+        )
         reply = wire.recv_frame(sock, deadline)
         if not reply.get("ok"):
             raise wire.refused(handle, reply)

@@ -251,7 +251,7 @@ class TcpTransferClient:
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             try:
-                wire.send_frame(sock, wire.hello(handle.handle_id, self.layout))
+                wire.send_frame(sock, wire.hello(handle.handle_id, self.layout, handle.secret))
                 reply = wire.recv_frame(sock, deadline)
             except ConnectionError as exc:  # nothing arrived: safe to retry on a new connection
                 raise _StaleConnection(str(exc)) from exc

@@ -10,6 +10,7 @@ block moves. Only the way the bytes then travel differs (see each backend's modu
 from __future__ import annotations
 
 import contextlib
+import hmac
 import itertools
 import json
 import logging
@@ -115,10 +116,13 @@ def check_ids(block_ids: list[int], num_blocks: int, what: str) -> None:
         raise ValueError(f"{what} block ids out of range [0, {num_blocks}): {bad[:8]}")
 
 
-def hello(handle_id: str, layout: KVLayout, **extra) -> dict:
-    """The opening frame of a pull; while tracing is on it carries the puller's trace context
-    (``"trace": {"traceparent": ...}``), the parent of the server's span of the pull."""
+def hello(handle_id: str, layout: KVLayout, secret: str = "", **extra) -> dict:
+    """The opening frame of a pull, with the handle's ``secret`` when it has one; while tracing is on
+    it carries the puller's trace context (``"trace": {"traceparent": ...}``), the parent of the
+    server's span of the pull."""
     message = {"v": PROTOCOL_VERSION, "op": "pull", "handle_id": handle_id, "layout": layout.to_dict()}
+    if secret:
+        message["secret"] = secret
     message.update(extra)
     carrier = tracing.inject({})
     if carrier:
@@ -133,22 +137,45 @@ def pull_span(hello: dict, backend: str):
 
 
 class ExposedTable:
-    """Handles a server serves, each with a token that changes whenever the handle is re-exposed."""
+    """Handles a server serves, each with a token that changes whenever the handle is re-exposed.
+
+    A handle exposed with a secret is served only to a pull that presents it (compared in constant
+    time): the prefill worker draws one per handle and publishes it only in the registry, so only a
+    peer that may read the registry can pull, with or without TLS on the socket.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._lock = threading.Lock()
         self._table: dict[str, tuple[tuple[int, ...], int]] = {}
+        self._secrets: dict[str, bytes] = {}
         self._tokens = itertools.count(1)
 
-    def expose(self, handle_id: str, block_ids: list[int]) -> None:
+    def expose(self, handle_id: str, block_ids: list[int], secret: str = "") -> None:
         check_ids(list(block_ids), self.num_blocks, "exposed")
         with self._lock:
             self._table[handle_id] = (tuple(block_ids), next(self._tokens))
+            if secret:
+                self._secrets[handle_id] = secret.encode()
+            else:
+                self._secrets.pop(handle_id, None)
 
     def withdraw(self, handle_id: str) -> None:
         with self._lock:
             self._table.pop(handle_id, None)
+            self._secrets.pop(handle_id, None)
+
+    def _secret_refusal(self, handle_id: str, message: dict) -> str | None:
+        with self._lock:
+            expected = self._secrets.get(handle_id)
+        if expected is None:
+            return None
+        presented = message.get("secret")
+        if not isinstance(presented, str) or not presented:
+            return f"the pull of KV handle {handle_id!r} presented no secret (a puller reads it from the registry)"
+        if not hmac.compare_digest(presented.encode(), expected):
+            return f"wrong secret for KV handle {handle_id!r}"
+        return None
 
     def get(self, handle_id: str) -> tuple[tuple[int, ...], int] | None:
         with self._lock:
@@ -185,6 +212,9 @@ class ExposedTable:
                 0,
                 (f"KV handle {handle_id!r} is not exposed here (released, expired or never prefilled here)"),
             )
+        refusal = self._secret_refusal(handle_id, message)
+        if refusal:
+            return (), 0, refusal
         return entry[0], entry[1], None
 
     def admit(
@@ -217,9 +247,10 @@ class ExposingServer:
             except Exception:  # noqa: BLE001 - counting must never fail a pull
                 log.exception("on_served failed")
 
-    def expose(self, handle_id: str, block_ids: list[int]) -> None:
-        """Lets peers pull these blocks as ``handle_id`` until ``withdraw``."""
-        self._exposed.expose(handle_id, block_ids)
+    def expose(self, handle_id: str, block_ids: list[int], secret: str = "") -> None:
+        """Lets peers pull these blocks as ``handle_id`` until ``withdraw`` (only those presenting
+        ``secret``, when given)."""
+        self._exposed.expose(handle_id, block_ids, secret)
 
     def withdraw(self, handle_id: str) -> None:
         self._exposed.withdraw(handle_id)
