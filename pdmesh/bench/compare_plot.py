@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from pdmesh.extras import require
+
 SIDES = (("pd", "tab:blue"), ("colocated", "tab:orange"))
 
 
@@ -41,7 +43,8 @@ def _cdf(ax, report: dict[str, Any], key: str, slo_key: str, title: str) -> None
 
 
 def write_plot(report: dict[str, Any], path: str | Path) -> Path:
-    """Writes the comparison's PNG to ``path`` (parents created)."""
+    """Writes the comparison's PNG to ``path`` (parents created); ``MissingExtra`` without matplotlib."""
+    require("matplotlib", "bench", "the comparison's plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

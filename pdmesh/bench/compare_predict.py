@@ -18,7 +18,7 @@ from typing import Any
 
 from pdmesh.bench.metrics import parse_goodput
 from pdmesh.planner.model import LatencyModel
-from pdmesh.planner.profile import load_profile
+from pdmesh.planner.profile_file import load_profile
 from pdmesh.planner.simulate import (
     SLO,
     LengthDist,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pdmesh.bench.metrics import throughput_timeline
+from pdmesh.extras import require
 
 if TYPE_CHECKING:
     from pdmesh.bench.serve import BenchResult
@@ -152,7 +153,9 @@ def _timeline(ax, result: BenchResult) -> None:
 
 
 def write_plot(result: BenchResult, path: str | Path) -> Path:
-    """Writes the latency histograms and the throughput timeline to ``path`` (PNG, Agg backend)."""
+    """Writes the latency histograms and the throughput timeline to ``path`` (PNG, Agg backend);
+    ``MissingExtra`` without matplotlib."""
+    require("matplotlib", "bench", "the benchmark's plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

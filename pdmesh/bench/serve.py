@@ -32,6 +32,7 @@ from pdmesh.bench.datasets import DATASETS, SampleRequest, load_dataset, load_to
 from pdmesh.bench.metrics import BenchMetrics, RequestOutput, compute_metrics, parse_goodput
 from pdmesh.bench.mindie_flags import add_mindie_flags, apply_mindie_flags
 from pdmesh.bench.request import RequestContext, error_message, send_request
+from pdmesh.extras import MissingExtra
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             report.write_json(result, args.json_path)
         if args.plot_path is not None:
             report.write_plot(result, args.plot_path)
-    except OSError as exc:
+    except (OSError, MissingExtra) as exc:
         print(f"{parser.prog}: cannot write the report: {exc}", file=sys.stderr)
         return 2
     return 0 if result.metrics.completed else 1

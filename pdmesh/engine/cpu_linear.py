@@ -12,7 +12,10 @@ Two faster products, both over a weight packed once at load:
   (``torch.ops.mkldnn._reorder_linear_weight``, the path PyTorch's own CPU inference compiler
   uses), about 100 GFLOP/s for both, 2x MKL for the LM head of a single sequence.
 
-Either differs from ``F.linear`` only by float rounding (summation order).
+Either differs from ``F.linear`` only by float rounding (summation order). oneDNN's ops are
+private (``torch.ops.mkldnn``) and fail on some builds (e.g. aarch64, as on Ascend hosts): before
+packing for oneDNN, one small product is tried against ``F.linear``, and where it raises or differs,
+the linears keep ``F.linear`` (the reason logged) instead of failing the load.
 
 ``pack_linears`` switches a loaded float32 model's plain ``nn.Linear`` and ``MergedLinear`` modules
 to the packed product, and a tensor-parallel ``ShardedLinear``'s local product (its collective
@@ -48,6 +51,22 @@ def packing_available(dtype: torch.dtype) -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def onednn_works() -> bool:
+    """Whether oneDNN's packed product runs here and agrees with ``F.linear`` (a small probe)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(24, 16, generator=generator), torch.randn(3, 16, generator=generator)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except RuntimeError as exc:  # NotImplementedError included: an op this build cannot run
+        logger.warning("oneDNN's packed linear fails on this host (%s); linears keep F.linear", exc)
+        return False
+    if not torch.allclose(out, torch.nn.functional.linear(x, weight), rtol=1e-4, atol=1e-4):
+        logger.warning("oneDNN's packed linear disagrees with F.linear on this host; linears keep F.linear")
+        return False
+    return True
 
 
 class _NativeForward:
@@ -96,7 +115,7 @@ def pack_linears(model: nn.Module) -> int:
     if first is None or first.device.type != "cpu":
         return 0
     native = cpu_kernels.enabled(first)
-    if not native and not packing_available(first.dtype):
+    if not native and not (packing_available(first.dtype) and onednn_works()):
         return 0
     shared = _shared_weights(model)
     count = 0

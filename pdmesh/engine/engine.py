@@ -32,8 +32,9 @@ from pdmesh.engine.sampling import sample
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence
 from pdmesh.engine.step import StepInputs
-from pdmesh.engine.types import EngineRequest, EngineStats, FinishReason, RequestMode, TokenOutput
+from pdmesh.engine.types import EngineRequest, EngineStats
 from pdmesh.engine.validation import validate_ownership, validate_static
+from pdmesh.generation import FinishReason, RequestMode, TokenOutput
 from pdmesh.kv.types import KVLayout
 from pdmesh.models import load_model
 from pdmesh.parallel.state import current as parallel_state

@@ -14,7 +14,8 @@ from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import Sequence
-from pdmesh.engine.types import EngineRequest, RequestMode
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import RequestMode
 
 
 class Replica:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmesh.engine.types import SamplingParams
+from pdmesh.generation import SamplingParams
 from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.threads import configured_threads
 

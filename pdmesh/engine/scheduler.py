@@ -44,9 +44,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunking)
-
     def queued_prefill_tokens(self) -> int:
         chunking = [self.chunking] if self.chunking is not None else []
         return sum(s.num_tokens - s.num_computed for s in [*chunking, *self.waiting])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from pdmesh.engine.sampling import SampleInput
-from pdmesh.engine.types import EngineRequest, RequestMode, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import RequestMode, SamplingParams
 
 
 class Sequence:

@@ -1,65 +1,14 @@
-"""Plain data that crosses the engine's boundary: requests in, token outputs out.
+"""Engine-internal data: the request the engine schedules and the load figures it reports.
 
-The engine never sees protobuf; servicers turn messages into these dataclasses.
+The engine never sees protobuf; servicers turn messages into these dataclasses. The plain request
+types shared with the coordinator live in ``pdmesh.generation``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
-
-class RequestMode(StrEnum):
-    """What the engine does with a request."""
-
-    MIXED = "mixed"  # prefill and decode in this engine
-    PREFILL = "prefill"  # prefill, sample the first token, keep the KV blocks pinned, stop
-    DECODE = "decode"  # the prompt's KV is already in ``kv_block_ids``; continue from ``first_token``
-
-
-class FinishReason(StrEnum):
-    STOP = "stop"  # end of sequence or a stop token
-    LENGTH = "length"  # max_tokens or the model's context reached
-    ABORT = "abort"  # cancelled
-    ERROR = "error"  # the engine could not serve it (see TokenOutput.error)
-
-
-@dataclass
-class SamplingParams:
-    """Per-request sampling; the defaults are OpenAI's."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # <= 0: disabled
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int = 16
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int = 0
-
-    def validate(self) -> None:
-        """Raises ValueError naming the first parameter out of bounds."""
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from pdmesh.generation import RequestMode, SamplingParams
 
 
 @dataclass
@@ -74,24 +23,6 @@ class EngineRequest:
     # (allocated with ``allocate_kv`` and filled by a transfer). The engine owns them from then on.
     first_token: int | None = None
     kv_block_ids: list[int] | None = None
-
-
-@dataclass
-class TokenOutput:
-    """What one engine step produced for one request."""
-
-    request_id: str
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    # PREFILL mode, on the finishing output: the pinned blocks holding the prompt's KV. The caller
-    # owns them and must hand them back with ``free_kv``.
-    kv_block_ids: list[int] | None = None
-    # One entry per token in token_ids when logprobs were asked: (chosen logprob, {token: logprob}).
-    logprobs: list[tuple[float, dict[int, float]]] | None = None
-    error: str | None = None
-    step_started_ns: int = 0  # time.time_ns() when the step that produced it began (0: unknown)
 
 
 @dataclass

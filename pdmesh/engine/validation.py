@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pdmesh.engine.block_manager import BlockManager
-from pdmesh.engine.types import EngineRequest, RequestMode
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import RequestMode
 
 
 def validate_static(

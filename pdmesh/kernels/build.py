@@ -8,8 +8,10 @@ concurrent processes never load a half-written file (each writes its own tempora
 renames it into place). ``torch`` is imported first, so the library's ``libgomp.so.1`` resolves to
 the OpenMP runtime PyTorch already loaded and both share one thread pool.
 
-Without a compiler, on a CPU without AVX2/FMA, or with ``PDMESH_CPU_KERNELS=0``, ``load`` returns
-None (logged once) and the models keep their PyTorch expressions.
+Before any kernel runs, ``load`` checks the library's interface report against its ctypes mirror
+(``abi``: a version symbol, each mirrored struct's size and field offsets). Without a compiler, on a
+CPU without AVX2/FMA, with ``PDMESH_CPU_KERNELS=0``, or when that check fails, ``load`` returns None
+(the reason logged once) and the models keep their PyTorch expressions.
 """
 
 from __future__ import annotations
@@ -28,44 +30,16 @@ from pathlib import Path
 
 import torch
 
+from pdmesh.kernels import abi
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "cpu_ops.c", CSRC / "decode_layer.c"]
-HEADERS = [CSRC / "cpu_ops.h"]
+SOURCES = [CSRC / "cpu_ops.c", CSRC / "decode_layer.c", CSRC / "abi.c"]
+HEADERS = [CSRC / "cpu_ops.h", CSRC / "decode_layer.h", CSRC / "abi.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 SWITCH = "PDMESH_CPU_KERNELS"
 COMPILE_TIMEOUT_S = 120
-
-# argument types, in the order of the C prototypes in csrc/
-_CTYPES = {"P": ctypes.c_void_p, "I": ctypes.c_int64, "F": ctypes.c_float, "N": ctypes.c_int}
-SIGNATURES = {
-    "pdm_rms_norm": "P I P F I I P N",
-    "pdm_silu_mul": "P I I P N",
-    "pdm_qk_norm_rope": "P I I I I I P P P I P F P F P P N",
-    "pdm_decode_attention": "P I I I I P I P I P P I F P N",
-    "pdm_prefill_attention": "P I I I I P I I I I P I I P P P I F P N",
-    "pdm_linear": "P I I I P I P P N",
-    "pdm_linear_add": "P I I I P I P P N",
-    "pdm_decode_layer": "P P I P P",
-    "pdm_decode_scratch_floats": "I I I I I I",
-    "pdm_argmax": "P I I I P N",
-    "pdm_store_kv": "P I I P I P I P I I",
-}
-
-# these return 0, or an error code for an index outside what the caller passed; the scratch size
-# is a count; the others return nothing
-RESTYPES = {
-    name: ctypes.c_int
-    for name in (
-        "pdm_qk_norm_rope",
-        "pdm_prefill_attention",
-        "pdm_decode_attention",
-        "pdm_store_kv",
-        "pdm_decode_layer",
-    )
-}
-RESTYPES["pdm_decode_scratch_floats"] = ctypes.c_int64
 
 
 def cache_dir() -> Path:
@@ -150,8 +124,12 @@ def load() -> ctypes.CDLL | None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         logger.warning("CPU kernels unavailable; using PyTorch ops: %s", exc)
         return None
-    for name, argtypes in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = [_CTYPES[code] for code in argtypes.split()]
-        fn.restype = RESTYPES.get(name)
+    reason = abi.mismatch(lib)
+    if reason is not None:
+        logger.warning(
+            "CPU kernels refused: their C interface differs from pdmesh/kernels/abi.py (%s); using PyTorch ops",
+            reason,
+        )
+        return None
+    abi.bind(lib)
     return lib

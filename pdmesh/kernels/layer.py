@@ -1,7 +1,7 @@
 """A dense decoder layer's decode step as one kernel call (``csrc/decode_layer.c``).
 
 ``DecodeLayerWeights`` checks a layer's weights once (norms, packed products, head layout) and
-keeps them, with the C struct that points at them, alive together; ``decode_layers`` runs a decode
+keeps them, with the C struct that points at them (mirrored in ``abi``), alive together; ``decode_layers`` runs a decode
 step's layers over the residual stream ``h`` in place, after checking the step's tensors, and
 reports a position, slot or length outside its table as ``ValueError`` (the kernels check them
 where they read them). The result equals, to the bit, the per-op kernel path of
@@ -17,38 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from pdmesh.kernels import cpu
+from pdmesh.kernels.abi import LayerStruct, StepStruct
 from pdmesh.kernels.cpu import PackedLinear, _f32_contiguous, _lib, _ptr, _require
-
-_F, _I, _P = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
 
 _ERRORS = {
     1: "a position lies outside the rotary table",
     2: "a new token's slot lies outside the KV pool",
     3: "a context length lies outside 1..the workspace width (or attention scratch ran out)",
 }
-
-
-class _LayerStruct(ctypes.Structure):
-    """``pdm_layer_weights`` in decode_layer.c (the same fields in the same order)."""
-
-    _fields_ = [
-        *[(name, _I) for name in ("hidden", "heads", "kv_heads", "head_dim", "inter")],
-        ("input_norm", _P), ("post_norm", _P), ("input_eps", _F), ("post_eps", _F),
-        ("q_norm", _P), ("k_norm", _P), ("q_eps", _F), ("k_eps", _F),
-        ("qkv", _P), ("qkv_bias", _P), ("o", _P), ("o_bias", _P),
-        ("gate_up", _P), ("gate_up_bias", _P), ("down", _P), ("down_bias", _P),
-        ("scale", _F),
-    ]  # fmt: skip
-
-
-class _StepStruct(ctypes.Structure):
-    """``pdm_decode_step`` in decode_layer.c."""
-
-    _fields_ = [
-        ("batch", _I), ("positions", _P), ("cos", _P), ("sin", _P), ("max_positions", _I),
-        ("pool", _P), ("pool_rows", _I), ("slot_rows", _P), ("lens", _P), ("width", _I),
-        ("scratch", _P), ("threads", ctypes.c_int), ("attention_threads", ctypes.c_int),
-    ]  # fmt: skip
 
 
 @dataclass
@@ -105,7 +81,7 @@ class DecodeLayerWeights:
                 _require(norm.weight.numel() == size, f"decode layer: {name} is not [{size}]")
         self.shape = (hidden, heads, kv_heads, head_dim, inter)
         self._keep = (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down)
-        self.struct = _LayerStruct(
+        self.struct = LayerStruct(
             hidden, heads, kv_heads, head_dim, inter,
             input_norm.weight.data_ptr(), post_norm.weight.data_ptr(), input_norm.eps, post_norm.eps,
             _ptr(q_norm.weight) if q_norm else None, _ptr(k_norm.weight) if k_norm else None,
@@ -194,7 +170,7 @@ def decode_layers(
     lib = _lib()
     floats = lib.pdm_decode_scratch_floats(batch, hidden, heads, kv_heads, head_dim, inter)
     scratch = torch.empty(floats, dtype=torch.float32)  # not the default dtype: C writes float32
-    args = _StepStruct(
+    args = StepStruct(
         batch, step.positions.data_ptr(), step.cos.data_ptr(), step.sin.data_ptr(), step.cos.shape[0],
         step.pool_rows.data_ptr(), step.pool_rows.shape[0], step.slot_rows.data_ptr(), step.lengths.data_ptr(),
         step.width, scratch.data_ptr(), threads, attention_threads,

@@ -8,7 +8,7 @@ semantic-convention attributes on the current (server) span with ``record_gen_ai
 
 from __future__ import annotations
 
-from pdmesh.engine.types import SamplingParams
+from pdmesh.generation import SamplingParams
 from pdmesh.observability import tracing
 
 TRACED_PREFIX = "/v1/"

@@ -23,7 +23,8 @@ from pdmesh.config import WorkerConfig
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.step import StepInputs
 from pdmesh.kv.transfer import secure
-from pdmesh.kv.transfer.base import TransferError, make_transfer_server
+from pdmesh.kv.transfer.base import make_transfer_server
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.transfer.sharded import RankHeads, ShardedPuller, plan_pull
 from pdmesh.kv.types import KVHandle
 from pdmesh.parallel.control import ControlError, ControlLink

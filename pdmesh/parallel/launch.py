@@ -191,7 +191,7 @@ class LocalRanks:
             for name in ("RANK", "WORLD_SIZE", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX"):
                 env.pop(name, None)
             self.procs[rank] = subprocess.Popen(
-                [sys.executable, "-m", "pdmesh.worker"], env=env, preexec_fn=_die_with_parent
+                [sys.executable, "-m", "pdmesh.parallel.rank_main"], env=env, preexec_fn=_die_with_parent
             )
             log.info("started rank %d (pid %d)", rank, self.procs[rank].pid)
         torch.set_num_threads(threads)  # this rank shares the host's cores with them too

@@ -1,5 +1,8 @@
 """What one instance can carry, from the planner's latency model: the controller's ``auto`` P:D
-ratio uses this so that it and ``pdmesh plan`` reason with the same measured model."""
+ratio uses this so that it and ``pdmesh plan`` reason with the same measured model.
+
+It reads a profile file and fits the latency model (``profile_file``, ``model``): nothing here
+imports the profiler or the engine, so the controller can use it."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdmesh.planner.model import LatencyModel
-from pdmesh.planner.profile import load_profile
+from pdmesh.planner.profile_file import load_profile
 
 MAX_DECODE_BATCH = 4096
 

@@ -225,7 +225,7 @@ class LatencyModel:
 
     @staticmethod
     def fit(profile: dict[str, Any]) -> LatencyModel:
-        """Fits both models from a profile dict (see ``pdmesh.planner.profile``)."""
+        """Fits both models from a profile dict (see ``pdmesh.planner.profile_file``)."""
         return LatencyModel(
             prefill=PrefillModel.fit(profile["prefill"]), decode=DecodeModel.fit(profile["decode"])
         )

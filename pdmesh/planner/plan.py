@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pdmesh.planner.model import LatencyModel
-from pdmesh.planner.profile import load_profile
+from pdmesh.planner.profile_file import load_profile
 from pdmesh.planner.search import (
     Candidate,
     best_split,

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, LoadData
+from pdmesh.membership import ClusterViewData, InstanceInfoData, LoadData
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
 from pdmesh.rpc.controller_endpoints import ControllerEndpoints
 from pdmesh.rpc.convert_cluster import instance_to_proto, load_to_proto, view_from_proto
@@ -272,10 +272,6 @@ class ClusterWatcher:
     def add_listener(self, callback: ViewListener) -> None:
         """Calls ``callback(view)`` on every new view (sync or async; errors are logged)."""
         self._listeners.append(callback)
-
-    def remove_listener(self, callback: ViewListener) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(callback)
 
     async def start(self, first_view_timeout_s: float = 2.0) -> None:
         """Starts following; waits up to ``first_view_timeout_s`` for the first view, never raises."""

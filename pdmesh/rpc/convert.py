@@ -5,7 +5,7 @@ Protobuf stops at the servicers: everything past them works on the dataclasses.
 
 from __future__ import annotations
 
-from pdmesh.engine.types import SamplingParams
+from pdmesh.generation import SamplingParams
 from pdmesh.kv.types import HandleState, KVHandle, KVLayout, KVPart
 from pdmesh.v1 import common_pb2
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
+from pdmesh.membership import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
 from pdmesh.v1 import common_pb2, controller_pb2
 
 _ROLE_TO_PROTO = {

@@ -21,7 +21,7 @@ import sys
 
 import grpc
 
-from pdmesh.cluster import Role
+from pdmesh.membership import Role
 from pdmesh.observability.top import TopError, check_coordinator_url, parse_interval, run_top
 from pdmesh.rpc.client import open_channel
 from pdmesh.rpc.controller_endpoints import ControllerEndpoints

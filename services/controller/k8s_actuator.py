@@ -26,7 +26,7 @@ from kubernetes.aio import config as kube_config
 from kubernetes.aio.client import ApiClient, Configuration, CoreV1Api, CustomObjectsApi
 from kubernetes.aio.client.exceptions import ApiException
 
-from pdmesh.cluster import InstanceInfoData, Role
+from pdmesh.membership import InstanceInfoData, Role
 from services.controller.roles import FlipFailed, LocalGrpcActuator, RoleActuator
 
 log = logging.getLogger(__name__)

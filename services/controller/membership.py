@@ -1,6 +1,6 @@
 """Cluster membership: who is registered, who is late with heartbeats or failing probes, who is dead.
 
-Pure logic over ``pdmesh.cluster`` dataclasses (no protobuf, no I/O), with an injectable clock so
+Pure logic over ``pdmesh.membership`` dataclasses (no protobuf, no I/O), with an injectable clock so
 that tests drive time. Health: an instance turns suspect when its heartbeats are late or its health
 probe fails, dead (and leaves at once) when either has lasted ``dead_after_s``, and healthy again when
 both are fine. A draining mark (role flip, administration) shows as DRAINING while it is healthy.
@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
+from pdmesh.membership import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
 
 log = logging.getLogger(__name__)
 

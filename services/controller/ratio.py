@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pdmesh.cluster import InstanceInfoData, Role
+from pdmesh.membership import InstanceInfoData, Role
 
 AUTO = "auto"
 OFF = "off"

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import grpc
 
-from pdmesh.cluster import InstanceInfoData, InstanceState, Role
+from pdmesh.membership import InstanceInfoData, InstanceState, Role
 from pdmesh.rpc.client import open_channel
 from pdmesh.rpc.convert_cluster import role_to_proto
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc

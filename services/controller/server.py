@@ -14,13 +14,13 @@ from collections.abc import Awaitable, Callable
 
 from pdmesh.aio import raise_lost_cancellation
 from pdmesh.config import ControllerConfig
-from pdmesh.observability.controller_metrics import DeadInstances, controller_registry
 from pdmesh.observability.metrics_server import MetricsServer
 from pdmesh.planner.capacity import capacity_from_profile
 from pdmesh.rpc.server import RunningServer, start_server
 from pdmesh.v1 import controller_pb2_grpc
 from services.controller.ha import Leadership
 from services.controller.membership import Membership
+from services.controller.metrics import DeadInstances, controller_registry
 from services.controller.probe import HealthProber
 from services.controller.ratio import Capacity, RatioPolicy, parse_ratio
 from services.controller.roles import LocalGrpcActuator, RoleActuator, RoleManager

@@ -1,6 +1,6 @@
 """The Controller gRPC servicer: membership calls and the cluster-view stream.
 
-Protobuf stops here: requests turn into ``pdmesh.cluster`` dataclasses before they reach the
+Protobuf stops here: requests turn into ``pdmesh.membership`` dataclasses before they reach the
 membership, and views turn back into messages on the way out. A standby controller refuses every
 call with FAILED_PRECONDITION and the active controller's address in the trailing metadata
 (``pdmesh-active-controller``), so that clients follow it. A controller that holds the lease but is

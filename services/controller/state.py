@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from pdmesh.cluster import InstanceInfoData, Role
+from pdmesh.membership import InstanceInfoData, Role
 
 _FENCE_CHECK = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')

@@ -1,5 +1,5 @@
 """Admission control: at most ``max_inflight`` requests run, at most ``max_queue`` wait; beyond
-that a request is refused at once with 429 and a Retry-After hint, never queued without bound."""
+that a request is refused at once as OVERLOADED (HTTP 429) with a Retry-After hint, never queued without bound."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from pdmesh.errors import ErrorKind
 from pdmesh.observability import coordinator_metrics as metrics
 from services.coordinator.backend import GenerationError
 
@@ -25,11 +26,11 @@ class AdmissionGate:
 
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
-        """Holds one slot for the body of the ``async with``; raises GenerationError(429) when full."""
+        """Holds one slot for the body of the ``async with``; raises GenerationError(OVERLOADED) when full."""
         if self._slots.locked() and self.waiting >= self.max_queue:
             raise GenerationError(
                 f"the coordinator is at capacity ({self.max_inflight} running, {self.waiting} queued)",
-                status_code=429,
+                ErrorKind.OVERLOADED,
                 retry_after_s=1.0,
             )
         self.waiting += 1
@@ -40,7 +41,7 @@ class AdmissionGate:
         except TimeoutError:
             raise GenerationError(
                 f"waited {self.queue_timeout_s:.0f}s in the admission queue",
-                status_code=429,
+                ErrorKind.OVERLOADED,
                 retry_after_s=1.0,
             ) from None
         finally:

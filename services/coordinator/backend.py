@@ -1,7 +1,8 @@
 """The contract between the coordinator's fronts (HTTP, gRPC) and whatever generates tokens.
 
 The fronts tokenize, validate and detokenize; a backend takes prompt ids and streams generated ids.
-``MeshBackend`` (mesh.py) is the real one, routing through prefill and decode workers.
+``MeshBackend`` (mesh.py) is the real one, routing through prefill and decode workers. A backend
+fails with a kind (``pdmesh.errors.ErrorKind``); each front maps it to its own status.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pdmesh.engine.types import SamplingParams
+from pdmesh.errors import ErrorKind
+from pdmesh.generation import SamplingParams
 
 # One generated token's logprobs: the chosen token's and {top token id: logprob}, most likely first.
 TokenLogprobs = tuple[float, dict[int, float]]
@@ -41,35 +43,13 @@ class GenerationBackend(Protocol):
         ...
 
 
-OPENAI_ERROR_TYPES = {
-    400: "invalid_request_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-    500: "internal_server_error",
-    502: "bad_gateway",
-    503: "service_unavailable",
-    504: "timeout",
-}
-
-
 class GenerationError(Exception):
-    """A request the backend could not serve, with the HTTP status and OpenAI error type to answer."""
+    """A request the backend could not serve, and what went wrong (``kind``)."""
 
     def __init__(
-        self,
-        message: str,
-        status_code: int = 500,
-        error_type: str | None = None,
-        code: str | None = None,
-        retry_after_s: float | None = None,
+        self, message: str, kind: ErrorKind = ErrorKind.INTERNAL, retry_after_s: float | None = None
     ) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s  # sent as Retry-After (429, 503)
         self.message = message
-        self.status_code = status_code
-        self.error_type = error_type or OPENAI_ERROR_TYPES.get(status_code, "internal_server_error")
-        self.code = code
-
-    @property
-    def http_status(self) -> int:
-        return self.status_code
+        self.kind = kind
+        self.retry_after_s = retry_after_s  # when to try again (OVERLOADED, UNAVAILABLE), if known

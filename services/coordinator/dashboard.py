@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData
+from pdmesh.membership import ClusterViewData, InstanceInfoData
 from pdmesh.observability.coordinator_metrics import RECENT
 from pdmesh.rpc.controller_client import ClusterWatcher
 from services.coordinator.cluster_info import list_instances

@@ -2,8 +2,10 @@
 
 Unset numeric sampling fields take OpenAI's defaults (proto3 cannot tell 0 from unset), except
 ``temperature``, where 0 means greedy; an unset ``max_tokens`` is the context left after the prompt,
-capped at 256, and lengths are checked as over HTTP (``limits``). With ``sampling.logprobs`` N > 0 each message carries one
-``TokenLogprobs`` (chosen logprob, top N ids and logprobs) per entry of its ``token_ids``.
+capped at 256. Lengths (``limits``), sampling values and token ids (``validation``) are checked as
+over HTTP, and refused with the same words. With ``sampling.logprobs`` N > 0 each message carries one
+``TokenLogprobs`` (chosen logprob, top N ids and logprobs) per entry of its ``token_ids``. A backend's
+error kind is answered with its gRPC status (``GRPC_STATUS``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import uuid
 
 import grpc
 
-from pdmesh.engine.types import SamplingParams
+from pdmesh.errors import ErrorKind
+from pdmesh.generation import SamplingParams
 from pdmesh.observability import http_tracing
 from pdmesh.rpc.convert import logprobs_to_proto
 from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -22,15 +25,19 @@ from services.coordinator.api_keys import KeyRing, bearer
 from services.coordinator.backend import GenerationBackend, GenerationError
 from services.coordinator.front_metrics import count_grpc_requests
 from services.coordinator.limits import completion_budget
+from services.coordinator.validation import check_sampling, check_token_ids
 
 log = logging.getLogger(__name__)
 
-HTTP_TO_GRPC = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+GRPC_STATUS = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.KV_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.UPSTREAM_FAILED: grpc.StatusCode.INTERNAL,
+    ErrorKind.ABORTED: grpc.StatusCode.INTERNAL,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
 
@@ -49,6 +56,7 @@ def sampling_with_defaults(msg: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
     )
+    check_sampling(params)
     params.validate()
     return params
 
@@ -87,8 +95,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def _validate(self, request, prompt_ids: list[int], sampling: SamplingParams) -> None:
         if request.model and request.model != self.model_name:
             raise ValueError(f"unknown model {request.model!r}; this server serves {self.model_name!r}")
-        if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt_ids must be in [0, {self.tokenizer.vocab_size})")
+        check_token_ids(prompt_ids, self.tokenizer.vocab_size, "prompt_ids")
+        check_token_ids(sampling.stop_token_ids, self.tokenizer.vocab_size, "stop_token_ids")
         requested = request.sampling.max_tokens or None  # unset: the context left, as over HTTP
         sampling.max_tokens = completion_budget(len(prompt_ids), requested, self.max_model_len)
 
@@ -128,4 +136,4 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 yield reply
         except GenerationError as exc:
             log.warning("[%s] failed: %s", request_id, exc)
-            await context.abort(HTTP_TO_GRPC.get(exc.status_code, grpc.StatusCode.INTERNAL), str(exc))
+            await context.abort(GRPC_STATUS[exc.kind], str(exc))

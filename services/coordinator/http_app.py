@@ -38,7 +38,8 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from pdmesh.engine.types import SamplingParams
+from pdmesh.errors import ErrorKind
+from pdmesh.generation import SamplingParams
 from pdmesh.observability import http_tracing
 from pdmesh.observability.coordinator_metrics import Outcome
 from pdmesh.tokenizer import Tokenizer
@@ -48,7 +49,7 @@ from services.coordinator.api_keys import KeyLimits, KeyRing
 from services.coordinator.backend import GenerationBackend, GenerationChunk, GenerationError
 from services.coordinator.front_metrics import RequestMetricsMiddleware
 from services.coordinator.http_auth import ApiKeyMiddleware
-from services.coordinator.http_errors import ApiError, install_error_handlers
+from services.coordinator.http_errors import ApiError, generation_error_body, install_error_handlers
 from services.coordinator.http_util import (
     ClientGone,
     RequestIdMiddleware,
@@ -59,6 +60,7 @@ from services.coordinator.http_util import (
 )
 from services.coordinator.limits import LengthError, completion_budget
 from services.coordinator.text_stream import TextStream, TokenEntry
+from services.coordinator.validation import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +107,10 @@ class OpenAIServer:
             raise ApiError("only n=1 is supported", param="n")
         if body.stream_options is not None and not body.stream:
             raise ApiError("stream_options is only allowed when stream is true", param="stream_options")
-        vocab = self.tokenizer.vocab_size
-        if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
-            raise ApiError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        try:
+            check_token_ids(body.stop_token_ids or (), self.tokenizer.vocab_size, "stop_token_ids")
+        except ValueError as exc:
+            raise ApiError(str(exc), param="stop_token_ids") from None
         logprobs.check_request(body)
 
     def completion_prompt(self, body: api.CompletionRequest) -> list[int]:
@@ -122,9 +125,10 @@ class OpenAIServer:
             prompt = prompt[0]
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        vocab = self.tokenizer.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise ApiError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        try:
+            check_token_ids(prompt, self.tokenizer.vocab_size, "prompt token ids")
+        except ValueError as exc:
+            raise ApiError(str(exc), param="prompt") from None
         return list(prompt)
 
     def chat_prompt(self, body: api.ChatCompletionRequest) -> list[int]:
@@ -185,7 +189,9 @@ class OpenAIServer:
 
     def _generate(self, job: Job) -> AsyncIterator[GenerationChunk]:
         if not self.backend.ready():
-            raise GenerationError("no healthy prefill and decode instances", status_code=503, retry_after_s=1)
+            raise GenerationError(
+                "no healthy prefill and decode instances", ErrorKind.UNAVAILABLE, retry_after_s=1
+            )
         log.info(
             "[%s] %s: %d prompt tokens, max_tokens %d%s",
             job.request_id,
@@ -214,7 +220,7 @@ class OpenAIServer:
         finally:
             await aclose(generator, job.request_id)
         if not stream.done:
-            raise GenerationError("generation ended without finishing", status_code=502)
+            raise GenerationError("generation ended without finishing", ErrorKind.UPSTREAM_FAILED)
         return "".join(parts), stream
 
     async def respond(self, job: Job, request: Request) -> Response:
@@ -279,7 +285,7 @@ class OpenAIServer:
                 if stream.done:
                     break
             if not stream.done:
-                raise GenerationError("generation ended without finishing", status_code=502)
+                raise GenerationError("generation ended without finishing", ErrorKind.UPSTREAM_FAILED)
             job.outcome.finish(stream.finish_reason, len(job.prompt_ids), stream.completion_tokens)
             http_tracing.record_gen_ai_usage(stream.completion_tokens, stream.finish_reason)
             if job.include_usage:
@@ -290,9 +296,10 @@ class OpenAIServer:
                 "[%s] streamed: %s, %d tokens", job.request_id, stream.finish_reason, stream.completion_tokens
             )
         except GenerationError as exc:
-            log.warning("[%s] failed mid-stream (%d): %s", job.request_id, exc.status_code, exc.message)
-            job.outcome.status = str(exc.status_code)
-            yield _sse(api.error_body(exc.message, exc.error_type, None, exc.code or exc.status_code))
+            status, body = generation_error_body(exc)
+            log.warning("[%s] failed mid-stream (%d): %s", job.request_id, status, exc.message)
+            job.outcome.status = str(status)
+            yield _sse(body)
         except asyncio.CancelledError:
             log.info("[%s] client disconnected; generation cancelled", job.request_id)
             raise

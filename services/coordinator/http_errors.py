@@ -3,7 +3,8 @@
 A body that fails validation is answered 400 naming the deepest field at fault (``prompt.0.1`` for a
 non-integer token id inside a list of lists, not the whole union), or 415 when it did not come as
 JSON at all. Starlette's own errors (404 unknown path, 405 with its ``Allow`` header) keep their
-status and headers. http_schema.py documents these answers in the OpenAPI schema.
+status and headers. A backend's error (``GenerationError``) carries a kind, answered with its HTTP
+status here (``HTTP_STATUS``). http_schema.py documents these answers in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -15,10 +16,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdmesh.errors import ErrorKind
 from services.coordinator import openai_api as api
-from services.coordinator.backend import OPENAI_ERROR_TYPES, GenerationError
+from services.coordinator.backend import GenerationError
+from services.coordinator.validation import bound_message
 
 log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    ErrorKind.INVALID_ARGUMENT: 400,
+    ErrorKind.OVERLOADED: 429,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.KV_UNAVAILABLE: 503,
+    ErrorKind.DEADLINE_EXCEEDED: 504,
+    ErrorKind.UPSTREAM_FAILED: 502,
+    ErrorKind.ABORTED: 500,
+    ErrorKind.INTERNAL: 500,
+}
+
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 class ApiError(Exception):
@@ -31,13 +55,22 @@ class ApiError(Exception):
         self.message, self.status, self.param, self.code = message, status, param, code
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    return OPENAI_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def generation_error_body(exc: GenerationError) -> tuple[int, dict]:
+    """A backend's error as its HTTP status and OpenAI error object (``code``: the status)."""
+    status = HTTP_STATUS[exc.kind]
+    return status, api.error_body(exc.message, error_type(status), None, status)
+
+
 def error_response(
-    status: int, message: str, error_type: str | None = None, param=None, code=None
+    status: int, message: str, openai_type: str | None = None, param=None, code=None
 ) -> JSONResponse:
-    error_type = error_type or OPENAI_ERROR_TYPES.get(
-        status, "invalid_request_error" if status < 500 else "server_error"
-    )
-    return JSONResponse(api.error_body(message, error_type, param, code), status_code=status)
+    body = api.error_body(message, openai_type or error_type(status), param, code)
+    return JSONResponse(body, status_code=status)
 
 
 def _is_union_tag(part) -> bool:
@@ -74,14 +107,11 @@ _BOUNDS = {
 
 
 def _describe(error: dict, where: str) -> str:
-    """``temperature must be >= 0`` (as SamplingParams words it), else pydantic's message."""
+    """``temperature must be >= 0`` (as the gRPC front words it too), else pydantic's message."""
     kind, ctx = error.get("type"), error.get("ctx") or {}
     if kind in _BOUNDS:
         key, op = _BOUNDS[kind]
-        limit = ctx.get(key)
-        if isinstance(limit, float) and limit.is_integer():
-            limit = int(limit)
-        return f"{where} must be {op} {limit}"
+        return bound_message(where, op, ctx.get(key))
     if kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
         return f"{where} must not be empty"
     return f"{where}: {error.get('msg', 'invalid value')}"
@@ -136,8 +166,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GenerationError)
     async def _generation_error(request: Request, exc: GenerationError) -> JSONResponse:
-        log.warning("[%s] failed (%d): %s", request.state.request_id, exc.status_code, exc.message)
-        response = error_response(exc.status_code, exc.message, exc.error_type, code=exc.code)
+        status = HTTP_STATUS[exc.kind]
+        log.warning("[%s] failed (%d): %s", request.state.request_id, status, exc.message)
+        response = error_response(status, exc.message)
         if exc.retry_after_s is not None:
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
         return response

@@ -15,6 +15,10 @@ Prompts shorter than ``local_prefill_threshold`` tokens are prefilled by the dec
 (conditional disaggregation). With only mixed instances healthy, a mixed instance serves it whole.
 Each attempt decides all of this on one snapshot of the cluster view (``Router.snapshot``).
 
+Workers are called through ``pdmesh.rpc.worker_client`` (plain dataclasses; a failure is a
+``WorkerError`` with a kind): a bad request (INVALID_ARGUMENT), a timeout (DEADLINE_EXCEEDED) or a
+failure no attempt would mend (UPSTREAM_FAILED) ends the request; any other kind starts a new attempt.
+
 Channels: one per worker address, opened on first use. When a view no longer lists an address, its
 channel is closed as soon as no call uses it (at once, or when the last call on it ends).
 """
@@ -28,29 +32,23 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import grpc
-
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
 from pdmesh.config import CoordinatorConfig
-from pdmesh.engine.types import SamplingParams
+from pdmesh.errors import ErrorKind, WorkerError
+from pdmesh.generation import SamplingParams
+from pdmesh.membership import ClusterViewData, InstanceInfoData, Role
 from pdmesh.observability import coordinator_metrics as metrics
-from pdmesh.rpc.client import DEFAULT_DEADLINE_S, open_channel
-from pdmesh.rpc.convert import logprobs_from_proto, sampling_to_proto
-from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pdmesh.rpc.client import open_channel
+from pdmesh.rpc.worker_client import PrefillResult, WorkerClient
 from services.coordinator.admission import AdmissionGate
 from services.coordinator.backend import GenerationChunk, GenerationError
 from services.coordinator.routing import Router, RoutingSnapshot
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import grpc
 
-RETRYABLE_STATUS = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.FAILED_PRECONDITION,  # the instance changed role under us
-}
+log = logging.getLogger(__name__)
 
 
 class _Retry(Exception):
@@ -58,7 +56,7 @@ class _Retry(Exception):
 
     def __init__(self, message: str, cause: str) -> None:
         super().__init__(message)
-        self.cause = cause  # retries_total's label: a gRPC status or worker error code, lower case
+        self.cause = cause  # retries_total's label: a worker error's cause (pdmesh.rpc.worker_client)
 
 
 @dataclass
@@ -97,11 +95,11 @@ class MeshBackend:
     def ready(self) -> bool:
         return self.router.ready()
 
-    def _stub(self, instance: InstanceInfoData) -> worker_pb2_grpc.WorkerStub:
+    def _client(self, instance: InstanceInfoData) -> WorkerClient:
         channel = self._channels.get(instance.address)
         if channel is None:
             channel = self._channels[instance.address] = open_channel(instance.address)
-        return worker_pb2_grpc.WorkerStub(channel)
+        return WorkerClient.over(channel)
 
     @contextlib.contextmanager
     def _calling(self, instance: InstanceInfoData) -> Iterator[None]:
@@ -171,7 +169,7 @@ class MeshBackend:
                 request.attempt += 1
                 if request.attempt > self.config.max_retry:
                     raise GenerationError(
-                        f"request failed after {request.attempt} attempts; last: {why}", status_code=503
+                        f"request failed after {request.attempt} attempts; last: {why}", ErrorKind.UNAVAILABLE
                     ) from None
                 log.warning("[%s] attempt %d failed (%s); retrying", request.request_id, request.attempt, why)
                 metrics.RETRIES.labels(why.cause).inc()
@@ -186,115 +184,77 @@ class MeshBackend:
             raise _unservable()
         if not snapshot.can_disaggregate():
             mixed = _pick(snapshot, Role.MIXED, request)
-            async for chunk in self._local(mixed, request, prompt_ids, sampling):
+            async for chunk in self._stream(mixed, request, prompt_ids, sampling):
                 yield chunk
             return
         decode = _pick(snapshot, Role.DECODE, request)
         if len(prompt_ids) < self.config.local_prefill_threshold:
-            async for chunk in self._local(decode, request, prompt_ids, sampling):
+            async for chunk in self._stream(decode, request, prompt_ids, sampling):
                 yield chunk
             return
         prefill = _pick(snapshot, Role.PREFILL, request, prompt_ids)
-        reply = await self._prefill(prefill, request, prompt_ids, sampling)
+        prefilled = await self._prefill(prefill, request, prompt_ids, sampling)
         yield GenerationChunk(
-            [reply.first_token],
-            reply.finished,
-            reply.finish_reason or None,
-            logprobs_from_proto(reply.logprobs),
+            [prefilled.first_token], prefilled.finished, prefilled.finish_reason, prefilled.logprobs
         )
-        if reply.finished:
+        if prefilled.finished:
             return
-        decode_request = worker_pb2.DecodeRequest(
-            request_id=request.attempt_id,
-            prompt_ids=prompt_ids,
-            first_token=reply.first_token,
-            sampling=sampling_to_proto(sampling),
-            handle=reply.handle,
-            deadline=time.time() + _remaining(request.deadline),
-        )
-        async for chunk in self._stream(decode, decode_request, request):
+        async for chunk in self._stream(decode, request, prompt_ids, sampling, prefilled):
             yield chunk
 
-    async def _local(
-        self, instance, request: _Request, prompt_ids, sampling
-    ) -> AsyncIterator[GenerationChunk]:
-        """The whole (continued) request on one instance, which prefills it itself."""
-        decode_request = worker_pb2.DecodeRequest(
-            request_id=request.attempt_id,
-            prompt_ids=prompt_ids,
-            sampling=sampling_to_proto(sampling),
-            prefill_locally=True,
-            deadline=time.time() + _remaining(request.deadline),
-        )
-        async for chunk in self._stream(instance, decode_request, request):
-            yield chunk
-
-    async def _prefill(self, instance, request: _Request, prompt_ids, sampling) -> worker_pb2.PrefillResponse:
-        prefill_request = worker_pb2.PrefillRequest(
-            request_id=request.attempt_id,
-            prompt_ids=prompt_ids,
-            sampling=sampling_to_proto(sampling),
-            deadline=time.time() + _remaining(request.deadline),
-        )
-        timeout = min(self.config.first_token_timeout_s, _remaining(request.deadline))
+    async def _prefill(self, instance, request: _Request, prompt_ids, sampling) -> PrefillResult:
+        time_left = _remaining(request.deadline)
+        timeout = min(self.config.first_token_timeout_s, time_left)
         self.router.inflight[instance.instance_id] += 1
         try:
             with self._calling(instance):
-                reply = await self._stub(instance).Prefill(prefill_request, timeout=timeout)
+                client = self._client(instance)
+                return await client.prefill(request.attempt_id, prompt_ids, sampling, time_left, timeout)
         except asyncio.CancelledError:
             await self._abort(instance, request.attempt_id)
             raise
-        except grpc.aio.AioRpcError as exc:
+        except WorkerError as exc:
             request.tried.add(instance.instance_id)
-            _raise_for_status(exc, instance, "prefill")
+            raise _settle(exc, instance, "prefill") from exc
         finally:
             self.router.inflight[instance.instance_id] -= 1
-        if reply.HasField("error") and reply.error.code:
-            request.tried.add(instance.instance_id)
-            _raise_for_error(reply.error, instance)
-        return reply
 
-    async def _stream(self, instance, decode_request, request: _Request) -> AsyncIterator[GenerationChunk]:
-        """Streams a Decode call; a failure raises _Retry (migration) or GenerationError."""
-        call = self._stub(instance).Decode(decode_request, timeout=_remaining(request.deadline))
+    async def _stream(
+        self, instance, request: _Request, prompt_ids, sampling, prefilled: PrefillResult | None = None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Streams a Decode call that continues ``prefilled``, or without it the whole (continued)
+        request on one instance, which prefills it itself; a failure raises _Retry (migration) or
+        GenerationError."""
+        time_left = _remaining(request.deadline)
+        stream = self._client(instance).decode(request.attempt_id, prompt_ids, sampling, time_left, prefilled)
         # a worker prefilling the request itself must produce its first token in time, as a prefill must
         first_timeout = None
-        if decode_request.prefill_locally:
+        if prefilled is None:
             first_timeout = min(self.config.first_token_timeout_s, _remaining(request.deadline))
         self.router.inflight[instance.instance_id] += 1
         self._hold(instance)
         try:
-            async for chunk in _first_in_time(call, first_timeout, instance):
-                if chunk.HasField("error") and chunk.error.code:
-                    request.tried.add(instance.instance_id)
-                    _raise_for_error(chunk.error, instance)
-                yield GenerationChunk(
-                    list(chunk.token_ids),
-                    chunk.finished,
-                    chunk.finish_reason or None,
-                    logprobs_from_proto(chunk.logprobs),
-                )
+            async for chunk in _first_in_time(stream, first_timeout, instance):
+                yield GenerationChunk(chunk.token_ids, chunk.finished, chunk.finish_reason, chunk.logprobs)
                 if chunk.finished:
                     return
-        except grpc.aio.AioRpcError as exc:
+        except WorkerError as exc:
             request.tried.add(instance.instance_id)
-            _raise_for_status(exc, instance, "decode")
+            raise _settle(exc, instance, "decode") from exc
         finally:
             self.router.inflight[instance.instance_id] -= 1
-            call.cancel()  # the client went away or we are done: the worker aborts and frees blocks
+            stream.cancel()  # the client went away or we are done: the worker aborts and frees blocks
             self._let_go(instance)
         request.tried.add(instance.instance_id)
         raise _Retry(f"decode stream from {instance.instance_id} ended without finishing", "stream_ended")
 
     async def _abort(self, instance: InstanceInfoData, request_id: str) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError), self._calling(instance):
-            await self._stub(instance).Abort(
-                worker_pb2.AbortRequest(request_id=request_id), timeout=DEFAULT_DEADLINE_S
-            )
+        with contextlib.suppress(WorkerError, asyncio.CancelledError), self._calling(instance):
+            await self._client(instance).abort(request_id)
 
 
 def _unservable() -> GenerationError:
-    return GenerationError("no healthy prefill and decode instances", status_code=503, retry_after_s=1)
+    return GenerationError("no healthy prefill and decode instances", ErrorKind.UNAVAILABLE, retry_after_s=1)
 
 
 def _pick(
@@ -302,7 +262,7 @@ def _pick(
 ) -> InstanceInfoData:
     instance = snapshot.pick(role, exclude=request.tried, prompt_ids=prompt_ids)
     if instance is None:
-        raise GenerationError(f"no healthy {role.value} instance", status_code=503, retry_after_s=1)
+        raise GenerationError(f"no healthy {role.value} instance", ErrorKind.UNAVAILABLE, retry_after_s=1)
     metrics.ROUTE_CHOICES.labels(role.value, instance.instance_id).inc()
     return instance
 
@@ -310,13 +270,13 @@ def _pick(
 def _remaining(deadline: float) -> float:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise GenerationError("request timed out", status_code=504)
+        raise GenerationError("request timed out", ErrorKind.DEADLINE_EXCEEDED)
     return remaining
 
 
-async def _first_in_time(call, timeout: float | None, instance: InstanceInfoData) -> AsyncIterator:
-    """The stream's messages, the first within ``timeout`` seconds (None: no limit) or a 504."""
-    messages = aiter(call)
+async def _first_in_time(stream, timeout: float | None, instance: InstanceInfoData) -> AsyncIterator:
+    """The stream's chunks, the first within ``timeout`` seconds (None: no limit) or DEADLINE_EXCEEDED."""
+    messages = aiter(stream)
     if timeout is not None:
         try:
             yield await asyncio.wait_for(anext(messages), timeout)
@@ -324,31 +284,20 @@ async def _first_in_time(call, timeout: float | None, instance: InstanceInfoData
             return
         except TimeoutError:
             raise GenerationError(
-                f"no first token within {timeout:g} s at {instance.instance_id}", status_code=504
+                f"no first token within {timeout:g} s at {instance.instance_id}", ErrorKind.DEADLINE_EXCEEDED
             ) from None
     async for message in messages:
         yield message
 
 
-def _raise_for_status(exc: grpc.aio.AioRpcError, instance: InstanceInfoData, phase: str):
-    code = exc.code()
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        raise GenerationError(exc.details() or "invalid request", status_code=400) from exc
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        raise GenerationError(f"{phase} timed out at {instance.instance_id}", status_code=504) from exc
-    if code in RETRYABLE_STATUS:
-        raise _Retry(
-            f"{phase} at {instance.instance_id}: {code.name} {exc.details()}", code.name.lower()
-        ) from exc
-    raise GenerationError(
-        f"{phase} failed at {instance.instance_id}: {exc.details()}", status_code=502
-    ) from exc
-
-
-def _raise_for_error(error: common_pb2.Error, instance: InstanceInfoData):
-    if error.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT:
-        raise GenerationError(error.message, status_code=400)
-    name = common_pb2.ErrorCode.Name(error.code)
-    raise _Retry(
-        f"{name} at {instance.instance_id}: {error.message}", name.removeprefix("ERROR_CODE_").lower()
-    )
+def _settle(exc: WorkerError, instance: InstanceInfoData, phase: str) -> Exception:
+    """What a failed worker call means for the request: a bad request, a timeout or a failure that
+    another attempt would not mend end it (GenerationError); any other kind starts a new attempt."""
+    where = instance.instance_id
+    if exc.kind == ErrorKind.INVALID_ARGUMENT:
+        return GenerationError(exc.message or "invalid request", ErrorKind.INVALID_ARGUMENT)
+    if exc.kind == ErrorKind.DEADLINE_EXCEEDED:
+        return GenerationError(f"{phase} timed out at {where}", ErrorKind.DEADLINE_EXCEEDED)
+    if exc.kind == ErrorKind.UPSTREAM_FAILED:
+        return GenerationError(f"{phase} failed at {where}: {exc.message}", exc.kind)
+    return _Retry(f"{phase} at {where}: {exc.cause.upper()} {exc.message}", exc.cause)

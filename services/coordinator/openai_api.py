@@ -5,11 +5,9 @@ Requests accept OpenAI's fields and vLLM's sampling extras (``top_k``, ``min_p``
 (``user``, ``logit_bias``, ...) are ignored. Request fields are validated strictly, as their JSON types
 say: ``true`` is not an integer (``3.0`` is, as in JSON Schema), ``"1"`` not a number, and numbers must
 be finite (no ``NaN`` or ``Infinity``, which Python's JSON parser would otherwise let through).
-``seed`` is a signed 64-bit integer and ``top_k`` -1 (disabled) or more, within 32 bits, as the
-workers' protocol carries them; ``top_p`` and ``repetition_penalty`` at least the smallest positive
-float32 (the protocol's type). The bounds the server enforces are declared on the fields, so that the
-OpenAPI schema documents them. Responses are serialized with every OpenAI field present (``null``
-where there is no value), as OpenAI does.
+The bounds the server enforces on sampling values are declared on the fields (from the table both
+fronts share, ``validation.SAMPLING_BOUNDS``), so that the OpenAPI schema documents them. Responses
+are serialized with every OpenAI field present (``null`` where there is no value), as OpenAI does.
 """
 
 from __future__ import annotations
@@ -20,14 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 
-from pdmesh.engine.types import SamplingParams
-
-INT32_MAX = 2**31 - 1
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-TOP_LOGPROBS_MAX = 20  # the engine's bound (SamplingParams.validate)
-# The workers get float32 sampling parameters: a positive value below the smallest positive float32
-# would reach them as 0 (and be refused there, for a value the client sent positive).
-FLOAT32_TINY = 2.0**-149
+from pdmesh.generation import SamplingParams
+from services.coordinator.validation import bounded
 
 # How request bodies are read: JSON types as declared, finite numbers only.
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
@@ -43,15 +35,12 @@ def _integral(value: Any) -> Any:
 INTEGRAL = BeforeValidator(_integral)
 Int = Annotated[int, INTEGRAL]
 
-# The bounds below are the ones the server enforces anyway (SamplingParams.validate, the workers'
-# protocol); declared here, they are checked first and documented in the OpenAPI schema.
+# Declared here, the bounds are checked first and documented in the OpenAPI schema.
 TokenId = Annotated[
     int, Field(ge=0), INTEGRAL
 ]  # below the vocabulary size too (checked against the tokenizer)
 Budget = Annotated[int, Field(ge=1), INTEGRAL]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
-TopLogprobs = Annotated[int, Field(ge=0, le=TOP_LOGPROBS_MAX), INTEGRAL]
+TopLogprobs = Annotated[int, bounded("logprobs"), INTEGRAL]
 NonEmptyText = Annotated[str, Field(min_length=1)]
 NonEmptyIds = Annotated[list[TokenId], Field(min_length=1)]
 
@@ -69,19 +58,19 @@ class SamplingRequest(BaseModel):
 
     model: str | None = None
     max_tokens: Budget | None = None
-    temperature: Annotated[float, Field(ge=0)] | None = None
-    top_p: Annotated[float, Field(ge=FLOAT32_TINY, le=1)] | None = None
+    temperature: Annotated[float, bounded("temperature")] | None = None
+    top_p: Annotated[float, bounded("top_p")] | None = None
     n: Int | None = 1
     stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), INTEGRAL] | None = None
+    seed: Annotated[int, bounded("seed"), INTEGRAL] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
+    presence_penalty: Annotated[float, bounded("presence_penalty")] | None = None
+    frequency_penalty: Annotated[float, bounded("frequency_penalty")] | None = None
     # vLLM extras
-    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX), INTEGRAL] | None = None
-    min_p: Fraction | None = None
-    repetition_penalty: Annotated[float, Field(ge=FLOAT32_TINY)] | None = None
+    top_k: Annotated[int, bounded("top_k"), INTEGRAL] | None = None
+    min_p: Annotated[float, bounded("min_p")] | None = None
+    repetition_penalty: Annotated[float, bounded("repetition_penalty")] | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[TokenId] | None = None
 

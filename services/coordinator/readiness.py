@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from pdmesh.cluster import ClusterViewData, Role
+from pdmesh.membership import ClusterViewData, Role
 
 log = logging.getLogger(__name__)
 

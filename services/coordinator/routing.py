@@ -17,7 +17,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
+from pdmesh.membership import ClusterViewData, InstanceInfoData, Role
 from pdmesh.observability import tracing
 
 POLICIES = ("round_robin", "least_load", "power_of_two", "cache_aware")

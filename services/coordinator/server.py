@@ -12,8 +12,8 @@ from pathlib import Path
 
 import uvicorn
 
-from pdmesh.cluster import Role
 from pdmesh.config import CoordinatorConfig
+from pdmesh.membership import Role
 from pdmesh.rpc.controller_client import ClusterWatcher
 from pdmesh.rpc.server import RunningServer, start_server
 from pdmesh.tokenizer import Tokenizer
@@ -40,9 +40,6 @@ class _QuietSignalsServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
-
-    def install_signal_handlers(self) -> None:  # older uvicorn releases
-        return None
 
 
 def read_max_model_len(model_dir: Path) -> int:

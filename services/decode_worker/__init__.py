@@ -1,1 +1,1 @@
-"""The decode worker service: a worker process whose role starts as decode (see pdmesh.worker)."""
+"""The decode worker service: a worker process whose role starts as decode (see services.worker)."""

@@ -2,7 +2,7 @@
 
 import sys
 
-from pdmesh.worker.main import run_worker
+from services.worker.main import run_worker
 
 if __name__ == "__main__":
     sys.exit(run_worker(role="decode"))

@@ -1,1 +1,1 @@
-"""The prefill worker service: a worker process whose role starts as prefill (see pdmesh.worker)."""
+"""The prefill worker service: a worker process whose role starts as prefill (see services.worker)."""

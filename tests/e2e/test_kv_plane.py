@@ -14,7 +14,8 @@ import pytest
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams
 from pdmesh.rpc.client import open_channel
 from pdmesh.tokenizer import Tokenizer
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc

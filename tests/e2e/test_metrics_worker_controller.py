@@ -16,8 +16,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdmesh.cluster import Role
 from pdmesh.launcher import LocalStack
+from pdmesh.membership import Role
 from pdmesh.rpc.client import open_channel
 from pdmesh.rpc.convert_cluster import role_from_proto, role_to_proto, state_from_proto
 from pdmesh.v1 import controller_pb2, controller_pb2_grpc

@@ -24,7 +24,8 @@ import pytest
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams
 from pdmesh.tokenizer import Tokenizer
 from pdmesh.v1 import common_pb2
 from tests.e2e.conftest import start_stack

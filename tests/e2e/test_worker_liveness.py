@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from pdmesh.cluster import InstanceState
+from pdmesh.membership import InstanceState
 from pdmesh.rpc.convert_cluster import instance_from_proto
 from tests.e2e.conftest import start_stack
 from tests.e2e.helpers import list_instances, wait_blocks_idle, wait_until

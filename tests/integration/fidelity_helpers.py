@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, SamplingParams, TokenOutput
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams, TokenOutput
 from pdmesh.models import AttentionMetadata, load_model
 
 NEW_TOKENS = 32

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import uvicorn
 
-from pdmesh.engine.types import SamplingParams
+from pdmesh.generation import SamplingParams
 from services.coordinator.backend import GenerationChunk, GenerationError
 
 MODEL = "tiny-chatml"

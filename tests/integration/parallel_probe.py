@@ -15,9 +15,10 @@ import sys
 
 from pdmesh.config import WorkerConfig
 from pdmesh.engine.step import StepInputs
-from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams
 from pdmesh.parallel.instance import plan_instance
-from pdmesh.worker.main import open_engine
+from pdmesh.parallel.rank_engine import open_engine
 
 
 def prefill_logits(engine, ids: list[int]) -> list[list[float]]:

@@ -10,8 +10,8 @@ import time
 import pytest
 import redis
 
-from pdmesh.cluster import InstanceInfoData, LoadData, Role
 from pdmesh.config import ControllerConfig
+from pdmesh.membership import InstanceInfoData, LoadData, Role
 from pdmesh.rpc.controller_client import InstanceAgent
 from services.controller.server import create_controller
 

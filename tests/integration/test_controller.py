@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
 from pdmesh.config import ControllerConfig
+from pdmesh.membership import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
 from pdmesh.ports import free_port
 from pdmesh.rpc.client import check_health, open_channel, wait_healthy
 from pdmesh.rpc.controller_client import ClusterWatcher, InstanceAgent

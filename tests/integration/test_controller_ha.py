@@ -12,8 +12,8 @@ import grpc
 import pytest
 import redis
 
-from pdmesh.cluster import InstanceInfoData, InstanceState, LoadData, Role
 from pdmesh.config import ControllerConfig
+from pdmesh.membership import InstanceInfoData, InstanceState, LoadData, Role
 from pdmesh.rpc.client import open_channel
 from pdmesh.rpc.controller_client import ClusterWatcher, InstanceAgent
 from pdmesh.rpc.controller_endpoints import active_from_error

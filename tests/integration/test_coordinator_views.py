@@ -9,9 +9,9 @@ import itertools
 
 import pytest
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
 from pdmesh.config import CoordinatorConfig
-from pdmesh.engine.types import SamplingParams
+from pdmesh.generation import SamplingParams
+from pdmesh.membership import ClusterViewData, InstanceInfoData, Role
 from pdmesh.rpc.server import RunningServer, start_server
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.coordinator.mesh import MeshBackend

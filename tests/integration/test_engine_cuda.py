@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
-from pdmesh.engine.bench import main as bench_main
+from pdmesh.bench.engine import main as bench_main
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 

@@ -11,7 +11,8 @@ import pytest
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, RequestMode
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import RequestMode
 from tests.integration.fidelity_helpers import (
     PROMPTS,
     assert_greedy_alone_and_batched,

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams
 from pdmesh.modelgen.writer import write_shards
 from pdmesh.models import load_model
 from pdmesh.models.fp8 import SCALE_SUFFIX

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdmesh.cluster import InstanceInfoData, Role
+from pdmesh.membership import InstanceInfoData, Role
 from pdmesh.ports import free_port
 from pdmesh.rpc.client import open_channel, wait_healthy
 from pdmesh.rpc.convert_cluster import instance_to_proto

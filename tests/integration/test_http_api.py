@@ -10,6 +10,7 @@ import logging
 
 import pytest
 
+from pdmesh.errors import ErrorKind
 from services.coordinator.backend import GenerationChunk, GenerationError
 from services.coordinator.limits import DEFAULT_MAX_TOKENS
 from services.coordinator.text_stream import TextStream
@@ -246,7 +247,7 @@ def test_context_length(app, tok) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_backend_errors_keep_their_status(app, backend, stream) -> None:
-    backend.fail_before = GenerationError("queue full", status_code=429)
+    backend.fail_before = GenerationError("queue full", ErrorKind.OVERLOADED)
     response = call(app, "POST", "/v1/chat/completions", json={"messages": MESSAGES, "stream": stream})
     error = assert_error(response, 429, "queue full")
     assert error["type"] == "rate_limit_error"
@@ -254,7 +255,7 @@ def test_backend_errors_keep_their_status(app, backend, stream) -> None:
 
 
 def test_error_mid_stream_is_an_event(app, backend) -> None:
-    backend.fail_after = (3, GenerationError("decode instance died", status_code=502))
+    backend.fail_after = (3, GenerationError("decode instance died", ErrorKind.UPSTREAM_FAILED))
     events = _stream_chat(app)
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["message"] == "decode instance died"

@@ -10,8 +10,8 @@ import asyncio
 import pytest
 from kubernetes.aio.client import Configuration
 
-from pdmesh.cluster import InstanceInfoData, Role
 from pdmesh.config import ControllerConfig
+from pdmesh.membership import InstanceInfoData, Role
 from services.controller.k8s_actuator import ROLE_LABEL, KubernetesActuator
 from services.controller.roles import FlipFailed, LocalGrpcActuator
 from services.controller.server import default_actuator

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pdmesh.planner.plan import main_plan
-from pdmesh.planner.profile import load_profile, main_profile
+from pdmesh.planner.profile import main_profile
+from pdmesh.planner.profile_file import load_profile
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,8 +12,8 @@ import time
 import pytest
 from redis.exceptions import RedisError
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, LoadData, Role
 from pdmesh.config import ControllerConfig
+from pdmesh.membership import ClusterViewData, InstanceInfoData, LoadData, Role
 from pdmesh.rpc.controller_client import ClusterWatcher, InstanceAgent
 from pdmesh.rpc.server import start_server
 from services.controller.lease import connect, parse_holder

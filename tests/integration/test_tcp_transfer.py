@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from pdmesh.kv.transfer.base import TransferError, make_transfer_client
+from pdmesh.kv.transfer.base import make_transfer_client
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.types import KVHandle, KVLayout
 from tests.integration.transfer_harness import SpawnedServer, publish_and_wait
 

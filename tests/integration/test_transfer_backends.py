@@ -14,6 +14,8 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +23,8 @@ import uuid
 import pytest
 import torch
 
-from pdmesh.kv.transfer.base import TransferError, allocate_pool, make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.base import allocate_pool, make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.types import KVHandle, KVLayout
 from tests.integration.transfer_harness import SpawnedServer, publish_and_wait
 
@@ -205,7 +208,7 @@ def test_cuda_ipc_pull() -> None:
 
 
 def test_bench_smoke(capsys) -> None:
-    from pdmesh.kv.transfer.bench import main
+    from pdmesh.bench.transfer import main
 
     assert main(["--backend", "tcp", "--mib", "8", "--reps", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip())
@@ -221,7 +224,7 @@ def test_bench_smoke(capsys) -> None:
 
 
 def test_bench_mooncake_smoke(capsys) -> None:
-    from pdmesh.kv.transfer.bench import main
+    from pdmesh.bench.transfer import main
 
     assert main(["--backend", "mooncake", "--mib", "4", "--reps", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip())
@@ -231,11 +234,23 @@ def test_bench_mooncake_smoke(capsys) -> None:
 def test_mooncake_without_the_wheel_names_the_package(monkeypatch) -> None:
     import pdmesh.kv.transfer.base as base
 
-    monkeypatch.setattr(base, "BACKENDS", tuple(b for b in base.BACKENDS if b != "mooncake"))
-    monkeypatch.setattr(base, "MOONCAKE_MISSING", "the mooncake transfer backend needs the "
-                        f"{base.MOONCAKE_PACKAGE} package")  # fmt: skip
+    monkeypatch.setitem(sys.modules, "mooncake.engine", None)  # its import now fails, as without the wheel
+    assert "mooncake" not in base.BACKENDS
     pool = torch.zeros((4, *LAYOUT.block_shape))
     with pytest.raises(ValueError, match="mooncake-transfer-engine-non-cuda"):
         base.make_transfer_client("mooncake", pool, LAYOUT)
     with pytest.raises(ValueError, match="mooncake-transfer-engine-non-cuda"):
         base.allocate_pool("mooncake", 4, LAYOUT)
+
+
+def test_importing_the_backend_table_imports_no_backend() -> None:
+    """A worker that runs tcp never loads Mooncake's engine (nor any other backend's module)."""
+    probe = (
+        "import sys, pdmesh.kv.transfer.base as base; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mooncake' "
+        "or m in {r.module for r in base.TABLE.values()}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pdmesh.kv.transfer import secure
-from pdmesh.kv.transfer.base import TransferError, allocate_pool, make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.base import allocate_pool, make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.types import KVHandle, KVLayout
 from pdmesh.security.certs import write_certs
 from pdmesh.security.tls import TlsFiles

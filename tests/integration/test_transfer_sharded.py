@@ -14,7 +14,8 @@ import uuid
 import pytest
 import torch
 
-from pdmesh.kv.transfer.base import TransferError, allocate_pool, make_transfer_server
+from pdmesh.kv.transfer.base import allocate_pool, make_transfer_server
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.transfer.sharded import RankHeads, ShardedPuller, plan_pull
 from pdmesh.kv.types import KVHandle, KVLayout, KVPart
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from pdmesh.kv.transfer import secure
-from pdmesh.kv.transfer.base import TransferError, allocate_pool, make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.base import allocate_pool, make_transfer_client, make_transfer_server
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.types import KVHandle, KVLayout
 from pdmesh.security.certs import CertPaths, write_certs
 from pdmesh.security.tls import TlsFiles
@@ -147,7 +148,7 @@ def test_tls_puller_against_a_plaintext_server_fails_with_the_reason(certs, serv
 
 
 def test_bench_reports_plain_and_tls(capsys) -> None:
-    from pdmesh.kv.transfer.bench import main
+    from pdmesh.bench.transfer import main
 
     assert main(["--backend", "tcp", "--mib", "2", "--reps", "2", "--tls", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip())

@@ -18,11 +18,12 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdmesh.engine.types import EngineStats
-from pdmesh.kv.transfer.base import BACKENDS, TransferError, allocate_pool, make_transfer_server
+from pdmesh.kv.transfer.base import BACKENDS, allocate_pool, make_transfer_server
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.transfer.sharded import ShardedPuller
 from pdmesh.kv.types import KVHandle, KVLayout
-from pdmesh.observability.worker_metrics import LOAD, WorkerMetrics
-from pdmesh.worker.kv_plane import KVPlane
+from services.worker.kv_plane import KVPlane
+from services.worker.metrics import LOAD, WorkerMetrics
 
 pytestmark = pytest.mark.timeout(90)
 

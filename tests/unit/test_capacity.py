@@ -7,7 +7,7 @@ import pytest
 from pdmesh.config import ControllerConfig
 from pdmesh.planner.capacity import capacity_from_model, capacity_from_profile
 from pdmesh.planner.model import LatencyModel
-from pdmesh.planner.profile import save_profile
+from pdmesh.planner.profile_file import save_profile
 from services.controller.server import instance_capacity
 from tests.unit.test_planner import DECODE, PREFILL, synthetic_profile
 

@@ -9,8 +9,9 @@ import pytest
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.runner import EngineRunner
-from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams, TokenOutput
+from pdmesh.engine.engine_loop import EngineLoop
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import FinishReason, RequestMode, SamplingParams, TokenOutput
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -183,7 +184,7 @@ def test_decode_validation_and_immediate_finish(engine) -> None:
 
 
 def test_runner_delivers_outputs_and_survives_a_failing_step(engine, monkeypatch) -> None:
-    runner = EngineRunner(engine)
+    runner = EngineLoop(engine)
     runner.start()
     try:
         done = threading.Event()

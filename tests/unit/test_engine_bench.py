@@ -8,10 +8,11 @@ import random
 import pytest
 import torch
 
-from pdmesh.engine.bench import main
+from pdmesh.bench.engine import main
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams
 from pdmesh.kernels import build
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,7 +10,8 @@ import torch
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.fused_decode import FusedDecoder
-from pdmesh.engine.types import EngineRequest, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams
 from pdmesh.kernels import cpu
 from pdmesh.kernels.layer import DecodeLayerWeights, DecodeStepInputs, Norm, decode_layers
 from pdmesh.models.layers import RotaryEmbedding

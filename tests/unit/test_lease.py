@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from pdmesh.cluster import InstanceInfoData, Role
+from pdmesh.membership import InstanceInfoData, Role
 from services.controller.lease import LeaseLock, connect
 from services.controller.state import ClusterStore, FencedOut
 

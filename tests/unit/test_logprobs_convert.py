@@ -8,15 +8,16 @@ import math
 
 import pytest
 
-from pdmesh.engine.types import EngineRequest, SamplingParams, TokenOutput
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import SamplingParams, TokenOutput
 from pdmesh.rpc.convert import logprobs_from_proto, logprobs_to_proto
 from pdmesh.tokenizer import Tokenizer
 from pdmesh.v1 import worker_pb2
-from pdmesh.worker.bridge import EngineBridge
-from pdmesh.worker.servicer import _chunk
 from services.coordinator import logprobs
 from services.coordinator.backend import GenerationChunk
 from services.coordinator.text_stream import TextStream, TokenEntry
+from services.worker.bridge import EngineBridge
+from services.worker.servicer import _chunk
 from tests.unit.test_tokenizer import build_tokenizer_dir
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,10 +9,11 @@ from collections import Counter
 import grpc
 import pytest
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, Role
 from pdmesh.config import CoordinatorConfig
-from pdmesh.engine.types import SamplingParams
+from pdmesh.generation import SamplingParams
+from pdmesh.membership import ClusterViewData, InstanceInfoData, Role
 from pdmesh.rpc.convert import logprobs_to_proto
+from pdmesh.rpc.worker_client import WorkerClient
 from pdmesh.v1 import worker_pb2
 from services.coordinator.mesh import MeshBackend
 
@@ -106,7 +107,7 @@ def test_retry_after_decode_dies_keeps_one_logprob_per_token() -> None:
     }
     config = CoordinatorConfig(controller="unused:1", model_dir="unused", max_retry=2)
     backend = MeshBackend(_Router(instances), config)
-    backend._stub = lambda instance: workers[instance.address]
+    backend._client = lambda instance: WorkerClient(workers[instance.address])
     original = prefill.Prefill
 
     async def prefill_then_13(request, timeout):

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pdmesh.cluster import InstanceInfoData, InstanceState, LoadData, Role
+from pdmesh.membership import InstanceInfoData, InstanceState, LoadData, Role
 from services.controller.membership import Membership
 
 pytestmark = pytest.mark.timeout(60)

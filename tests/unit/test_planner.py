@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pdmesh.planner.model import LatencyModel, PrefillModel
-from pdmesh.planner.profile import load_profile, save_profile
+from pdmesh.planner.profile_file import load_profile, save_profile
 from pdmesh.planner.simulate import (
     SLO,
     LengthDist,

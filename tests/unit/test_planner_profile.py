@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pdmesh.engine.types import TokenOutput
+from pdmesh.generation import TokenOutput
 from pdmesh.planner.model import LatencyModel
 from tests.unit.test_planner import DECODE, PREFILL
 
@@ -42,7 +42,7 @@ class FakeEngine:
         self.freed.append(block_ids)
 
     def step(self) -> list:
-        from pdmesh.engine.types import RequestMode
+        from pdmesh.generation import RequestMode
 
         if self.waiting:
             batch, self.waiting = self.waiting, []
@@ -77,14 +77,15 @@ class FakeEngine:
 
 
 def test_run_profile_measures_a_fake_engine(tmp_path, monkeypatch):
-    from pdmesh.planner import bench as bench_mod
+    from pdmesh.planner import measure as measure_mod
     from pdmesh.planner import profile as profile_mod
+    from pdmesh.planner.profile_file import validate_profile
 
     (tmp_path / "config.json").write_text(
         json.dumps({"vocab_size": 100, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4})
     )
     clock = _Clock()
-    monkeypatch.setattr(bench_mod, "time", clock)
+    monkeypatch.setattr(measure_mod, "time", clock)
     engines: list[FakeEngine] = []
 
     def factory(options):
@@ -100,7 +101,7 @@ def test_run_profile_measures_a_fake_engine(tmp_path, monkeypatch):
         decode_steps=4,
         engine_factory=factory,
     )
-    assert profile_mod.validate_profile(result) is result
+    assert validate_profile(result) is result
     assert len(result["prefill"]) == 6 and len(result["decode"]) == 6
     assert engines[0].freed and not engines[0].running and not engines[0].waiting
     meta = result["metadata"]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pdmesh.planner.plan import main_plan, plan
-from pdmesh.planner.profile import save_profile
+from pdmesh.planner.profile_file import save_profile
 from pdmesh.planner.simulate import (
     SLO,
     LengthDist,

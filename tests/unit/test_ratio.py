@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdmesh.cluster import InstanceInfoData, LoadData, Role
+from pdmesh.membership import InstanceInfoData, LoadData, Role
 from services.controller.ratio import Capacity, Demand, DemandMeter, RatioPolicy, parse_ratio
 
 pytestmark = pytest.mark.timeout(30)

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, InstanceState, Role
+from pdmesh.membership import ClusterViewData, InstanceInfoData, InstanceState, Role
 from services.coordinator.readiness import READY_LINE, Readiness
 
 pytestmark = pytest.mark.timeout(10)

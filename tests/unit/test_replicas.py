@@ -7,7 +7,8 @@ import pytest
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.replicas import ReplicaSet
 from pdmesh.engine.sequence import Sequence
-from pdmesh.engine.types import EngineRequest, RequestMode, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import RequestMode, SamplingParams
 
 pytestmark = pytest.mark.timeout(30)
 

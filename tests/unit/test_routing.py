@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 
-from pdmesh.cluster import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
+from pdmesh.membership import ClusterViewData, InstanceInfoData, InstanceState, LoadData, Role
 from services.coordinator.admission import AdmissionGate
 from services.coordinator.backend import GenerationError
+from services.coordinator.http_errors import HTTP_STATUS
 from services.coordinator.routing import (
     CacheAwarePolicy,
     LeastLoadPolicy,
@@ -109,7 +110,7 @@ def test_admission_queues_then_refuses_with_retry_after():
         with pytest.raises(GenerationError) as refused:
             async with gate.admit():
                 pass
-        assert refused.value.status_code == 429 and refused.value.retry_after_s
+        assert HTTP_STATUS[refused.value.kind] == 429 and refused.value.retry_after_s
         release.set()
         await asyncio.gather(first, second)
         assert gate.inflight == 0 and gate.waiting == 0

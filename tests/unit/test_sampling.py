@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pdmesh.engine.sampling import SampleInput, apply_penalties, sample
-from pdmesh.engine.types import SamplingParams
+from pdmesh.generation import SamplingParams
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -103,7 +103,7 @@ def _run(engine, sampling: SamplingParams, prompt: list[int] | None = None, rid:
 
 
 def test_stop_ids_eos_ignore_eos_and_max_tokens(engine, monkeypatch) -> None:
-    from pdmesh.engine.types import FinishReason
+    from pdmesh.generation import FinishReason
 
     base, last = _run(engine, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert len(base) == 12 and last.finish_reason == FinishReason.LENGTH

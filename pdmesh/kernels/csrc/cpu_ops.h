@@ -1,5 +1,6 @@
 /* The kernels of cpu_ops.c that other sources of the library call (see cpu_ops.c for each one's
- * contract; Python reaches them through pdmesh/kernels/cpu.py). */
+ * contract; Python reaches them through pdmesh/kernels/cpu.py, whose SIGNATURES in build.py mirror
+ * these prototypes: a change here needs a new PDM_ABI_VERSION, abi.h). */
 #ifndef PDMESH_CPU_OPS_H
 #define PDMESH_CPU_OPS_H
 

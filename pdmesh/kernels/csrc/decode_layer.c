@@ -11,35 +11,7 @@
 #include <stdint.h>
 
 #include "cpu_ops.h"
-
-/* A dense pre-norm decoder layer's weights (products packed for pdm_linear) and shapes. */
-typedef struct {
-    int64_t hidden, heads, kv_heads, head_dim, inter;
-    const float *input_norm, *post_norm; /* [hidden] */
-    float input_eps, post_eps;
-    const float *q_norm, *k_norm; /* [head_dim] per-head norms, NULL for none */
-    float q_eps, k_eps;
-    const float *qkv, *qkv_bias; /* (H + 2 KVH) head_dim outputs; the bias may be NULL */
-    const float *o, *o_bias;
-    const float *gate_up, *gate_up_bias; /* 2 inter outputs: gate, then up */
-    const float *down, *down_bias;
-    float scale;
-} pdm_layer_weights;
-
-/* What one decode step of `batch` sequences shares across its layers. */
-typedef struct {
-    int64_t batch;
-    const int64_t *positions;     /* [B] */
-    const float *cos, *sin;       /* [max_positions, head_dim] */
-    int64_t max_positions;
-    float *pool;                  /* the KV pool as rows of KVH head_dim floats */
-    int64_t pool_rows;
-    const int64_t *slot_rows;     /* [2B] layer 0's rows of the new K, then of the new V */
-    const int64_t *lens;          /* [B] context lengths, the new token included */
-    int64_t width;                /* the decode workspace's positions per sequence */
-    float *scratch;               /* pdm_decode_scratch_floats() floats */
-    int threads, attention_threads;
-} pdm_decode_step;
+#include "decode_layer.h"
 
 /* floats of scratch a step of `batch` needs for layers of these shapes */
 int64_t pdm_decode_scratch_floats(int64_t batch, int64_t hidden, int64_t heads, int64_t kv_heads,

@@ -1,88 +1,113 @@
-"""The transfer interface: the prefill side exposes pinned blocks, the decode side pulls them.
+"""Choosing a transfer backend: a table of backends, each module imported only when chosen.
 
 A backend provides a ``KVTransferServer`` (prefill side) and a ``KVTransferClient`` (decode side)
-over the instance's KV pool, one tensor ``[num_blocks, *layout.block_shape]``. The server only ever
-serves the blocks it pinned for an exposed handle; the client writes straight into its destination
-blocks and raises ``TransferError`` on any failure, timeout or layout mismatch (the caller then
-frees those blocks: their contents are undefined).
+over the instance's KV pool (``pdmesh.kv.transfer.protocols``); a failed pull raises
+``TransferError`` (``pdmesh.kv.transfer.errors``).
 
 Backends (see ``docs/transfer.md``): ``tcp`` (portable, across hosts), ``shm`` (same host; the
 prefill pool must come from ``allocate_pool("shm", ...)``), ``device`` (torch.distributed point to
 point: gloo, nccl or hccl after the pool's device), ``cuda_ipc`` (GPUs of one node) and
 ``mooncake`` (the Mooncake Transfer Engine over TCP; listed only where ``mooncake.engine`` imports).
+Importing this module imports no backend: a worker loads only the one it runs (Mooncake's engine
+loads shared libraries and starts nothing useful for the others).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdmesh.kv.transfer import hostmem
-from pdmesh.kv.types import KVHandle, KVLayout
+from pdmesh.kv.types import KVLayout
 
 if TYPE_CHECKING:
+    from pdmesh.kv.transfer.protocols import KVTransferClient, KVTransferServer
     from pdmesh.kv.transfer.secure import TlsContext
 
 MOONCAKE_PACKAGE = "mooncake-transfer-engine-non-cuda"
 
 
-def _mooncake_missing() -> str | None:
-    """Why the ``mooncake`` backend cannot load here, or None when ``mooncake.engine`` imports."""
+@dataclass(frozen=True)
+class Backend:
+    """One row of the table: where a backend's classes live and what it needs of the host."""
+
+    module: str  # imported only when the backend is chosen
+    server: str  # class names in ``module``
+    client: str
+    where: str  # what it supports (hosts, pool devices), as docs/transfer.md's table says
+    binds: bool = True  # its server binds a host:port control socket (shm's listens on a Unix socket)
+    allocator: str = ""  # a function of ``module`` that must allocate the pool (then CPU only)
+    requires: str = ""  # a module that must import here, checked when listed or chosen
+    missing: str = ""  # the error when ``requires`` does not import (followed by the ImportError)
+
+
+_MOONCAKE_MISSING = (
+    f"the mooncake transfer backend needs the {MOONCAKE_PACKAGE} package "
+    f"(pip install 'pdmesh[mooncake]' or {MOONCAKE_PACKAGE}; on Debian its engine also needs libibverbs1)"
+)
+
+TABLE: dict[str, Backend] = {
+    "tcp": Backend("pdmesh.kv.transfer.tcp", "TcpTransferServer", "TcpTransferClient", where="any two hosts"),
+    "shm": Backend(
+        "pdmesh.kv.transfer.shm", "ShmTransferServer", "ShmTransferClient", where="one host, CPU pools",
+        binds=False, allocator="allocate",
+    ),
+    "device": Backend(
+        "pdmesh.kv.transfer.device", "DeviceTransferServer", "DeviceTransferClient",
+        where="any two hosts; gloo (CPU), nccl (CUDA) or hccl (Ascend) after the pool's device",
+    ),
+    "cuda_ipc": Backend(
+        "pdmesh.kv.transfer.cuda_ipc", "CudaIpcTransferServer", "CudaIpcTransferClient", where="GPUs of one node"
+    ),
+    "mooncake": Backend(
+        "pdmesh.kv.transfer.mooncake", "MooncakeTransferServer", "MooncakeTransferClient",
+        where="any two hosts, CPU pools", requires="mooncake.engine", missing=_MOONCAKE_MISSING,
+    ),
+}  # fmt: skip
+
+
+def missing(name: str) -> str | None:
+    """Why backend ``name`` cannot load here, or None when it can (imports its requirement, if any)."""
+    backend = TABLE[name]
+    if not backend.requires:
+        return None
     try:
-        import mooncake.engine  # noqa: F401
+        importlib.import_module(backend.requires)
     except ImportError as exc:  # no wheel, or its engine misses a shared library (libibverbs.so.1)
-        return (
-            f"the mooncake transfer backend needs the {MOONCAKE_PACKAGE} package "
-            f"(pip install {MOONCAKE_PACKAGE}; on Debian its engine also needs libibverbs1): {exc}"
-        )
+        return f"{backend.missing}: {exc}"
     return None
 
 
-MOONCAKE_MISSING = _mooncake_missing()
-BACKENDS = ("tcp", "shm", "device", "cuda_ipc") + (("mooncake",) if MOONCAKE_MISSING is None else ())
+def available_backends() -> tuple[str, ...]:
+    """The backends this host can run, in the table's order."""
+    return tuple(name for name in TABLE if missing(name) is None)
 
 
-class TransferError(Exception):
-    """A pull failed; no partial KV may be used."""
+def __getattr__(attr: str) -> tuple[str, ...]:
+    # ``BACKENDS`` is computed on access, not at import: listing mooncake means importing its engine
+    if attr == "BACKENDS":
+        return available_backends()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-@runtime_checkable
-class KVTransferServer(Protocol):
-    """Prefill side: serves the blocks of exposed handles to pulling peers."""
-
-    @property
-    def endpoint(self) -> str: ...
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-    def expose(self, handle_id: str, block_ids: list[int], secret: str = "") -> None: ...
-    def withdraw(self, handle_id: str) -> None: ...
-
-
-@runtime_checkable
-class KVTransferClient(Protocol):
-    """Decode side: pulls a handle's blocks into local blocks (blocking, thread-safe)."""
-
-    def pull(self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float) -> None: ...
-
-
-def check_pool(kv_pool: torch.Tensor, layout: KVLayout) -> None:
-    """Refuses a pool that is not one contiguous ``[num_blocks, *block_shape]`` tensor of the layout's dtype."""
-    if tuple(kv_pool.shape[1:]) != tuple(layout.block_shape):
+def _chosen(name: str) -> Backend:
+    """The table row of ``name``; ``ValueError`` naming the choices, or what a known backend lacks here."""
+    if name not in TABLE:
         raise ValueError(
-            f"KV pool shape {tuple(kv_pool.shape)} does not match block_shape {layout.block_shape}"
+            f"unknown KV transfer backend {name!r}; choose one of {', '.join(available_backends())}"
         )
-    if kv_pool.dtype != getattr(torch, layout.dtype):
-        raise ValueError(f"KV pool dtype {kv_pool.dtype} does not match layout dtype {layout.dtype}")
-    if not kv_pool.is_contiguous():
-        raise ValueError("the KV pool must be one contiguous tensor")
+    reason = missing(name)
+    if reason is not None:
+        raise ValueError(reason)
+    return TABLE[name]
 
 
-def _unknown(backend: str) -> ValueError:
-    if backend == "mooncake" and MOONCAKE_MISSING is not None:
-        return ValueError(MOONCAKE_MISSING)
-    return ValueError(f"unknown KV transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+def _load(name: str, attr: str):
+    """Imports backend ``name``'s module and returns its attribute ``attr``."""
+    return getattr(importlib.import_module(TABLE[name].module), attr)
 
 
 def allocate_pool(
@@ -95,14 +120,11 @@ def allocate_pool(
     contiguous pool; for them this is ``torch.zeros`` on ``device``, on transparent huge pages for a CPU
     pool (``hostmem``: halves the kernel's cost of copying a pull into it).
     """
-    if backend not in BACKENDS:
-        raise _unknown(backend)
-    if backend == "shm":
+    row = _chosen(backend)
+    if row.allocator:
         if torch.device(device).type != "cpu":
-            raise ValueError(f"the shm backend needs a CPU pool, not {device}")
-        from pdmesh.kv.transfer.shm import allocate
-
-        return allocate(num_blocks, layout, name)
+            raise ValueError(f"the {backend} backend needs a CPU pool, not {device}")
+        return _load(backend, row.allocator)(num_blocks, layout, name)
     shape, dtype = (num_blocks, *layout.block_shape), getattr(torch, layout.dtype)
     if torch.device(device).type == "cpu":
         return hostmem.zeros(shape, dtype)
@@ -124,27 +146,11 @@ def make_transfer_server(
     server context or ``SslContextCache``; ``pdmesh.kv.transfer.secure``) puts that socket under
     mutual TLS; None: plaintext.
     """
-    if backend == "tcp":
-        from pdmesh.kv.transfer.tcp import TcpTransferServer
-
-        return TcpTransferServer(kv_pool, layout, host, port, ssl_context)
-    if backend == "shm":
-        from pdmesh.kv.transfer.shm import ShmTransferServer
-
-        return ShmTransferServer(kv_pool, layout, ssl_context)
-    if backend == "device":
-        from pdmesh.kv.transfer.device import DeviceTransferServer
-
-        return DeviceTransferServer(kv_pool, layout, host, port, ssl_context)
-    if backend == "cuda_ipc":
-        from pdmesh.kv.transfer.cuda_ipc import CudaIpcTransferServer
-
-        return CudaIpcTransferServer(kv_pool, layout, host, port, ssl_context)
-    if backend == "mooncake" and backend in BACKENDS:
-        from pdmesh.kv.transfer.mooncake import MooncakeTransferServer
-
-        return MooncakeTransferServer(kv_pool, layout, host, port, ssl_context)
-    raise _unknown(backend)
+    row = _chosen(backend)
+    server = _load(backend, row.server)
+    if row.binds:
+        return server(kv_pool, layout, host, port, ssl_context)
+    return server(kv_pool, layout, ssl_context)
 
 
 def make_transfer_client(
@@ -152,24 +158,4 @@ def make_transfer_client(
 ) -> KVTransferClient:
     """The decode-side client of ``backend`` writing into ``kv_pool``; ``ssl_context`` (a client
     context or ``SslContextCache``) for servers under TLS."""
-    if backend == "tcp":
-        from pdmesh.kv.transfer.tcp import TcpTransferClient
-
-        return TcpTransferClient(kv_pool, layout, ssl_context)
-    if backend == "shm":
-        from pdmesh.kv.transfer.shm import ShmTransferClient
-
-        return ShmTransferClient(kv_pool, layout, ssl_context)
-    if backend == "device":
-        from pdmesh.kv.transfer.device import DeviceTransferClient
-
-        return DeviceTransferClient(kv_pool, layout, ssl_context)
-    if backend == "cuda_ipc":
-        from pdmesh.kv.transfer.cuda_ipc import CudaIpcTransferClient
-
-        return CudaIpcTransferClient(kv_pool, layout, ssl_context)
-    if backend == "mooncake" and backend in BACKENDS:
-        from pdmesh.kv.transfer.mooncake import MooncakeTransferClient
-
-        return MooncakeTransferClient(kv_pool, layout, ssl_context)
-    raise _unknown(backend)
+    return _load(backend, _chosen(backend).client)(kv_pool, layout, ssl_context)

@@ -31,7 +31,8 @@ import time
 import torch
 
 from pdmesh.kv.transfer import secure, wire
-from pdmesh.kv.transfer.base import TransferError, check_pool
+from pdmesh.kv.transfer.errors import ProtocolError, TransferError
+from pdmesh.kv.transfer.protocols import check_pool
 from pdmesh.kv.transfer.tcp import advertised_host, parse_endpoint
 from pdmesh.kv.types import KVHandle, KVLayout
 
@@ -189,7 +190,7 @@ class CudaIpcTransferClient:
         wire.check_count(handle, {"num_blocks": len(src_ids)}, dst_block_ids)
         if mapped is None or mapped[0] != reply["segment"]:
             if "ipc" not in reply:
-                raise wire.ProtocolError("the server did not pass its IPC handle")
+                raise ProtocolError("the server did not pass its IPC handle")
             mapped = (reply["segment"], open_shared(reply["ipc"], self.pool.dtype))
             with self._lock:
                 self._maps[endpoint] = mapped

@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from pdmesh.accelerator import dist_backend
 from pdmesh.kv.transfer import secure, wire
-from pdmesh.kv.transfer.base import TransferError, check_pool
+from pdmesh.kv.transfer.errors import Refused, TransferError
+from pdmesh.kv.transfer.protocols import check_pool
 from pdmesh.kv.transfer.tcp import advertised_host, parse_endpoint
 from pdmesh.kv.types import KVHandle, KVLayout
 
@@ -294,7 +295,7 @@ class DeviceTransferClient:
                     raise TransferError(
                         f"pull of {handle.handle_id} from {handle.transfer_endpoint} failed: {exc}"
                     ) from exc
-        except wire.Refused:
+        except Refused:
             raise  # the pair is still in step
         except TransferError:
             if pair is not None:

@@ -38,7 +38,8 @@ import torch
 from mooncake.engine import TransferEngine
 
 from pdmesh.kv.transfer import secure, wire
-from pdmesh.kv.transfer.base import TransferError, check_pool
+from pdmesh.kv.transfer.errors import ProtocolError, TransferError
+from pdmesh.kv.transfer.protocols import check_pool
 from pdmesh.kv.transfer.tcp import advertised_host
 from pdmesh.kv.types import KVHandle, KVLayout
 
@@ -259,7 +260,7 @@ class MooncakeTransferClient:
                 f"block size {reply.get('block_nbytes')} B at the peer, {self.layout.block_nbytes} B here"
             )
         if any(not 0 <= b < reply["pool_blocks"] for b in src_ids):
-            raise wire.ProtocolError(f"source block ids out of the peer's {reply['pool_blocks']} blocks")
+            raise ProtocolError(f"source block ids out of the peer's {reply['pool_blocks']} blocks")
         runs = wire.paired_runs(src_ids, dst_block_ids)
         started = time.monotonic()
         rc = read_runs(

@@ -25,7 +25,7 @@ import ssl
 import time
 from collections.abc import Iterator
 
-from pdmesh.kv.transfer.base import TransferError
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.security.tls import SslContextCache, TlsFiles, files_from, ssl_peer_identity
 
 log = logging.getLogger(__name__)

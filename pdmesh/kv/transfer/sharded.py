@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdmesh.kv.transfer.base import KVTransferClient, TransferError, make_transfer_client
+from pdmesh.kv.transfer.base import make_transfer_client
+from pdmesh.kv.transfer.errors import TransferError
+from pdmesh.kv.transfer.protocols import KVTransferClient
 from pdmesh.kv.types import KVHandle, KVLayout, KVPart
 
 if TYPE_CHECKING:

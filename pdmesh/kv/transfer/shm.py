@@ -39,7 +39,8 @@ import weakref
 import torch
 
 from pdmesh.kv.transfer import secure, wire
-from pdmesh.kv.transfer.base import TransferError, check_pool
+from pdmesh.kv.transfer.errors import ProtocolError, TransferError
+from pdmesh.kv.transfer.protocols import check_pool
 from pdmesh.kv.types import KVHandle, KVLayout
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class _Mapping:
         try:
             nbytes = pool_blocks * layout.block_nbytes
             if os.fstat(fd).st_size < nbytes:
-                raise wire.ProtocolError(f"segment {segment} is smaller than {pool_blocks} blocks")
+                raise ProtocolError(f"segment {segment} is smaller than {pool_blocks} blocks")
             self.pool = _as_pool(_map(fd, nbytes), pool_blocks, layout)
         finally:
             os.close(fd)
@@ -259,7 +260,7 @@ class ShmTransferClient:
         with secure.raw(sock) as plain:
             _, fds, _, _ = socket.recv_fds(plain, 1, 1)
         if len(fds) != 1:
-            raise wire.ProtocolError("the server did not pass its segment")
+            raise ProtocolError("the server did not pass its segment")
         mapping = _Mapping(reply["segment"], fds[0], reply["pool_blocks"], self.layout)
         with self._lock:
             self._maps[name] = mapping

@@ -34,7 +34,8 @@ import time
 import torch
 
 from pdmesh.kv.transfer import secure, wire
-from pdmesh.kv.transfer.base import TransferError, check_pool
+from pdmesh.kv.transfer.errors import Refused, TransferError
+from pdmesh.kv.transfer.protocols import check_pool
 from pdmesh.kv.types import KVHandle, KVLayout
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ class TcpTransferClient:
                 )
             for start, count in wire.block_runs(dst_block_ids):
                 self._blocks.receive(sock, start, count, deadline)
-        except wire.Refused:
+        except Refused:
             raise
         except BaseException:
             sock.close()

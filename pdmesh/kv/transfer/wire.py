@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from pdmesh.kv.transfer import secure
-from pdmesh.kv.transfer.base import TransferError
+from pdmesh.kv.transfer.errors import ProtocolError, Refused, TransferError
 from pdmesh.kv.types import KVHandle, KVLayout
 from pdmesh.observability import tracing
 
@@ -33,10 +33,6 @@ MAX_FRAME_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 _FRAME = struct.Struct("!I")
-
-
-class ProtocolError(Exception):
-    """The peer sent something that is not this protocol."""
 
 
 def send_frame(sock: socket.socket, message: dict) -> None:
@@ -359,10 +355,6 @@ def pull_errors(handle: KVHandle, timeout_s: float) -> Iterator[None]:
         raise TransferError(
             f"pull of {handle.handle_id} from {handle.transfer_endpoint} failed: {exc}"
         ) from exc
-
-
-class Refused(TransferError):
-    """The server answered and refused the pull; the connection is still in step."""
 
 
 def refused(handle: KVHandle, reply: dict) -> TransferError:

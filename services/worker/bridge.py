@@ -6,17 +6,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from pdmesh.engine.runner import EngineRunner
-from pdmesh.engine.types import EngineRequest, TokenOutput
+from pdmesh.engine.engine_loop import EngineLoop
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import TokenOutput
 
 log = logging.getLogger(__name__)
 
 
 class EngineBridge:
-    """Submits requests to an ``EngineRunner`` and yields their outputs on the event loop."""
+    """Submits requests to an ``EngineLoop`` and yields their outputs on the event loop."""
 
-    def __init__(self, runner: EngineRunner) -> None:
-        self.runner = runner
+    def __init__(self, engine_loop: EngineLoop) -> None:
+        self.engine_loop = engine_loop
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
         """Yields every output of ``request`` until the finished one.
@@ -35,7 +36,7 @@ class EngineBridge:
             else:
                 queue.put_nowait(output)
 
-        self.runner.submit(request, lambda output: loop.call_soon_threadsafe(deliver, output))
+        self.engine_loop.submit(request, lambda output: loop.call_soon_threadsafe(deliver, output))
         finished = False
         try:
             while True:
@@ -50,12 +51,12 @@ class EngineBridge:
                 self._free_orphan(queue.get_nowait())
             if not finished:
                 log.info("[%s] aborting in the engine: its caller went away", request.request_id)
-                self.runner.abort(request.request_id)
+                self.engine_loop.abort(request.request_id)
 
     def _free_orphan(self, output: TokenOutput) -> None:
         if output.kv_block_ids:
             log.info("[%s] freeing %d blocks nobody took", output.request_id, len(output.kv_block_ids))
-            self.runner.free_kv(output.kv_block_ids)
+            self.engine_loop.free_kv(output.kv_block_ids)
 
     async def run_to_end(self, request: EngineRequest) -> TokenOutput:
         """Runs ``request`` and merges its outputs into one (all tokens and their logprobs, the last

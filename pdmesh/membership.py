@@ -86,9 +86,6 @@ class ClusterViewData:
     def get(self, instance_id: str) -> InstanceInfoData | None:
         return next((i for i in self.instances if i.instance_id == instance_id), None)
 
-    def by_role(self, role: Role) -> list[InstanceInfoData]:
-        return [i for i in self.instances if i.role == role]
-
     def healthy(self, role: Role | None = None) -> list[InstanceInfoData]:
         """Healthy instances (of one role, or all), the ones requests may be routed to."""
         return [

@@ -16,9 +16,10 @@ import pytest
 
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.runner import EngineRunner
-from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams, TokenOutput
-from pdmesh.worker.bridge import EngineBridge
+from pdmesh.engine.engine_loop import EngineLoop
+from pdmesh.engine.types import EngineRequest
+from pdmesh.generation import FinishReason, RequestMode, SamplingParams, TokenOutput
+from services.worker.bridge import EngineBridge
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,10 +74,10 @@ class Outputs:
 
 
 @pytest.fixture
-def runner(tiny_qwen3) -> Iterator[tuple[EngineRunner, HeldSteps]]:
+def runner(tiny_qwen3) -> Iterator[tuple[EngineLoop, HeldSteps]]:
     engine = LLMEngine(EngineConfig(model_dir=tiny_qwen3, num_blocks=64, max_prefill_batch_size=1))
     held = HeldSteps(engine)
-    runner = EngineRunner(engine)
+    runner = EngineLoop(engine)
     runner.start()
     try:
         yield runner, held
@@ -176,12 +177,12 @@ def test_a_prefill_that_finishes_after_its_caller_left_frees_its_pinned_blocks(r
     asyncio.run(asyncio.wait_for(leave_during_the_prefill(), 10))
 
 
-def idle(runner: EngineRunner) -> bool:
+def idle(runner: EngineLoop) -> bool:
     stats = runner.stats()
     return stats.free_blocks == stats.total_blocks and stats.running == 0 and stats.waiting == 0
 
 
-def wait_idle(runner: EngineRunner, timeout: float = 10.0) -> None:
+def wait_idle(runner: EngineLoop, timeout: float = 10.0) -> None:
     """Waits until every block is free (the last commands apply at the next loop turn)."""
     deadline = time.monotonic() + timeout
     while not idle(runner):

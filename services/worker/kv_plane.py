@@ -18,11 +18,12 @@ import logging
 import time
 from collections.abc import Callable
 
-from pdmesh.kv.transfer.base import KVTransferServer, TransferError
+from pdmesh.kv.transfer.errors import TransferError
+from pdmesh.kv.transfer.protocols import KVTransferServer
 from pdmesh.kv.transfer.sharded import RankHeads, ShardedPuller, plan_pull, pull_nbytes
 from pdmesh.kv.types import KVHandle, KVLayout, KVPart
-from pdmesh.observability.worker_metrics import transfer_failure_cause
 from pdmesh.parallel.control import ControlError
+from services.worker.metrics import transfer_failure_cause
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class KVPlane:
         self.leader = leader  # pdmesh.parallel.instance.Leader, None on a single rank
         self.server: KVTransferServer | None = None  # the leader's own, while it may prefill
         self._exposed: dict[str, list[int]] = {}  # handle id -> the follower ranks exposing it
-        self.metrics = None  # pdmesh.observability.worker_metrics.WorkerMetrics, set by the worker
+        self.metrics = None  # services.worker.metrics.WorkerMetrics, set by the worker
 
     @property
     def endpoint(self) -> str:

@@ -52,7 +52,8 @@ class EngineBench:
         return [self.rng.randrange(3, self.vocab) for _ in range(length)]
 
     def _add(self, prompt_len: int, mode: Any, max_tokens: int) -> str:
-        from pdmesh.engine.types import EngineRequest, SamplingParams
+        from pdmesh.engine.types import EngineRequest
+        from pdmesh.generation import SamplingParams
 
         self.counter += 1
         rid = f"profile-{self.counter}"
@@ -69,7 +70,7 @@ class EngineBench:
 
     def prefill(self, num_seqs: int, prompt_len: int) -> tuple[float, int]:
         """Seconds until every prompt of the batch has its first token, and the steps it took."""
-        from pdmesh.engine.types import RequestMode
+        from pdmesh.generation import RequestMode
 
         pending = {self._add(prompt_len, RequestMode.PREFILL, 1) for _ in range(num_seqs)}
         steps, started = 0, time.perf_counter()
@@ -90,7 +91,7 @@ class EngineBench:
 
     def decode(self, batch: int, prompt_len: int, warmup: int, steps: int) -> list[float]:
         """Latencies of the decode steps (after ``warmup`` of them) that advanced the whole batch."""
-        from pdmesh.engine.types import RequestMode
+        from pdmesh.generation import RequestMode
 
         ids = {self._add(prompt_len, RequestMode.MIXED, 1 + warmup + steps) for _ in range(batch)}
         started: set[str] = set()

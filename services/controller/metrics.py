@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pdmesh.cluster import InstanceInfoData, InstanceState, Role
+from pdmesh.membership import InstanceInfoData, InstanceState, Role
 
 if TYPE_CHECKING:
     from services.controller.server import ControllerService

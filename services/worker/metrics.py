@@ -187,7 +187,7 @@ REGISTRY.register(LOAD)
 
 def transfer_failure_cause(exc: BaseException) -> str:
     """A short, bounded label for why a pull failed (the message itself would explode cardinality)."""
-    from pdmesh.kv.transfer.wire import Refused
+    from pdmesh.kv.transfer.errors import Refused
 
     if isinstance(exc, Refused):
         return "refused"

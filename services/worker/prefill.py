@@ -17,13 +17,14 @@ import uuid
 from dataclasses import dataclass
 
 from pdmesh.aio import raise_lost_cancellation
-from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams
+from pdmesh.engine.types import EngineRequest
+from pdmesh.errors import ErrorKind, WorkerError
+from pdmesh.generation import FinishReason, RequestMode, SamplingParams
 from pdmesh.kv.registry import KVError, KVRegistry
 from pdmesh.kv.types import HandleState, KVHandle
 from pdmesh.observability import tracing
-from pdmesh.worker.bridge import EngineBridge
-from pdmesh.worker.errors import ErrorKind, WorkerError
-from pdmesh.worker.kv_plane import KVPlane
+from services.worker.bridge import EngineBridge
+from services.worker.kv_plane import KVPlane
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class PrefillHandler:
         self.address = address
         self.lease_s = lease_s
         self._pinned: dict[str, _Pinned] = {}
-        self.metrics = None  # pdmesh.observability.worker_metrics.WorkerMetrics, set by the worker
+        self.metrics = None  # services.worker.metrics.WorkerMetrics, set by the worker
 
     @property
     def pinned_handles(self) -> int:
@@ -112,7 +113,7 @@ class PrefillHandler:
             transfer_endpoint=parts[0].endpoint if parts else self.kv.endpoint,
             block_ids=list(block_ids),
             num_tokens=num_tokens,
-            layout=self.bridge.runner.kv_layout,
+            layout=self.bridge.engine_loop.kv_layout,
             expires_at=pinned.expires_at,
             prefill_address=self.address,
             parts=parts,
@@ -146,7 +147,7 @@ class PrefillHandler:
         if pinned is None:
             return False
         self.kv.withdraw(handle_id)
-        self.bridge.runner.free_kv(pinned.block_ids)
+        self.bridge.engine_loop.free_kv(pinned.block_ids)
         log.info("[%s] freed %d pinned blocks", handle_id.split(":")[0], len(pinned.block_ids))
         return True
 

@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 import torch
 
 from pdmesh.accelerator import resolve_device, synchronize
+from pdmesh.extras import MissingExtra, require
 
 MEMCPY_BYTES = 256 * 2**20
 MEMCPY_REPEATS = 5
@@ -115,7 +116,8 @@ def measure_memcpy(device: torch.device, nbytes: int = MEMCPY_BYTES, repeats: in
 def run_engine(engine: Any, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
     """Generates for every prompt at once; wall times of the whole run and of each decode step, and
     (on a parallel instance) the seconds rank 0 spent in collectives."""
-    from pdmesh.engine.types import EngineRequest, SamplingParams
+    from pdmesh.engine.types import EngineRequest
+    from pdmesh.generation import SamplingParams
     from pdmesh.parallel.state import current
 
     state = current()
@@ -231,7 +233,7 @@ def _parallel_engine(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from pdmesh.config import WorkerConfig
     from pdmesh.parallel.instance import plan_instance
-    from pdmesh.worker.main import open_engine
+    from pdmesh.parallel.rank_engine import open_engine
 
     if args.threads:  # per rank: the ranks this process starts read it too
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -263,6 +265,7 @@ def _worker_config(worker_config: type, args: argparse.Namespace, b: int) -> Any
 
 def load_hf(args: argparse.Namespace, prompts: list[list[int]], device: torch.device) -> Any:
     """transformers' model of the same checkpoint (warmed up when asked)."""
+    require("transformers", "bench", "--reference hf")
     from transformers import AutoModelForCausalLM
 
     from pdmesh.accelerator import resolve_dtype
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = benchmark(args)
-    except ValueError as exc:
+    except (ValueError, MissingExtra) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=None if not args.json else 1, sort_keys=False))

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from pdmesh.engine.types import TokenOutput
+from pdmesh.errors import ErrorKind, WorkerError
+from pdmesh.generation import TokenOutput
 from pdmesh.rpc.convert import (
     handle_from_proto,
     handle_to_proto,
@@ -16,9 +17,8 @@ from pdmesh.rpc.convert import (
 )
 from pdmesh.rpc.convert_cluster import role_from_proto, role_to_proto
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from pdmesh.worker.decode import DecodeHandler
-from pdmesh.worker.errors import ErrorKind, WorkerError
-from pdmesh.worker.prefill import PrefillHandler
+from services.worker.decode import DecodeHandler
+from services.worker.prefill import PrefillHandler
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Abort(self, request, context):  # noqa: N802
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
-        found = self.bridge.runner.abort(request.request_id)
+        found = self.bridge.engine_loop.abort(request.request_id)
         return worker_pb2.AbortResponse(found=found)
 
 

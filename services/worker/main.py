@@ -1,7 +1,7 @@
 """A worker process: engine, KV registry, transfer, gRPC servicer and controller membership.
 
-``python -m services.prefill_worker`` / ``services.decode_worker`` and ``pdmesh mixed-worker`` all
-end up in ``run_worker``; ``create_worker`` is apart from it so that tests can bind port 0.
+``python -m services.worker --role R``, ``pdmesh worker --role R`` and the role-named entry points
+(``python -m services.prefill_worker``, ``pdmesh decode-worker`` ...) all end up in ``run_worker``; ``create_worker`` is apart from it so that tests can bind port 0.
 
 One process holds what every phase needs, so that the controller can flip its role in place
 (``Worker.switch_role``, behind the ``SetRole`` RPC): the prefill handler, its reaper and the KV
@@ -26,23 +26,19 @@ import sys
 
 import grpc
 
-from pdmesh.cluster import InstanceInfoData, LoadData, Role
 from pdmesh.config import WorkerConfig
-from pdmesh.engine.config import EngineConfig
-from pdmesh.engine.engine import LLMEngine, StepExecutor
-from pdmesh.engine.runner import EngineRunner
+from pdmesh.engine.engine_loop import EngineLoop
 from pdmesh.kv.redis_client import check_redis
 from pdmesh.kv.registry import KVError, RedisKVRegistry
 from pdmesh.kv.transfer import secure
-from pdmesh.kv.transfer.base import allocate_pool, make_transfer_server
+from pdmesh.kv.transfer.base import make_transfer_server
 from pdmesh.kv.transfer.sharded import ShardedPuller
-from pdmesh.kv.types import KVLayout
 from pdmesh.logs import setup_logging
+from pdmesh.membership import InstanceInfoData, LoadData, Role
 from pdmesh.observability import tracing
 from pdmesh.observability.metrics_server import MetricsServer, start_metrics_server
-from pdmesh.observability.worker_metrics import LOAD, WorkerMetrics
-from pdmesh.parallel import follower
 from pdmesh.parallel.instance import InstancePlan, Leader, plan_instance
+from pdmesh.parallel.rank_engine import open_engine, run_follower
 from pdmesh.rpc.channels import ChannelCache
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S
 from pdmesh.rpc.controller_client import InstanceAgent
@@ -50,11 +46,12 @@ from pdmesh.rpc.server import RunningServer, serve_until_signal, start_server
 from pdmesh.security import tls
 from pdmesh.settings_cli import add_config_flags, config_from_flags
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
-from pdmesh.worker.bridge import EngineBridge
-from pdmesh.worker.decode import DecodeHandler
-from pdmesh.worker.kv_plane import KVPlane
-from pdmesh.worker.prefill import PrefillHandler
-from pdmesh.worker.servicer import WorkerBusy, WorkerServicer
+from services.worker.bridge import EngineBridge
+from services.worker.decode import DecodeHandler
+from services.worker.kv_plane import KVPlane
+from services.worker.metrics import LOAD, WorkerMetrics
+from services.worker.prefill import PrefillHandler
+from services.worker.servicer import WorkerBusy, WorkerServicer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ GROUP_BROKEN_EXIT = 3  # the exit status of a leader whose instance broke (a ran
 class Worker:
     """A running worker; ``stop()`` takes it out of the cluster and frees everything it holds."""
 
-    def __init__(self, config: WorkerConfig, runner: EngineRunner, leader: Leader | None = None) -> None:
+    def __init__(self, config: WorkerConfig, engine_loop: EngineLoop, leader: Leader | None = None) -> None:
         self.config = config
         self.leader = leader
         self.kv: KVPlane | None = None
@@ -72,8 +69,8 @@ class Worker:
         self._stopping = False
         self.role = config.role
         self.instance_id = ""
-        self.runner = runner
-        self.bridge = EngineBridge(runner)
+        self.engine_loop = engine_loop
+        self.bridge = EngineBridge(engine_loop)
         self.registry = RedisKVRegistry(config.redis_url)
         self.transfer_server = None
         # mutual TLS on the KV transfer when this worker's TLS is on (its own certificate)
@@ -94,14 +91,14 @@ class Worker:
 
     async def start(self) -> None:
         cfg = self.config
-        pool, layout = self.runner.kv_pool, self.runner.kv_layout
+        pool, layout = self.engine_loop.kv_pool, self.engine_loop.kv_layout
         self.server = await start_server(self._register, ["pdmesh.v1.Worker"], cfg.host, cfg.port)
         instance_id = self.instance_id = cfg.instance_id or f"{cfg.role}-{cfg.host}-{self.server.port}"
         tracing.set_span_attributes({"pdmesh.instance_id": instance_id, "pdmesh.role": cfg.role})
         self._start_metrics()
         await self._expire_previous_handles()
         puller = ShardedPuller(cfg.transfer_backend, pool, layout, ssl_context=self._transfer_tls[1])
-        self.kv = KVPlane(layout, puller, self.runner.engine.replica_of, self.leader)
+        self.kv = KVPlane(layout, puller, self.engine_loop.engine.replica_of, self.leader)
         self.kv.metrics = self.metrics
         if cfg.role in ("prefill", "mixed"):
             self._start_prefill()
@@ -131,8 +128,8 @@ class Worker:
         """The series of this worker (recorded whether or not they are served) and, with
         ``--metrics-port``, the server that exposes them."""
         self.metrics = WorkerMetrics(self.instance_id, lambda: self.role, self.config.transfer_backend)
-        self.runner.on_step = self.metrics.engine_step
-        LOAD.add(self.metrics, self.runner.stats)
+        self.engine_loop.on_step = self.metrics.engine_step
+        LOAD.add(self.metrics, self.engine_loop.stats)
         if self.leader is not None:
             self.leader.executor.on_collectives = self.metrics.collective
         self.metrics_server = start_metrics_server(self.config.host, self.config.metrics_port)
@@ -166,7 +163,7 @@ class Worker:
     def _start_prefill(self) -> None:
         """The transfer server, the prefill handler and its reaper (prefill and mixed roles)."""
         cfg = self.config
-        pool, layout = self.runner.kv_pool, self.runner.kv_layout
+        pool, layout = self.engine_loop.kv_pool, self.engine_loop.kv_layout
         self.transfer_server = make_transfer_server(
             cfg.transfer_backend, pool, layout, cfg.host, cfg.transfer_port, self._transfer_tls[0]
         )
@@ -195,7 +192,7 @@ class Worker:
             self.transfer_server = None
 
     def _busy(self) -> str | None:
-        s = self.runner.stats()
+        s = self.engine_loop.stats()
         pinned = self.prefill.pinned_handles if self.prefill is not None else 0
         if s.running or s.waiting or pinned:
             return f"{s.running} running, {s.waiting} waiting, {pinned} pinned KV handles"
@@ -236,7 +233,7 @@ class Worker:
                 self.peers.discard(address)  # that worker is gone; a new one may take the address
 
     def _load(self) -> LoadData:
-        s = self.runner.stats()
+        s = self.engine_loop.stats()
         pinned = self.prefill.pinned_handles if self.prefill is not None else 0
         return LoadData(
             s.running,
@@ -271,7 +268,7 @@ class Worker:
             await self.registry.close()
         except Exception as exc:  # noqa: BLE001 - stopping: the engine must stop whatever Redis says
             log.warning("closing the KV registry client failed: %r", exc)
-        self.runner.stop()
+        self.engine_loop.stop()
         if self.leader is not None:
             await asyncio.to_thread(self.leader.stop)
         if self.metrics is not None:
@@ -280,61 +277,19 @@ class Worker:
             self.metrics_server.stop()
 
 
-def make_engine(
-    config: WorkerConfig, plan: InstancePlan | None = None, executor: StepExecutor | None = None
-) -> LLMEngine:
-    """The engine of this rank (its device, its shard of the model, its part of the KV pool)."""
-    engine_config = EngineConfig(
-        model_dir=config.model_dir,
-        dtype=config.dtype,
-        device=plan.device if plan is not None else config.device,
-        block_size=config.block_size,
-        kv_cache_memory_mib=config.kv_cache_memory_mib,
-        decode_workspace_mib=config.decode_workspace_mib,
-        max_num_seqs=config.max_batch_size,
-        max_prefill_batch_size=config.max_prefill_batch_size,
-        max_prefill_tokens=config.max_prefill_tokens,
-    )
-    rank = plan.spec.rank if plan is not None else 0
-    pool_name = (config.instance_id or f"pdmesh-{os.getpid()}") + (f"-r{rank}" if rank else "")
-
-    def allocate(num_blocks: int, layout: KVLayout):
-        return allocate_pool(
-            config.transfer_backend, num_blocks, layout, name=pool_name, device=engine_config.device
-        )
-
-    return LLMEngine(engine_config, pool_allocator=allocate, executor=executor)
-
-
-def open_engine(config: WorkerConfig, plan: InstancePlan | None = None) -> tuple[LLMEngine, Leader | None]:
-    """This rank's engine; with a plan of several ranks, as their leader once every follower is up
-    (``Leader.stop`` ends them). Also what ``pdmesh bench engine`` runs."""
-    if plan is None:
-        return make_engine(config), None
-    leader = Leader(config, plan)
-    try:
-        engine = make_engine(config, plan, leader.executor)
-        leader.executor.runner = engine.runner
-        leader.wait_followers(int(engine.kv_pool.shape[0]))
-    except BaseException:
-        leader.stop()
-        raise
-    return engine, leader
-
-
-def build_runner(
+def build_engine_loop(
     config: WorkerConfig, plan: InstancePlan | None = None
-) -> tuple[EngineRunner, Leader | None]:
+) -> tuple[EngineLoop, Leader | None]:
     """The engine on its thread (and the instance's leader, when it has several ranks)."""
     engine, leader = open_engine(config, plan)
-    runner = EngineRunner(engine)
-    runner.start()
-    return runner, leader
+    engine_loop = EngineLoop(engine)
+    engine_loop.start()
+    return engine_loop, leader
 
 
 async def create_worker(config: WorkerConfig, plan: InstancePlan | None = None) -> Worker:
-    runner, leader = await asyncio.to_thread(build_runner, config, plan)
-    worker = Worker(config, runner, leader)
+    engine_loop, leader = await asyncio.to_thread(build_engine_loop, config, plan)
+    worker = Worker(config, engine_loop, leader)
     await worker.start()
     return worker
 
@@ -358,7 +313,8 @@ async def _serve(config: WorkerConfig, plan: InstancePlan | None) -> int:
 
 def parse_args(argv: list[str] | None, role: str | None) -> WorkerConfig:
     """Flags over the environment (PDMESH_WORKER_*); exits with a one-line error on bad values."""
-    parser = argparse.ArgumentParser(prog=f"pdmesh {role or 'mixed'}-worker", description="a pdmesh worker")
+    prog = f"pdmesh {role}-worker" if role else "pdmesh worker"
+    parser = argparse.ArgumentParser(prog=prog, description="a pdmesh worker")
     add_config_flags(parser, WorkerConfig, skip=("role",) if role else ())
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
@@ -374,16 +330,8 @@ def run_worker(argv: list[str] | None = None, role: str | None = None) -> int:
         tls.configure(tls.files_from(config))
         plan = plan_instance(config) if config.world_size > 1 else None
         if plan is not None and plan.spec.rank != 0:
-            _log_rank(plan.spec.rank)
-            return follower.run(config, plan, lambda: make_engine(config, plan))
+            return run_follower(config, plan)
         return asyncio.run(_serve(config, plan))
     except (OSError, ValueError) as exc:
         print(f"pdmesh worker: {exc}", file=sys.stderr)
         return 1
-
-
-def _log_rank(rank: int) -> None:
-    """A follower's log lines name its rank (they share the leader's log)."""
-    formatter = logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(formatter)

@@ -11,14 +11,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from pdmesh.engine.types import EngineRequest, FinishReason, RequestMode, SamplingParams, TokenOutput
+from pdmesh.engine.types import EngineRequest
+from pdmesh.errors import ErrorKind, WorkerError
+from pdmesh.generation import FinishReason, RequestMode, SamplingParams, TokenOutput
 from pdmesh.kv.registry import KVError, KVRegistry
-from pdmesh.kv.transfer.base import TransferError
+from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.types import KVHandle
 from pdmesh.observability import tracing
-from pdmesh.worker.bridge import EngineBridge
-from pdmesh.worker.errors import ErrorKind, WorkerError
-from pdmesh.worker.kv_plane import KVPlane
+from services.worker.bridge import EngineBridge
+from services.worker.kv_plane import KVPlane
 
 log = logging.getLogger(__name__)
 CLIENT = tracing.SpanKind.CLIENT
@@ -47,7 +48,7 @@ class DecodeHandler:
         # (prefill address, handle_id): tells the prefill worker to free its blocks now
         self.release_remote = release_remote
         self._background: set[asyncio.Task] = set()  # referenced until done: the loop holds tasks weakly
-        self.metrics = None  # pdmesh.observability.worker_metrics.WorkerMetrics, set by the worker
+        self.metrics = None  # services.worker.metrics.WorkerMetrics, set by the worker
 
     async def generate_local(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
@@ -105,7 +106,7 @@ class DecodeHandler:
         try:
             await self._pull(request_id, claimed, block_ids)
         except BaseException:
-            self.bridge.runner.free_kv(block_ids)
+            self.bridge.engine_loop.free_kv(block_ids)
             raise
         await self._release(handle)
         return block_ids
@@ -114,7 +115,7 @@ class DecodeHandler:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ALLOCATE_WAIT_S
         while True:
-            block_ids = await self.bridge.runner.allocate_kv(num_tokens)
+            block_ids = await self.bridge.engine_loop.allocate_kv(num_tokens)
             if block_ids is not None:
                 return block_ids
             if loop.time() > deadline:

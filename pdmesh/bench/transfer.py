@@ -1,6 +1,6 @@
 """Benchmark of a transfer backend against a plain socket stream and a memcpy, all in one run.
 
-``pdmesh bench transfer --backend tcp --mib 64 --json`` (or ``python -m pdmesh.kv.transfer.bench``).
+``pdmesh bench transfer --backend tcp --mib 64 --json`` (or ``python -m pdmesh.bench.transfer``).
 The prefill server runs in a spawned process, as between two workers on one host; the decode
 client pulls ``--mib`` MiB of contiguous blocks of the 58M Qwen3 shape (8 layers, 4 KV heads of 64,
 float32, block size 16: 256 KiB blocks) into a pool of this process; both pools come from

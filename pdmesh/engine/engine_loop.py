@@ -1,4 +1,4 @@
-"""``EngineRunner``: drives an ``LLMEngine`` on a daemon thread and calls back with each output.
+"""``EngineLoop``: drives an ``LLMEngine`` on a daemon thread and calls back with each output.
 
 Only the engine thread touches the engine. Other threads (the worker's event loop) never wait for a
 step: ``submit``, ``abort`` and ``free_kv`` queue a command that the loop applies at the next step
@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from pdmesh.engine.engine import LLMEngine
-from pdmesh.engine.types import EngineRequest, EngineStats, FinishReason, RequestMode, TokenOutput
+from pdmesh.engine.types import EngineRequest, EngineStats
+from pdmesh.generation import FinishReason, RequestMode, TokenOutput
 from pdmesh.kv.types import KVLayout
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ Command = tuple[Callable[[], Any], Future | None]
 BLOCKED_WAIT_S = 0.01  # work exists but nothing can run (e.g. waiting for blocks): do not spin
 
 
-class EngineRunner:
+class EngineLoop:
     """The engine loop on its own thread, fed through a command queue."""
 
     def __init__(self, engine: LLMEngine) -> None:
