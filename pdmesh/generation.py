@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal, get_args
 
 
 class RequestMode(StrEnum):
@@ -27,6 +28,33 @@ class FinishReason(StrEnum):
     ERROR = "error"  # the engine could not serve it (see TokenOutput.error)
 
 
+# Structured outputs: the kinds of constraint (``StructuredOutput.kind``).
+StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
+
+
+@dataclass
+class StructuredOutput:
+    """A constraint on the generated text (pdmesh.structured compiles it; the engine enforces it).
+
+    ``spec``: json_schema, the schema as JSON text; regex, the pattern; choice, a JSON list of
+    strings; grammar, Lark or GBNF text; json_object, empty. ``resume_tokens``: a continued request
+    (a retry, a migration) has a prompt ending in this many tokens already generated under the
+    constraint, which the engine's matcher consumes before the first new token.
+    """
+
+    kind: StructuredKind
+    spec: str = ""
+    resume_tokens: int = 0
+
+    def validate(self) -> None:
+        """Raises ValueError on an unknown kind (whether ``spec`` compiles is pdmesh.structured's)."""
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}")
+        if self.resume_tokens < 0:
+            raise ValueError("structured output resume_tokens must be >= 0")
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling; the defaults are OpenAI's."""
@@ -43,6 +71,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int = 0
+    # prompt logprobs: top-N at each prompt position and each prompt token's own (None: none asked)
+    prompt_logprobs: int | None = None
+    # structured outputs: the constraint on the generated text (None: free text)
+    structured: StructuredOutput | None = None
 
     def validate(self) -> None:
         """Raises ValueError naming the first parameter out of bounds."""
@@ -55,14 +87,21 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (0 <= (self.prompt_logprobs or 0) <= 20, "prompt_logprobs must be in [0, 20]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.structured is not None:  # structured outputs
+            self.structured.validate()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# Prompt logprobs: one prompt token's (logprob, rank where 1 is the most likely, {top id: logprob}).
+PromptLogprob = tuple[float, int, dict[int, float]]
 
 
 @dataclass
@@ -79,5 +118,8 @@ class TokenOutput:
     kv_block_ids: list[int] | None = None
     # One entry per token in token_ids when logprobs were asked: (chosen logprob, {token: logprob}).
     logprobs: list[tuple[float, dict[int, float]]] | None = None
+    # Prompt logprobs, on the output with the first token when asked: one entry per prompt token, the
+    # first None (nothing comes before it).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
     error: str | None = None
     step_started_ns: int = 0  # time.time_ns() when the step that produced it began (0: unknown)

@@ -25,7 +25,9 @@ from typing import Protocol
 import torch
 
 from pdmesh.accelerator import dtype_name, resolve_device, resolve_dtype
+from pdmesh.engine import prompt_logprobs
 from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.grammar import GrammarCompiler
 from pdmesh.engine.model_runner import ModelRunner
 from pdmesh.engine.replicas import ReplicaSet
 from pdmesh.engine.sampling import sample
@@ -108,6 +110,8 @@ class LLMEngine:
         self.ran_batch = False  # whether the last step ran a batch (False: nothing could run)
         self.last_batches: list[tuple[bool, int]] = []  # the last step's (is_prefill, size) (metrics)
         self._rng = torch.Generator().manual_seed(config.seed)
+        # structured outputs: the matchers of constrained requests
+        self.grammars = GrammarCompiler(config.model_dir, mc.vocab_size, mc.eos_token_ids)
         log.info(
             "engine ready: %s, %d KV blocks of %d tokens", mc.fingerprint(), num_blocks, config.block_size
         )
@@ -151,6 +155,7 @@ class LLMEngine:
         replica = self.replicas[self.replicas.pick(request)]
         seq = Sequence(request, self._order, self._generator(request))
         seq.replica = replica.index
+        seq.grammar = self.grammars.start(request)  # structured outputs
         self._order += 1
         if request.mode == RequestMode.DECODE:
             self._external.subtract(seq.block_table)
@@ -167,6 +172,7 @@ class LLMEngine:
     def check_request(self, request: EngineRequest) -> None:
         """The checks that read nothing a step changes: safe from any thread (ValueError naming the problem)."""
         validate_static(request, self._max_model_len, self.vocab_size, self.blocks)
+        self.grammars.start(request)  # structured outputs: the constraint compiles and its tokens follow it
         if request.mode == RequestMode.DECODE and request.kv_block_ids and len(self.replicas) > 1:
             self.replicas.one_replica(request.kv_block_ids)
 
@@ -248,11 +254,12 @@ class LLMEngine:
         if batch is None:
             return outputs
         try:
-            if batch.partial:  # a non-final chunk of a long prompt: it only writes KV
-                self.runner.run(batch.seqs, True, logits=False)
+            # a non-final chunk of a long prompt only writes KV (and any prompt logprobs)
+            logits = self.runner.run(batch.seqs, batch.is_prefill, not batch.partial)
+            logits = prompt_logprobs.take(batch.seqs, batch.is_prefill, logits, not batch.partial)
+            if batch.partial:
                 self._advance_chunk(batch.seqs[0])
                 return outputs
-            logits = self.runner.run(batch.seqs, batch.is_prefill)
             tokens, logprobs = sample(logits, [s.sample_input() for s in batch.seqs])
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the engine alive
             log.exception("step failed for %d sequences", len(batch.seqs))
@@ -276,6 +283,7 @@ class LLMEngine:
         for batch, logits in zip(batches, all_logits, strict=True):
             if batch is None:
                 continue
+            logits = prompt_logprobs.take(batch.seqs, batch.is_prefill, logits, not batch.partial)
             if batch.partial:
                 self._advance_chunk(batch.seqs[0])
                 continue
@@ -310,6 +318,12 @@ class LLMEngine:
         self._cache_full_blocks(seq)
 
     def _update(self, seq: Sequence, token: int, lp, was_prefill: bool) -> TokenOutput:
+        output = self._advance(seq, token, lp, was_prefill)
+        if was_prefill and prompt_logprobs.collects(seq):  # they go out with the first token
+            output.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        return output
+
+    def _advance(self, seq: Sequence, token: int, lp, was_prefill: bool) -> TokenOutput:
         seq.num_computed = seq.num_tokens
         self._cache_full_blocks(seq)
         seq.append(token)
@@ -336,6 +350,8 @@ class LLMEngine:
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.sampling
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
+            return FinishReason.STOP
+        if seq.grammar is not None and seq.grammar.stopped:  # structured outputs: the grammar is complete
             return FinishReason.STOP
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self._max_model_len:
             return FinishReason.LENGTH

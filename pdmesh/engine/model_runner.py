@@ -8,7 +8,7 @@ On CPU the model's linears use weights packed once (``cpu_linear``), and float32
 batch's K/V in a ``DecodeWorkspace`` across steps (up to ``workspace_bytes``) and, for the dense
 decoder families with the CPU kernels, runs one kernel call per layer (``fused_decode``); prefill
 projects only each sequence's last position through the LM head, and a non-final prompt chunk
-none at all.
+none at all (except a prompt asking for prompt logprobs: all its positions, prompt_logprobs.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pdmesh.engine import prompt_logprobs
 from pdmesh.engine.cpu_linear import pack_linears
 from pdmesh.engine.fused_decode import FusedDecoder
 from pdmesh.engine.sequence import Sequence
@@ -90,7 +91,7 @@ class ModelRunner:
             pos.extend(range(start, end))
             query_lens.append(end - start)
             context_lens.append(end)
-        rows = torch.tensor(query_lens).cumsum(0).sub_(1).tolist() if logits else None
+        rows = prompt_logprobs.logit_rows(seqs, query_lens, logits)  # the last rows, or every row
         return StepInputs(True, ids, pos, tables, query_lens, context_lens, keys, rows)
 
     def _prefill_meta(self, inputs: StepInputs) -> tuple[torch.Tensor, AttentionMetadata]:

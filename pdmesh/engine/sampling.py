@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdmesh.engine.grammar import apply_masks
 from pdmesh.generation import SamplingParams
 from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.threads import configured_threads
@@ -27,6 +28,7 @@ class SampleInput:
     generator: torch.Generator | None
     prompt_ids: list[int]
     output_ids: list[int]
+    allowed: torch.Tensor | None = None  # structured outputs: the tokens its grammar accepts next
 
 
 def _needs_penalties(p: SamplingParams) -> bool:
@@ -114,6 +116,7 @@ def _argmax(logits: torch.Tensor) -> list[int]:
 def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[int], list[Logprobs | None]]:
     """One token per row of ``logits`` ``[B, V]`` (float32), and its logprobs when asked."""
     processed = apply_penalties(logits, inputs)
+    processed = apply_masks(processed, [inp.allowed for inp in inputs], logits)  # structured outputs
     tokens = [0] * len(inputs)
     greedy = [i for i, inp in enumerate(inputs) if inp.params.greedy]
     if len(greedy) == len(inputs):  # all greedy: one argmax, no row copy

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.prompt_logprobs import collects
 from pdmesh.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,15 @@ class Scheduler:
             n = seq.num_tokens
             if batch and tokens + n > cfg.max_prefill_tokens:
                 break
-            token_ids = seq.token_ids
-            if not self.blocks.can_allocate_prompt(token_ids):
-                break
-            seq.block_table, seq.num_computed = self.blocks.allocate_prompt(token_ids)
+            if collects(seq):  # prompt logprobs need every position computed: no prefix-cache hits
+                if not self.blocks.can_allocate(n):
+                    break
+                seq.block_table, seq.num_computed = self.blocks.allocate(n), 0
+            else:
+                token_ids = seq.token_ids
+                if not self.blocks.can_allocate_prompt(token_ids):
+                    break
+                seq.block_table, seq.num_computed = self.blocks.allocate_prompt(token_ids)
             batch.append(self.waiting.popleft())
             tokens += n - seq.num_computed
             if n - seq.num_computed > cfg.max_prefill_tokens:  # alone (batch rule above): chunk it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pdmesh.engine.grammar import GrammarMatcher
 from pdmesh.engine.sampling import SampleInput
 from pdmesh.engine.types import EngineRequest
 from pdmesh.generation import RequestMode, SamplingParams
@@ -25,6 +26,11 @@ class Sequence:
         self.generator = generator
         self.chunk_end: int | None = None  # chunked prefill: compute tokens up to here this step
         self.replica = 0  # the dp replica whose blocks and scheduler hold it
+        self.grammar: GrammarMatcher | None = None  # structured outputs: where its output is in the grammar
+        # prompt logprobs (engine/prompt_logprobs.py): collected during the first prefill, sent once
+        asked = request.sampling.prompt_logprobs is not None and request.mode != RequestMode.DECODE
+        self.prompt_logprobs: list | None = [None] if asked else None
+        self.prompt_logprobs_sent = False
         if request.mode == RequestMode.DECODE:
             self.output_ids.append(int(request.first_token))
             self.block_table = list(request.kv_block_ids or [])
@@ -53,6 +59,9 @@ class Sequence:
 
     def append(self, token: int) -> None:
         self.output_ids.append(token)
+        if self.grammar is not None:
+            self.grammar.accept(token)
 
     def sample_input(self) -> SampleInput:
-        return SampleInput(self.sampling, self.generator, self.prompt_ids, self.output_ids)
+        allowed = self.grammar.allowed() if self.grammar is not None else None
+        return SampleInput(self.sampling, self.generator, self.prompt_ids, self.output_ids, allowed)

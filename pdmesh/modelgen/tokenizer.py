@@ -15,18 +15,14 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 
+from pdmesh.modelgen.chat_templates import CHATML_TEMPLATE
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 DEFAULT_VOCAB_SIZE = 1024
 # Qwen2/Qwen3's pre-tokenizer split pattern.
 QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 def corpus_text() -> str:
@@ -71,8 +67,11 @@ def special_token_ids(tokenizer_json: str) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
-    """Writes ``tokenizer.json`` and ``tokenizer_config.json``; returns the special token ids."""
+def write_tokenizer(
+    out_dir: Path, vocab_size: int = DEFAULT_VOCAB_SIZE, chat_template: str = CHATML_TEMPLATE
+) -> dict[str, int]:
+    """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (with ``chat_template``); returns the
+    special token ids."""
     text = trained_tokenizer_json(vocab_size)
     (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
     ids = special_token_ids(text)
@@ -93,7 +92,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict
         "added_tokens_decoder": added,
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "bos_token": None,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",

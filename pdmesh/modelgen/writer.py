@@ -14,6 +14,7 @@ from pdmesh.modelgen import llama as _llama  # noqa: F401 - registers the arch
 from pdmesh.modelgen import qwen2 as _qwen2  # noqa: F401 - registers the arch
 from pdmesh.modelgen import qwen3 as _qwen3  # noqa: F401 - registers the arch
 from pdmesh.modelgen import qwen3_moe as _qwen3_moe  # noqa: F401 - registers the arch
+from pdmesh.modelgen.chat_templates import chat_template_for
 from pdmesh.modelgen.registry import get_arch
 from pdmesh.modelgen.tokenizer import tokenizer_vocab_size, write_tokenizer
 
@@ -56,7 +57,7 @@ def write_model(
     init_std = fields.pop("init_std", 0.05)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    special = write_tokenizer(out)
+    special = write_tokenizer(out, chat_template=chat_template_for(arch))
     config = writer.build_config(fields, special, dtype)
     gen = torch.Generator().manual_seed(seed)
     weights = writer.build_weights({**config, "_init_std": init_std}, gen, DTYPES[dtype])

@@ -5,7 +5,7 @@ Protobuf stops at the servicers: everything past them works on the dataclasses.
 
 from __future__ import annotations
 
-from pdmesh.generation import SamplingParams
+from pdmesh.generation import PromptLogprob, SamplingParams, StructuredOutput
 from pdmesh.kv.types import HandleState, KVHandle, KVLayout, KVPart
 from pdmesh.v1 import common_pb2
 
@@ -30,6 +30,10 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     )
     if s.seed is not None:
         msg.seed = s.seed
+    if s.prompt_logprobs is not None:  # prompt logprobs
+        msg.prompt_logprobs = s.prompt_logprobs
+    if s.structured is not None:  # structured outputs
+        msg.structured.CopyFrom(structured_to_proto(s.structured))
     return msg
 
 
@@ -48,9 +52,23 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        structured=structured_from_proto(msg),  # structured outputs
     )
     params.validate()
     return params
+
+
+def structured_to_proto(s: StructuredOutput) -> common_pb2.StructuredOutput:
+    return common_pb2.StructuredOutput(kind=s.kind, spec=s.spec, resume_tokens=s.resume_tokens)
+
+
+def structured_from_proto(msg: common_pb2.SamplingParams) -> StructuredOutput | None:
+    """The constraint a SamplingParams message carries; None when its ``structured`` is unset."""
+    if not msg.HasField("structured"):
+        return None
+    s = msg.structured
+    return StructuredOutput(kind=s.kind, spec=s.spec, resume_tokens=s.resume_tokens)
 
 
 def logprobs_to_proto(entries: list[TokenLogprobs] | None) -> list[common_pb2.TokenLogprobs]:
@@ -69,6 +87,31 @@ def logprobs_from_proto(messages) -> list[TokenLogprobs] | None:
     if not messages:
         return None
     return [(m.logprob, {t.token_id: t.logprob for t in m.top}) for m in messages]
+
+
+def prompt_logprobs_to_proto(entries: list[PromptLogprob | None] | None) -> common_pb2.PromptLogprobs | None:
+    """Prompt logprobs: the message (entries from the second prompt token on), None when not asked."""
+    if entries is None:
+        return None
+    return common_pb2.PromptLogprobs(
+        tokens=[
+            common_pb2.PromptTokenLogprob(
+                logprob=chosen,
+                rank=rank,
+                top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in top.items()],
+            )
+            for chosen, rank, top in entries[1:]
+        ]
+    )
+
+
+def prompt_logprobs_from_proto(owner, field: str = "prompt_logprobs") -> list[PromptLogprob | None] | None:
+    """Prompt logprobs in ``owner``'s message field: one entry per prompt token, the first None; None
+    when the field is unset (none asked, or not on this message)."""
+    if not owner.HasField(field):
+        return None
+    msg = getattr(owner, field)
+    return [None, *((m.logprob, m.rank, {t.token_id: t.logprob for t in m.top}) for m in msg.tokens)]
 
 
 def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:

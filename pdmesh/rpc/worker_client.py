@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdmesh.errors import ErrorKind, WorkerError
-from pdmesh.generation import SamplingParams
+from pdmesh.generation import PromptLogprob, SamplingParams
 from pdmesh.kv.types import KVHandle
 from pdmesh.rpc.client import DEFAULT_DEADLINE_S
 from pdmesh.rpc.convert import (
@@ -29,6 +29,7 @@ from pdmesh.rpc.convert import (
     handle_from_proto,
     handle_to_proto,
     logprobs_from_proto,
+    prompt_logprobs_from_proto,
     sampling_to_proto,
 )
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -53,6 +54,8 @@ class PrefillResult:
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None  # the first token's, when asked
     handle: KVHandle | None  # None when finished
+    # prompt logprobs (one per prompt token, the first None) when sampling.prompt_logprobs is set
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class TokenChunk:
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprobs] | None  # one entry per token when asked, else None
+    # prompt logprobs, on the first chunk of a request prefilled there, when asked
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 def _status_error(exc: grpc.aio.AioRpcError) -> WorkerError:
@@ -96,6 +101,7 @@ class DecodeStream:
                     message.finished,
                     message.finish_reason or None,
                     logprobs_from_proto(message.logprobs),
+                    prompt_logprobs_from_proto(message),
                 )
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc) from exc
@@ -142,6 +148,7 @@ class WorkerClient:
             reply.finish_reason or None,
             logprobs_from_proto(reply.logprobs),
             handle_from_proto(reply.handle) if reply.HasField("handle") else None,
+            prompt_logprobs_from_proto(reply),
         )
 
     def decode(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdmesh/v1/coordinator.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x17.pdmesh.v1.ChatMessagesH\x00\x12)\n\nprompt_ids\x18\x05 \x01(\x0b\x32\x13.pdmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParamsB\x07\n\x05input\"\xde\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x1f\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x10.pdmesh.v1.Error\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdmesh.v1.TokenLogprobs2T\n\x0b\x43oordinator\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdmesh/v1/coordinator.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xdb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x17.pdmesh.v1.ChatMessagesH\x00\x12)\n\nprompt_ids\x18\x05 \x01(\x0b\x32\x13.pdmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\t\n\x01n\x18\x07 \x01(\x05\x42\x07\n\x05input\"\xa1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x1f\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x10.pdmesh.v1.Error\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdmesh.v1.TokenLogprobs\x12\r\n\x05index\x18\t \x01(\x05\x12\x32\n\x0fprompt_logprobs\x18\n \x01(\x0b\x32\x19.pdmesh.v1.PromptLogprobs2T\n\x0b\x43oordinator\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=170
   _globals['_TOKENIDS']._serialized_end=193
   _globals['_GENERATEREQUEST']._serialized_start=196
-  _globals['_GENERATEREQUEST']._serialized_end=404
-  _globals['_GENERATERESPONSE']._serialized_start=407
-  _globals['_GENERATERESPONSE']._serialized_end=629
-  _globals['_COORDINATOR']._serialized_start=631
-  _globals['_COORDINATOR']._serialized_end=715
+  _globals['_GENERATEREQUEST']._serialized_end=415
+  _globals['_GENERATERESPONSE']._serialized_start=418
+  _globals['_GENERATERESPONSE']._serialized_end=707
+  _globals['_COORDINATOR']._serialized_start=709
+  _globals['_COORDINATOR']._serialized_end=793
 # @@protoc_insertion_point(module_scope)

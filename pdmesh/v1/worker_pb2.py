@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/worker.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"w\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x10\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x01\"\xdc\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVHandle\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\x12\x1f\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x10.pdmesh.v1.Error\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pdmesh.v1.TokenLogprobs\"\xc9\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12#\n\x06handle\x18\x05 \x01(\x0b\x32\x13.pdmesh.v1.KVHandle\x12\x17\n\x0fprefill_locally\x18\x06 \x01(\x08\x12\x10\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x01\"\x96\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.pdmesh.v1.Error\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.pdmesh.v1.TokenLogprobs\"#\n\x0eReleaseRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"/\n\x0eSetRoleRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.pdmesh.v1.Role\"T\n\x0fSetRoleResponse\x12&\n\rprevious_role\x18\x01 \x01(\x0e\x32\x0f.pdmesh.v1.Role\x12\x19\n\x11transfer_endpoint\x18\x02 \x01(\t2\xc8\x02\n\x06Worker\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x1a.pdmesh.v1.PrefillResponse\x12<\n\x06\x44\x65\x63ode\x12\x18.pdmesh.v1.DecodeRequest\x1a\x16.pdmesh.v1.DecodeChunk0\x01\x12@\n\x07Release\x12\x19.pdmesh.v1.ReleaseRequest\x1a\x1a.pdmesh.v1.ReleaseResponse\x12:\n\x05\x41\x62ort\x12\x17.pdmesh.v1.AbortRequest\x1a\x18.pdmesh.v1.AbortResponse\x12@\n\x07SetRole\x12\x19.pdmesh.v1.SetRoleRequest\x1a\x1a.pdmesh.v1.SetRoleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/worker.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"w\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x10\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x01\"\x90\x02\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVHandle\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\x12\x1f\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x10.pdmesh.v1.Error\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pdmesh.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x08 \x01(\x0b\x32\x19.pdmesh.v1.PromptLogprobs\"\xc9\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12#\n\x06handle\x18\x05 \x01(\x0b\x32\x13.pdmesh.v1.KVHandle\x12\x17\n\x0fprefill_locally\x18\x06 \x01(\x08\x12\x10\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x01\"\xca\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.pdmesh.v1.Error\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.pdmesh.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x06 \x01(\x0b\x32\x19.pdmesh.v1.PromptLogprobs\"#\n\x0eReleaseRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"/\n\x0eSetRoleRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.pdmesh.v1.Role\"T\n\x0fSetRoleResponse\x12&\n\rprevious_role\x18\x01 \x01(\x0e\x32\x0f.pdmesh.v1.Role\x12\x19\n\x11transfer_endpoint\x18\x02 \x01(\t2\xc8\x02\n\x06Worker\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x1a.pdmesh.v1.PrefillResponse\x12<\n\x06\x44\x65\x63ode\x12\x18.pdmesh.v1.DecodeRequest\x1a\x16.pdmesh.v1.DecodeChunk0\x01\x12@\n\x07Release\x12\x19.pdmesh.v1.ReleaseRequest\x1a\x1a.pdmesh.v1.ReleaseResponse\x12:\n\x05\x41\x62ort\x12\x17.pdmesh.v1.AbortRequest\x1a\x18.pdmesh.v1.AbortResponse\x12@\n\x07SetRole\x12\x19.pdmesh.v1.SetRoleRequest\x1a\x1a.pdmesh.v1.SetRoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=61
   _globals['_PREFILLREQUEST']._serialized_end=180
   _globals['_PREFILLRESPONSE']._serialized_start=183
-  _globals['_PREFILLRESPONSE']._serialized_end=403
-  _globals['_DECODEREQUEST']._serialized_start=406
-  _globals['_DECODEREQUEST']._serialized_end=607
-  _globals['_DECODECHUNK']._serialized_start=610
-  _globals['_DECODECHUNK']._serialized_end=760
-  _globals['_RELEASEREQUEST']._serialized_start=762
-  _globals['_RELEASEREQUEST']._serialized_end=797
-  _globals['_RELEASERESPONSE']._serialized_start=799
-  _globals['_RELEASERESPONSE']._serialized_end=831
-  _globals['_ABORTREQUEST']._serialized_start=833
-  _globals['_ABORTREQUEST']._serialized_end=867
-  _globals['_ABORTRESPONSE']._serialized_start=869
-  _globals['_ABORTRESPONSE']._serialized_end=899
-  _globals['_SETROLEREQUEST']._serialized_start=901
-  _globals['_SETROLEREQUEST']._serialized_end=948
-  _globals['_SETROLERESPONSE']._serialized_start=950
-  _globals['_SETROLERESPONSE']._serialized_end=1034
-  _globals['_WORKER']._serialized_start=1037
-  _globals['_WORKER']._serialized_end=1365
+  _globals['_PREFILLRESPONSE']._serialized_end=455
+  _globals['_DECODEREQUEST']._serialized_start=458
+  _globals['_DECODEREQUEST']._serialized_end=659
+  _globals['_DECODECHUNK']._serialized_start=662
+  _globals['_DECODECHUNK']._serialized_end=864
+  _globals['_RELEASEREQUEST']._serialized_start=866
+  _globals['_RELEASEREQUEST']._serialized_end=901
+  _globals['_RELEASERESPONSE']._serialized_start=903
+  _globals['_RELEASERESPONSE']._serialized_end=935
+  _globals['_ABORTREQUEST']._serialized_start=937
+  _globals['_ABORTREQUEST']._serialized_end=971
+  _globals['_ABORTRESPONSE']._serialized_start=973
+  _globals['_ABORTRESPONSE']._serialized_end=1003
+  _globals['_SETROLEREQUEST']._serialized_start=1005
+  _globals['_SETROLEREQUEST']._serialized_end=1052
+  _globals['_SETROLERESPONSE']._serialized_start=1054
+  _globals['_SETROLERESPONSE']._serialized_end=1138
+  _globals['_WORKER']._serialized_start=1141
+  _globals['_WORKER']._serialized_end=1469
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pdmesh.errors import ErrorKind
-from pdmesh.generation import SamplingParams
+from pdmesh.generation import PromptLogprob, SamplingParams
 
 # One generated token's logprobs: the chosen token's and {top token id: logprob}, most likely first.
 TokenLogprobs = tuple[float, dict[int, float]]
@@ -27,15 +27,33 @@ class GenerationChunk:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     # One entry per token_ids entry when sampling.logprobs > 0, else None.
     logprobs: list[TokenLogprobs] | None = None
+    # Prompt logprobs, on the first chunk when sampling.prompt_logprobs is set: one entry per prompt
+    # token, (logprob, rank, {top id: logprob}), the first None.
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+
+
+# n > 1 and best_of (fanout.py): the samples of one prompt share its KV through the prefix cache.
+@dataclass
+class Affinity:
+    """Where a group of requests sharing one prompt had it prefilled: an instance id per role
+    (``Role.value``). The backend records the instance that computed the prompt's KV and sends the
+    group's later requests there, whose prefill then finds the prompt's blocks in its prefix cache."""
+
+    instances: dict[str, str] = field(default_factory=dict)
 
 
 class GenerationBackend(Protocol):
     """Generates tokens for one request at a time (many concurrently)."""
 
     def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        affinity: Affinity | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """Streams chunks; raises ``GenerationError``. Closing the iterator early cancels the request."""
+        """Streams chunks; raises ``GenerationError``. Closing the iterator early cancels the request.
+        ``affinity``: the group of requests sharing this prompt, if any (where to prefill it)."""
         ...
 
     def ready(self) -> bool:

@@ -18,7 +18,7 @@ import grpc
 
 from pdmesh.observability import coordinator_metrics as metrics
 
-COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/infer", "/generate", "/generate_stream")
 CLIENT_GONE = "499"
 
 
@@ -60,9 +60,9 @@ def count_grpc_requests(method):
         outcome, status = metrics.Outcome(), "UNKNOWN"
         try:
             async for reply in method(self, request, context):
-                if reply.finished:
-                    usage = reply.usage
-                    outcome.finish(reply.finish_reason, usage.prompt_tokens, usage.completion_tokens)
+                if reply.finished:  # once per sample (n > 1: each carries its own completion tokens)
+                    usage, generated = reply.usage, outcome.completion_tokens + reply.usage.completion_tokens
+                    outcome.finish(reply.finish_reason, usage.prompt_tokens, generated)
                 yield reply
             status = "OK"
         except asyncio.CancelledError:

@@ -4,7 +4,9 @@ Unset numeric sampling fields take OpenAI's defaults (proto3 cannot tell 0 from 
 ``temperature``, where 0 means greedy; an unset ``max_tokens`` is the context left after the prompt,
 capped at 256. Lengths (``limits``), sampling values and token ids (``validation``) are checked as
 over HTTP, and refused with the same words. With ``sampling.logprobs`` N > 0 each message carries one
-``TokenLogprobs`` (chosen logprob, top N ids and logprobs) per entry of its ``token_ids``. A backend's
+``TokenLogprobs`` (chosen logprob, top N ids and logprobs) per entry of its ``token_ids``; with
+``sampling.prompt_logprobs`` N set, the first message carries ``prompt_logprobs``: each prompt token's
+logprob and rank and the top N there, from the second prompt token on. A backend's
 error kind is answered with its gRPC status (``GRPC_STATUS``).
 """
 
@@ -12,17 +14,20 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 
+from pdmesh import structured as constraints
 from pdmesh.errors import ErrorKind
 from pdmesh.generation import SamplingParams
 from pdmesh.observability import http_tracing
-from pdmesh.rpc.convert import logprobs_to_proto
+from pdmesh.rpc.convert import logprobs_to_proto, prompt_logprobs_to_proto, structured_from_proto
 from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from services.coordinator.api_keys import KeyRing, bearer
 from services.coordinator.backend import GenerationBackend, GenerationError
+from services.coordinator.fanout import SharedPrompt, merge, sample_sampling, sequences_error
 from services.coordinator.front_metrics import count_grpc_requests
 from services.coordinator.limits import completion_budget
 from services.coordinator.validation import check_sampling, check_token_ids
@@ -55,9 +60,13 @@ def sampling_with_defaults(msg: common_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        structured=structured_from_proto(msg),  # structured outputs
     )
     check_sampling(params)
     params.validate()
+    if params.structured is not None:  # structured outputs: compiled here, a bad one is INVALID_ARGUMENT
+        constraints.check(params.structured)
     return params
 
 
@@ -97,6 +106,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             raise ValueError(f"unknown model {request.model!r}; this server serves {self.model_name!r}")
         check_token_ids(prompt_ids, self.tokenizer.vocab_size, "prompt_ids")
         check_token_ids(sampling.stop_token_ids, self.tokenizer.vocab_size, "stop_token_ids")
+        if request.n < 0:
+            raise ValueError(f"n must be >= 1 (or unset), not {request.n}")
+        if (too_many := sequences_error(1, request.n)) is not None:
+            raise ValueError(f"n: {too_many}")
         requested = request.sampling.max_tokens or None  # unset: the context left, as over HTTP
         sampling.max_tokens = completion_budget(len(prompt_ids), requested, self.max_model_len)
 
@@ -114,26 +127,63 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self._validate(request, prompt_ids, sampling)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        detok = IncrementalDetokenizer(self.tokenizer)
-        completion_tokens = 0
         http_tracing.record_gen_ai_request("generate", self.model_name, sampling, prompt_ids, request_id)
         try:
-            async for chunk in self.backend.generate(request_id, prompt_ids, sampling):
-                completion_tokens += len(chunk.token_ids)
-                reply = coordinator_pb2.GenerateResponse(
-                    request_id=request_id,
-                    token_ids=chunk.token_ids,
-                    text=detok.add(chunk.token_ids) + (detok.flush() if chunk.finished else ""),
-                    finished=chunk.finished,
-                    finish_reason=chunk.finish_reason or "",
-                    logprobs=logprobs_to_proto(chunk.logprobs),
-                )
-                if chunk.finished:
-                    reply.usage.CopyFrom(
-                        common_pb2.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens)
-                    )
-                    http_tracing.record_gen_ai_usage(completion_tokens, chunk.finish_reason)
+            async for reply in self._samples(request_id, prompt_ids, sampling, request.n or 1):
                 yield reply
         except GenerationError as exc:
             log.warning("[%s] failed: %s", request_id, exc)
             await context.abort(GRPC_STATUS[exc.kind], str(exc))
+
+    async def _samples(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, n: int
+    ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        """The replies of ``n`` samples (fanout.py: they share the prompt's KV), interleaved."""
+        if n == 1:
+            async for reply in self._replies(request_id, 0, prompt_ids, sampling, self.backend):
+                yield reply
+            return
+        log.info("[%s] %d samples", request_id, n)
+        shared = SharedPrompt(self.backend)
+        samples = [
+            self._replies(request_id, j, prompt_ids, sample_sampling(sampling, j, ranked=False), shared)
+            for j in range(n)
+        ]
+        merged = merge(samples)
+        try:
+            async for _, reply in merged:
+                yield reply
+        finally:
+            await merged.aclose()
+
+    async def _replies(
+        self,
+        request_id: str,
+        index: int,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        backend: GenerationBackend,
+    ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        """One sample's replies; the backend's request id is ``request_id``, or with n > 1
+        ``request_id-index``."""
+        detok = IncrementalDetokenizer(self.tokenizer)
+        completion_tokens = 0
+        backend_id = request_id if backend is self.backend else f"{request_id}-{index}"
+        async for chunk in backend.generate(backend_id, prompt_ids, sampling):
+            completion_tokens += len(chunk.token_ids)
+            reply = coordinator_pb2.GenerateResponse(
+                request_id=request_id,
+                index=index,
+                token_ids=chunk.token_ids,
+                text=detok.add(chunk.token_ids) + (detok.flush() if chunk.finished else ""),
+                finished=chunk.finished,
+                finish_reason=chunk.finish_reason or "",
+                logprobs=logprobs_to_proto(chunk.logprobs),
+                prompt_logprobs=prompt_logprobs_to_proto(chunk.prompt_logprobs),
+            )
+            if chunk.finished:
+                reply.usage.CopyFrom(
+                    common_pb2.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens)
+                )
+                http_tracing.record_gen_ai_usage(completion_tokens, chunk.finish_reason)
+            yield reply

@@ -11,8 +11,9 @@
   A stop token (``stop_token_ids``, or an end-of-sequence id) that ends a request is not
   rendered as text; it still counts in ``usage.completion_tokens``.
 - Chat messages need ``content`` (text, or text parts), except the assistant's (then empty).
-  Token ids (a prompt's, ``stop_token_ids``) must be in the vocabulary. Only ``n`` = 1 and one
-  prompt per request; ``echo`` and ``best_of`` > 1 are refused.
+  Token ids (a prompt's, ``stop_token_ids``) must be in the vocabulary. ``echo`` and prompt
+  logprobs: echo.py.
+  Lists of prompts, ``n`` > 1 and ``best_of``: http_fanout.py.
 - Logprobs (``logprobs``/``top_logprobs`` in chat, ``logprobs`` in completions, 0..20 top tokens)
   come in OpenAI's shapes (logprobs.py), in each stream chunk for the tokens of its text; tokens
   past a stop string's cut have none. Not asked: ``"logprobs": null``.
@@ -28,62 +29,42 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdmesh.errors import ErrorKind
-from pdmesh.generation import SamplingParams
 from pdmesh.observability import http_tracing
-from pdmesh.observability.coordinator_metrics import Outcome
 from pdmesh.tokenizer import Tokenizer
-from services.coordinator import http_schema, logprobs
+from services.coordinator import echo, http_fanout, http_schema, logprobs, request_fields, structured_outputs
 from services.coordinator import openai_api as api
 from services.coordinator.api_keys import KeyLimits, KeyRing
 from services.coordinator.backend import GenerationBackend, GenerationChunk, GenerationError
 from services.coordinator.front_metrics import RequestMetricsMiddleware
 from services.coordinator.http_auth import ApiKeyMiddleware
 from services.coordinator.http_errors import ApiError, generation_error_body, install_error_handlers
+from services.coordinator.http_job import Job
 from services.coordinator.http_util import (
     ClientGone,
     RequestIdMiddleware,
     SSEResponse,
     aclose,
     chain,
+    sse,
     unless_disconnected,
 )
 from services.coordinator.limits import LengthError, completion_budget
+from services.coordinator.native_routes import router as native_router
 from services.coordinator.text_stream import TextStream, TokenEntry
+from services.coordinator.tokenize_api import router as tokenize_router
+from services.coordinator.tools import ToolPlan, attach_tools, plan_tools
 from services.coordinator.validation import check_token_ids
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Job:
-    """One validated request, ready for the backend."""
-
-    request_id: str  # X-Request-Id (logs)
-    response_id: str  # cmpl-.../chatcmpl-... (the backend's request id)
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    top_logprobs: int | None  # top tokens to answer per token; None: no logprobs
-    stops: list[str]
-    include_usage: bool
-    chat: bool
-    stream: bool
-    created: int
-    outcome: Outcome = field(default_factory=Outcome)  # what requests_total records
-
-
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 class OpenAIServer:
@@ -103,8 +84,6 @@ class OpenAIServer:
     def check_common(self, body: api.SamplingRequest) -> None:
         if body.model is not None and body.model != self.model_name:
             raise ApiError(f"The model `{body.model}` does not exist.", 404, "model", "model_not_found")
-        if body.n is not None and body.n != 1:
-            raise ApiError("only n=1 is supported", param="n")
         if body.stream_options is not None and not body.stream:
             raise ApiError("stream_options is only allowed when stream is true", param="stream_options")
         try:
@@ -113,16 +92,13 @@ class OpenAIServer:
             raise ApiError(str(exc), param="stop_token_ids") from None
         logprobs.check_request(body)
 
-    def completion_prompt(self, body: api.CompletionRequest) -> list[int]:
-        if body.echo:
-            raise ApiError("echo is not supported", param="echo")
-        if body.best_of not in (None, 1):
-            raise ApiError("only best_of=1 is supported", param="best_of")
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) != 1:
-                raise ApiError("only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
+    def completion_prompts(self, body: api.CompletionRequest) -> list[list[int]]:
+        """The request's prompts: a string or a token-id list is one; a list of either, a batch."""
+        prompts = body.prompt
+        one = isinstance(prompts, str) or not isinstance(prompts[0], str | list)
+        return [self.completion_prompt(body, prompt) for prompt in ([prompts] if one else prompts)]
+
+    def completion_prompt(self, body: api.CompletionRequest, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         try:
@@ -131,10 +107,12 @@ class OpenAIServer:
             raise ApiError(str(exc), param="prompt") from None
         return list(prompt)
 
-    def chat_prompt(self, body: api.ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, body: api.ChatCompletionRequest, tools: ToolPlan | None = None) -> list[int]:
         messages = [self._message_dict(i, m) for i, m in enumerate(body.messages)]
+        messages = request_fields.template_roles(messages, self.tokenizer.chat_template)
         try:
-            return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+            extra = tools.template_vars() if tools else {}
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **extra)
         except jinja2.TemplateError as exc:
             raise ApiError(f"the chat template refused the messages: {exc}", param="messages") from exc
         except ValueError as exc:
@@ -167,6 +145,7 @@ class OpenAIServer:
             code = "context_length_exceeded" if exc.context_exceeded else None
             raise ApiError(str(exc), param=param, code=code) from exc
         sampling = body.to_sampling(max_tokens)
+        sampling.structured = structured_outputs.from_request(body)  # structured outputs
         try:
             sampling.validate()
         except ValueError as exc:
@@ -185,7 +164,8 @@ class OpenAIServer:
         drop = set(job.sampling.stop_token_ids)
         if not job.sampling.ignore_eos:
             drop.update(self.tokenizer.eos_token_ids)
-        return TextStream(self.tokenizer, job.stops, drop)
+        stream = TextStream(self.tokenizer, job.stops, drop)
+        return job.tools.stream(stream, job.stream) if job.tools else stream
 
     def _generate(self, job: Job) -> AsyncIterator[GenerationChunk]:
         if not self.backend.ready():
@@ -204,7 +184,8 @@ class OpenAIServer:
         http_tracing.record_gen_ai_request(
             operation, self.model_name, job.sampling, job.prompt_ids, job.response_id
         )
-        return self.backend.generate(job.response_id, job.prompt_ids, job.sampling)
+        backend = job.backend or self.backend
+        return echo.watch(job, backend.generate(job.response_id, job.prompt_ids, job.sampling))
 
     def _logprobs(self, job: Job, entries: list[TokenEntry]) -> dict | None:
         return logprobs.render(self.token_texts, entries, job.top_logprobs, job.chat)
@@ -248,12 +229,13 @@ class OpenAIServer:
         usage = api.Usage.of(len(job.prompt_ids), result.completion_tokens)
         reason, lps = result.finish_reason, self._logprobs(job, result.take_logprobs())
         if job.chat:
-            message = api.AssistantMessage(content=text)
+            message = result.message() if job.tools else api.AssistantMessage(content=text)
             choice = api.ChatChoice(message=message, logprobs=lps, finish_reason=reason)
-            return api.ChatCompletionResponse(
+            response = api.ChatCompletionResponse(
                 id=job.response_id, created=job.created, model=self.model_name, choices=[choice], usage=usage
             )
-        choice = api.CompletionChoice(text=text, logprobs=lps, finish_reason=reason)
+            return echo.with_prompt_logprobs(job, self.token_texts, response)
+        choice = echo.completion_choice(job, self.token_texts, text, lps, reason)
         return api.CompletionResponse(
             id=job.response_id, created=job.created, model=self.model_name, choices=[choice], usage=usage
         )
@@ -276,12 +258,12 @@ class OpenAIServer:
         stream = self._text_stream(job)
         try:
             if job.chat:
-                yield _sse(self._chunk(job, api.Delta(role="assistant", content=""), None))
+                yield sse(self._chunk(job, api.Delta(role="assistant", content=""), None))
             async for chunk in chain(first, generator):
                 text = stream.feed(chunk)
                 if text or stream.done:
                     lps = self._logprobs(job, stream.take_logprobs())
-                    yield _sse(self._chunk(job, text, stream.finish_reason if stream.done else None, lps))
+                    yield sse(self._chunk(job, text, stream.finish_reason if stream.done else None, lps))
                 if stream.done:
                     break
             if not stream.done:
@@ -289,9 +271,7 @@ class OpenAIServer:
             job.outcome.finish(stream.finish_reason, len(job.prompt_ids), stream.completion_tokens)
             http_tracing.record_gen_ai_usage(stream.completion_tokens, stream.finish_reason)
             if job.include_usage:
-                yield _sse(
-                    self._usage_chunk(job, api.Usage.of(len(job.prompt_ids), stream.completion_tokens))
-                )
+                yield sse(self._usage_chunk(job, api.Usage.of(len(job.prompt_ids), stream.completion_tokens)))
             log.info(
                 "[%s] streamed: %s, %d tokens", job.request_id, stream.finish_reason, stream.completion_tokens
             )
@@ -299,13 +279,13 @@ class OpenAIServer:
             status, body = generation_error_body(exc)
             log.warning("[%s] failed mid-stream (%d): %s", job.request_id, status, exc.message)
             job.outcome.status = str(status)
-            yield _sse(body)
+            yield sse(body)
         except asyncio.CancelledError:
             log.info("[%s] client disconnected; generation cancelled", job.request_id)
             raise
         finally:
             await aclose(generator, job.request_id)
-        yield _sse("[DONE]")
+        yield sse("[DONE]")
 
     def _chunk(
         self, job: Job, content: str | api.Delta, finish_reason: str | None, lps: dict | None = None
@@ -316,6 +296,7 @@ class OpenAIServer:
             choice = api.ChatChunkChoice(delta=delta, logprobs=lps, finish_reason=finish_reason)
             chunk = api.ChatCompletionChunk(choices=[choice], **common)
         else:
+            content, lps = echo.prepend(job.echo, self.token_texts, content, lps, job.top_logprobs)
             choice = api.CompletionChoice(text=content, logprobs=lps, finish_reason=finish_reason)
             chunk = api.CompletionChunk(choices=[choice], **common)
         return chunk.model_dump(mode="json", exclude=None if job.include_usage else {"usage"})
@@ -373,15 +354,22 @@ def create_app(
     @app.post("/v1/completions", response_model=None, responses=completion_answers)
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
         server.check_common(body)
-        job = server.prepare(body, server.completion_prompt(body), request.state.request_id, chat=False)
-        request.state.outcome = job.outcome
-        return await server.respond(job, request)
+        prompts = server.completion_prompts(body)
+        jobs = [server.prepare(body, ids, request.state.request_id, chat=False) for ids in prompts]
+        echo.attach(body, jobs, server.tokenizer)
+        request.state.outcome = jobs[0].outcome
+        return await http_fanout.respond(server, body, jobs, request)
 
     @app.post("/v1/chat/completions", response_model=None, responses=chat_answers)
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
         server.check_common(body)
-        job = server.prepare(body, server.chat_prompt(body), request.state.request_id, chat=True)
+        tools = plan_tools(body, server.tokenizer)
+        job = server.prepare(body, server.chat_prompt(body, tools), request.state.request_id, chat=True)
+        attach_tools(job, tools)
+        echo.attach(body, [job], server.tokenizer)
         request.state.outcome = job.outcome
-        return await server.respond(job, request)
+        return await http_fanout.respond(server, body, [job], request)
 
+    app.include_router(tokenize_router)  # /tokenize, /detokenize (vLLM's)
+    app.include_router(native_router)  # /infer (MindIE's), /generate, /generate_stream (TGI's)
     return app

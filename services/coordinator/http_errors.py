@@ -2,7 +2,8 @@
 
 A body that fails validation is answered 400 naming the deepest field at fault (``prompt.0.1`` for a
 non-integer token id inside a list of lists, not the whole union), or 415 when it did not come as
-JSON at all. Starlette's own errors (404 unknown path, 405 with its ``Allow`` header) keep their
+JSON at all. Fields no model declares come first: ``Unrecognized request argument supplied: NAME``,
+and a field pdmesh knows but does not implement is refused with its reason (request_fields.py). Starlette's own errors (404 unknown path, 405 with its ``Allow`` header) keep their
 status and headers. A backend's error (``GenerationError``) carries a kind, answered with its HTTP
 status here (``HTTP_STATUS``). http_schema.py documents these answers in the OpenAPI schema.
 """
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdmesh.errors import ErrorKind
 from services.coordinator import openai_api as api
+from services.coordinator import request_fields
 from services.coordinator.backend import GenerationError
 from services.coordinator.validation import bound_message
 
@@ -128,6 +130,22 @@ def _either(errors: list[dict], where: str) -> str:
     return "Input should be " + " or ".join(wanted)
 
 
+def _field_refusal(errors: list[dict]) -> JSONResponse | None:
+    """The answer to fields pdmesh does not take (request_fields.py), before any other problem."""
+    for error in errors:
+        if error.get("type") == request_fields.UNSUPPORTED:
+            field = error.get("ctx", {}).get("field")
+            where = ".".join(p for p in (_field_path(error.get("loc", ())), field) if p)
+            return error_response(400, str(error.get("msg")).replace(field, where, 1), param=where)
+    # An object that is of another kind altogether (an image part where text parts go) is named as such.
+    wrong = {tuple(e.get("loc", ()))[:-1] for e in errors if e.get("type") != "extra_forbidden"}
+    extras = [e for e in errors if e.get("type") == "extra_forbidden"]
+    unknown = [_field_path(e.get("loc", ())) for e in extras if tuple(e.get("loc", ()))[:-1] not in wrong]
+    if unknown:
+        return error_response(400, request_fields.unrecognized_message(unknown), param=unknown[0])
+    return None
+
+
 def _json_content_type(request: Request) -> bool:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     return content_type == "application/json" or content_type.endswith("+json")
@@ -149,6 +167,9 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI reads a body of another type as bytes, which then "is not an object".
             given = request.headers.get("content-type", "")
             return error_response(415, f"the body must be JSON (Content-Type: application/json), not {given}")
+        refusal = _field_refusal(errors)
+        if refusal is not None:
+            return refusal
         error = _most_specific(errors)
         where = _field_path(error.get("loc", ()))
         if error.get("type", "").endswith("_type"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -22,6 +23,11 @@ from services.coordinator.openai_api import new_id
 REQUEST_ID_HEADER = "x-request-id"
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def sse(payload: dict | str) -> str:
+    """One server-sent event whose ``data`` is ``payload`` (JSON unless already a string)."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 class ClientGone(Exception):

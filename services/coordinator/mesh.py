@@ -10,10 +10,15 @@ mid-stream is replaced by prefilling that on another instance (migration) and th
 unbroken stream (at temperature 0, the same text as an uninterrupted run; a seeded sampler restarts
 its random stream at the migration point). Logprobs travel in the chunk of their token, so those of
 tokens already sent are neither repeated nor lost: a new attempt only produces the tokens after them.
+Prompt logprobs come with the first token (from the prefill worker, or from the instance that
+prefills the request itself); an attempt after the first token was sent does not ask for them again.
 
 Prompts shorter than ``local_prefill_threshold`` tokens are prefilled by the decode instance itself
 (conditional disaggregation). With only mixed instances healthy, a mixed instance serves it whole.
 Each attempt decides all of this on one snapshot of the cluster view (``Router.snapshot``).
+A request in a group sharing its prompt (``n`` > 1, ``backend.Affinity``) is prefilled where the
+group's prompt already was (prefill, mixed, or the decode instance prefilling locally), over the
+routing policy while that instance is healthy and untried, so that its prefix cache serves the prompt.
 
 Workers are called through ``pdmesh.rpc.worker_client`` (plain dataclasses; a failure is a
 ``WorkerError`` with a kind): a bad request (INVALID_ARGUMENT), a timeout (DEADLINE_EXCEEDED) or a
@@ -42,7 +47,7 @@ from pdmesh.observability import coordinator_metrics as metrics
 from pdmesh.rpc.client import open_channel
 from pdmesh.rpc.worker_client import PrefillResult, WorkerClient
 from services.coordinator.admission import AdmissionGate
-from services.coordinator.backend import GenerationChunk, GenerationError
+from services.coordinator.backend import Affinity, GenerationChunk, GenerationError
 from services.coordinator.routing import Router, RoutingSnapshot
 
 if TYPE_CHECKING:
@@ -68,6 +73,7 @@ class _Request:
     sent: list[int] = field(default_factory=list)  # tokens the client already has
     attempt: int = 0
     tried: set[str] = field(default_factory=set)
+    affinity: Affinity | None = None  # a group sharing this prompt: where its KV was computed
 
     @property
     def attempt_id(self) -> str:
@@ -77,7 +83,13 @@ class _Request:
     def continuation(self) -> tuple[list[int], SamplingParams]:
         """The prompt and sampling that continue this request from what was already sent."""
         remaining = self.sampling.max_tokens - len(self.sent)
-        return self.prompt_ids + self.sent, replace(self.sampling, max_tokens=remaining)
+        sampling = replace(self.sampling, max_tokens=remaining)
+        if self.sent:  # the client has the prompt logprobs already (they came with the first token)
+            sampling.prompt_logprobs = None
+        if self.sent and sampling.structured is not None:  # structured outputs: resume after what was sent
+            resumed = sampling.structured.resume_tokens + len(self.sent)
+            sampling.structured = replace(sampling.structured, resume_tokens=resumed)
+        return self.prompt_ids + self.sent, sampling
 
 
 class MeshBackend:
@@ -146,7 +158,11 @@ class MeshBackend:
             await asyncio.wait(self._closing)
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        affinity: Affinity | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         if not self.router.snapshot().ready():
             raise _unservable()
@@ -155,6 +171,7 @@ class MeshBackend:
             request = _Request(
                 request_id, prompt_ids, sampling, time.monotonic() + self.config.request_timeout_s
             )
+            request.affinity = affinity
             async for chunk in metrics.observe_stream(self._with_retries(request), arrived):
                 yield chunk
 
@@ -183,19 +200,24 @@ class MeshBackend:
         if not snapshot.ready():
             raise _unservable()
         if not snapshot.can_disaggregate():
-            mixed = _pick(snapshot, Role.MIXED, request)
+            mixed = _pick(snapshot, Role.MIXED, request, computes_prompt=True)
             async for chunk in self._stream(mixed, request, prompt_ids, sampling):
                 yield chunk
             return
-        decode = _pick(snapshot, Role.DECODE, request)
-        if len(prompt_ids) < self.config.local_prefill_threshold:
+        local = len(prompt_ids) < self.config.local_prefill_threshold
+        decode = _pick(snapshot, Role.DECODE, request, computes_prompt=local)
+        if local:
             async for chunk in self._stream(decode, request, prompt_ids, sampling):
                 yield chunk
             return
-        prefill = _pick(snapshot, Role.PREFILL, request, prompt_ids)
+        prefill = _pick(snapshot, Role.PREFILL, request, prompt_ids, computes_prompt=True)
         prefilled = await self._prefill(prefill, request, prompt_ids, sampling)
         yield GenerationChunk(
-            [prefilled.first_token], prefilled.finished, prefilled.finish_reason, prefilled.logprobs
+            [prefilled.first_token],
+            prefilled.finished,
+            prefilled.finish_reason,
+            prefilled.logprobs,
+            prefilled.prompt_logprobs,
         )
         if prefilled.finished:
             return
@@ -235,7 +257,13 @@ class MeshBackend:
         self._hold(instance)
         try:
             async for chunk in _first_in_time(stream, first_timeout, instance):
-                yield GenerationChunk(chunk.token_ids, chunk.finished, chunk.finish_reason, chunk.logprobs)
+                yield GenerationChunk(
+                    chunk.token_ids,
+                    chunk.finished,
+                    chunk.finish_reason,
+                    chunk.logprobs,
+                    chunk.prompt_logprobs,
+                )
                 if chunk.finished:
                     return
         except WorkerError as exc:
@@ -258,11 +286,21 @@ def _unservable() -> GenerationError:
 
 
 def _pick(
-    snapshot: RoutingSnapshot, role: Role, request: _Request, prompt_ids: list[int] | None = None
+    snapshot: RoutingSnapshot,
+    role: Role,
+    request: _Request,
+    prompt_ids: list[int] | None = None,
+    computes_prompt: bool = False,
 ) -> InstanceInfoData:
-    instance = snapshot.pick(role, exclude=request.tried, prompt_ids=prompt_ids)
+    """An instance of ``role``; the one that ``computes_prompt`` follows the request's affinity (the
+    group sharing its prompt goes where the prompt's KV already is) and records itself there."""
+    affinity = request.affinity if computes_prompt else None
+    prefer = affinity.instances.get(role.value) if affinity is not None else None
+    instance = snapshot.pick(role, exclude=request.tried, prompt_ids=prompt_ids, prefer=prefer)
     if instance is None:
         raise GenerationError(f"no healthy {role.value} instance", ErrorKind.UNAVAILABLE, retry_after_s=1)
+    if affinity is not None:
+        affinity.instances[role.value] = instance.instance_id
     metrics.ROUTE_CHOICES.labels(role.value, instance.instance_id).inc()
     return instance
 

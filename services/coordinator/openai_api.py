@@ -1,8 +1,9 @@
 """OpenAI API shapes for the coordinator's HTTP front: requests in, responses and stream chunks out.
 
 Requests accept OpenAI's fields and vLLM's sampling extras (``top_k``, ``min_p``,
-``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``); fields this server does not use
-(``user``, ``logit_bias``, ...) are ignored. Request fields are validated strictly, as their JSON types
+``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``); nothing is silently ignored: a field no
+model declares is refused with a 400 naming it, one pdmesh knows but does not implement likewise,
+with the reason (request_fields.py; docs/api.md lists them). Request fields are validated strictly, as their JSON types
 say: ``true`` is not an integer (``3.0`` is, as in JSON Schema), ``"1"`` not a number, and numbers must
 be finite (no ``NaN`` or ``Infinity``, which Python's JSON parser would otherwise let through).
 The bounds the server enforces on sampling values are declared on the fields (from the table both
@@ -16,9 +17,12 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
 
 from pdmesh.generation import SamplingParams
+from services.coordinator import request_fields
+from services.coordinator.structured_api import ResponseFormat, StructuredOutputsParams
+from services.coordinator.tools_api import DeltaToolCall, ToolCall, ToolChoice, ToolDefinition
 from services.coordinator.validation import bounded
 
 # How request bodies are read: JSON types as declared, finite numbers only.
@@ -46,7 +50,7 @@ NonEmptyIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
-    model_config = STRICT
+    model_config = ConfigDict(extra="forbid", **STRICT)
 
     include_usage: bool = False
 
@@ -54,13 +58,14 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore", **STRICT)
+    # Never silently ignore (request_fields.py): undeclared fields are refused by name.
+    model_config = ConfigDict(extra="forbid", **STRICT)
 
     model: str | None = None
     max_tokens: Budget | None = None
     temperature: Annotated[float, bounded("temperature")] | None = None
     top_p: Annotated[float, bounded("top_p")] | None = None
-    n: Int | None = 1
+    n: Annotated[int, Field(ge=1), INTEGRAL] | None = 1  # n > 1: fanout.py
     stop: str | list[str] | None = None
     seed: Annotated[int, bounded("seed"), INTEGRAL] | None = None
     stream: bool | None = False
@@ -73,6 +78,28 @@ class SamplingRequest(BaseModel):
     repetition_penalty: Annotated[float, bounded("repetition_penalty")] | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[TokenId] | None = None
+    # structured outputs (structured_outputs.py): OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    # Accepted and unused: who the end user is, a cache-routing hint (the prefix cache needs none).
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _screen_fields(cls, data: Any) -> Any:
+        return request_fields.screen(cls, data, request_fields.REFUSED)
+
+    # prompt logprobs (vLLM's extra; echo.py): top-N at each prompt position, with each prompt token's
+    prompt_logprobs: Annotated[int, bounded("prompt_logprobs"), INTEGRAL] | None = None
+
+    def prompt_logprobs_count(self) -> int | None:
+        return self.prompt_logprobs
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -105,11 +132,12 @@ class SamplingRequest(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=bool(self.ignore_eos),
             logprobs=self.logprobs_count(),
+            prompt_logprobs=self.prompt_logprobs_count(),
         )
 
 
 class CompletionRequest(SamplingRequest):
-    """POST /v1/completions: one prompt, as text or token ids."""
+    """POST /v1/completions: a prompt as text or token ids, or a list of them (http_fanout.py)."""
 
     prompt: (
         NonEmptyText
@@ -119,15 +147,24 @@ class CompletionRequest(SamplingRequest):
     )
     logprobs: TopLogprobs | None = None
     echo: bool | None = False
-    best_of: Int | None = None
-    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1), INTEGRAL] | None = None  # fanout.py
 
     def logprobs_top(self) -> int | None:
         return self.logprobs
 
+    # echo (echo.py): max_tokens 0 with echo returns only the prompt (one token is generated, dropped)
+    max_tokens: Annotated[int, Field(ge=0), INTEGRAL] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return 1 if self.echo and self.max_tokens == 0 else self.max_tokens
+
+    def prompt_logprobs_count(self) -> int | None:
+        # as vLLM: echo with logprobs asks for the prompt's too
+        return self.logprobs if self.prompt_logprobs is None and self.echo else self.prompt_logprobs
+
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow", **STRICT)
+    model_config = ConfigDict(extra="forbid", **STRICT)
 
     type: Literal["text"]  # the only kind of part a text model takes
     text: str | None = None
@@ -138,9 +175,12 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow", **STRICT)
 
-    role: str
+    role: Literal[request_fields.ROLES]  # others: 400
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # tools (tools.py): an assistant's calls, and the call a tool message answers
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -150,6 +190,12 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Budget | None = None
     logprobs: bool | None = False
     top_logprobs: TopLogprobs | None = None
+    # best_of (vLLM's extra in chat): fanout.py
+    best_of: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    # tools: functions the model may call (tools.py)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -201,6 +247,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: Any = None
     finish_reason: str | None = None
+    prompt_logprobs: Any = None  # vLLM's extra (echo.py); not in stream chunks
 
 
 class CompletionResponse(BaseModel):
@@ -215,7 +262,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # tools (tools.py), [] as vLLM's
 
 
 class ChatChoice(BaseModel):
@@ -233,6 +281,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     system_fingerprint: str | None = None
     usage: Usage
+    prompt_logprobs: Any = None  # vLLM's extra (echo.py)
 
 
 class Delta(BaseModel):
@@ -240,6 +289,7 @@ class Delta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None  # tools (tool_parser.py)
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler) -> dict:
@@ -271,6 +321,13 @@ class CompletionChunk(BaseModel):
     choices: list[CompletionChoice]
     system_fingerprint: str | None = None
     usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_prompt_logprobs(self, handler) -> dict:
+        data = handler(self)  # as vLLM: prompt logprobs are answered whole, never streamed
+        for choice in data.get("choices", ()):
+            choice.pop("prompt_logprobs", None)
+        return data
 
 
 class ErrorDetail(BaseModel):

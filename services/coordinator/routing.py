@@ -183,13 +183,22 @@ class RoutingSnapshot:
         return self.can_disaggregate() or bool(self._healthy[Role.MIXED])
 
     def pick(
-        self, role: Role, exclude: Collection[str] = (), prompt_ids: list[int] | None = None
+        self,
+        role: Role,
+        exclude: Collection[str] = (),
+        prompt_ids: list[int] | None = None,
+        prefer: str | None = None,
     ) -> InstanceInfoData | None:
-        """A healthy instance of ``role``, avoiding ``exclude`` while others exist; None if none."""
+        """A healthy instance of ``role``, avoiding ``exclude`` while others exist; None if none.
+        ``prefer``: an instance id taken over the policy's choice while it is a candidate (the one
+        holding a shared prompt's KV, ``backend.Affinity``)."""
         healthy = self._healthy[role]
         candidates = [c for c in healthy if c.instance_id not in exclude] or healthy
         if not candidates:
             return None
+        preferred = [c for c in candidates if c.instance_id == prefer]
+        if preferred:
+            return preferred[0]
         hashes = prompt_block_hashes(prompt_ids, self.router.block_size) if prompt_ids else []
         policy = self.router.policies[role]
         with tracing.tracer().start_as_current_span("route") as span:

@@ -87,6 +87,10 @@ class TextStream:
         self._taken = max(self._taken, end)
         return taken
 
+    def cumulative_logprob(self) -> float:
+        """The sum of the generated tokens' own logprobs (best_of ranks samples by it); 0 without any."""
+        return sum(lp[0] for lp in self._logprobs if lp is not None)
+
     def _add(self, text: str) -> None:
         self.pending += text
         self._decoded += len(text)

@@ -35,6 +35,7 @@ SAMPLING_BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "min_p": (0, 1),
     "repetition_penalty": (FLOAT32_TINY, None),
     "logprobs": (0, TOP_LOGPROBS_MAX),
+    "prompt_logprobs": (0, TOP_LOGPROBS_MAX),
 }
 
 

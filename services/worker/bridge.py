@@ -59,16 +59,19 @@ class EngineBridge:
             self.engine_loop.free_kv(output.kv_block_ids)
 
     async def run_to_end(self, request: EngineRequest) -> TokenOutput:
-        """Runs ``request`` and merges its outputs into one (all tokens and their logprobs, the last
-        output's other fields)."""
+        """Runs ``request`` and merges its outputs into one (all tokens and their logprobs, the prompt
+        logprobs, the last output's other fields)."""
         tokens: list[int] = []
         logprobs: list[tuple[float, dict[int, float]]] = []
+        prompt_logprobs = None  # on the output with the first token
         last: TokenOutput | None = None
         async for output in self.stream(request):
             tokens.extend(output.token_ids)
             logprobs.extend(output.logprobs or ())
+            prompt_logprobs = prompt_logprobs or output.prompt_logprobs
             last = output
         assert last is not None
         last.token_ids = tokens
         last.logprobs = logprobs or None
+        last.prompt_logprobs = prompt_logprobs
         return last

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pdmesh.aio import raise_lost_cancellation
 from pdmesh.engine.types import EngineRequest
 from pdmesh.errors import ErrorKind, WorkerError
-from pdmesh.generation import FinishReason, RequestMode, SamplingParams
+from pdmesh.generation import FinishReason, PromptLogprob, RequestMode, SamplingParams
 from pdmesh.kv.registry import KVError, KVRegistry
 from pdmesh.kv.types import HandleState, KVHandle
 from pdmesh.observability import tracing
@@ -41,6 +41,7 @@ class PrefillResult:
     handle: KVHandle | None
     # The first token's (chosen logprob, {top id: logprob}) when sampling.logprobs > 0.
     logprobs: list[tuple[float, dict[int, float]]] | None = None
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # when sampling.prompt_logprobs is set
 
 
 @dataclass
@@ -89,11 +90,15 @@ class PrefillHandler:
         first_token = output.token_ids[0]
         if output.kv_block_ids is None:
             reason = output.finish_reason.value if output.finish_reason else "stop"
-            return PrefillResult(first_token, True, reason, len(prompt_ids), None, output.logprobs)
+            return PrefillResult(
+                first_token, True, reason, len(prompt_ids), None, output.logprobs, output.prompt_logprobs
+            )
         with tracing.tracer().start_as_current_span("kv.register") as span:
             handle = await self._publish(request_id, len(prompt_ids), output.kv_block_ids)
             span.set_attribute("pdmesh.kv.handle_id", handle.handle_id)
-        return PrefillResult(first_token, False, None, len(prompt_ids), handle, output.logprobs)
+        return PrefillResult(
+            first_token, False, None, len(prompt_ids), handle, output.logprobs, output.prompt_logprobs
+        )
 
     async def _publish(self, request_id: str, num_tokens: int, block_ids: list[int]) -> KVHandle:
         handle_id = f"{request_id}:{uuid.uuid4().hex[:8]}"

@@ -13,6 +13,7 @@ from pdmesh.rpc.convert import (
     handle_from_proto,
     handle_to_proto,
     logprobs_to_proto,
+    prompt_logprobs_to_proto,
     sampling_from_proto,
 )
 from pdmesh.rpc.convert_cluster import role_from_proto, role_to_proto
@@ -35,6 +36,7 @@ def _chunk(output: TokenOutput) -> worker_pb2.DecodeChunk:
         finished=output.finished,
         finish_reason=reason,
         logprobs=logprobs_to_proto(output.logprobs),
+        prompt_logprobs=prompt_logprobs_to_proto(output.prompt_logprobs),
     )
 
 
@@ -98,6 +100,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             finish_reason=result.finish_reason or "",
             num_prompt_tokens=result.num_prompt_tokens,
             logprobs=logprobs_to_proto(result.logprobs),
+            prompt_logprobs=prompt_logprobs_to_proto(result.prompt_logprobs),
         )
         if result.handle is not None:
             reply.handle.CopyFrom(handle_to_proto(result.handle))

@@ -55,7 +55,7 @@ class EchoBackend:
                 return
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, affinity=None
     ) -> AsyncIterator[GenerationChunk]:
         self.calls.append((request_id, list(prompt_ids), sampling))
         self.sent[request_id] = 0

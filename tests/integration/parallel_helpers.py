@@ -51,7 +51,8 @@ def run_probe(model_dir: Path, prompts: list[list[int]], **worker) -> dict:
 
 def assert_matches(reference: Reference, **worker) -> dict:
     """The instance's prefill logits within 1e-4 of transformers', its greedy tokens equal (each
-    prompt alone, then all batched), and every block free afterwards."""
+    prompt alone, then all batched), its prompt logprobs within 1e-4 of transformers' log_softmax,
+    and every block free afterwards."""
     report = run_probe(reference.model_dir, reference.prompts, **worker)
     for i, ref in enumerate(reference.logits):
         got = torch.tensor(report["logits"][i])
@@ -60,6 +61,10 @@ def assert_matches(reference: Reference, **worker) -> dict:
         assert diff <= 1e-4, f"prompt {i}: logits differ by {diff:.2e} with {worker}"
     assert report["alone"] == reference.tokens, worker
     assert report["batched"] == reference.tokens, worker
+    for ids, ref, got in zip(reference.prompts, reference.logits, report["prompt_logprobs"], strict=True):
+        lp = torch.log_softmax(ref.float(), dim=-1)  # prompt logprobs: position p predicts token p + 1
+        expected = [None, *(lp[p, t].item() for p, t in enumerate(ids[1:]))]
+        assert got[0] is None and torch.allclose(torch.tensor(got[1:]), torch.tensor(expected[1:]), atol=1e-4)
     free, total = report["blocks"]
     assert free == total
     assert report["comm_calls"] > 0  # the ranks did talk

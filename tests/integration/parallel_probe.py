@@ -5,7 +5,7 @@ as a worker builds it with ``open_engine``) and starts the other ranks as real p
 over gloo. SPEC: ``{"model": dir, "prompts": [[ids]], "new_tokens": n, "worker": {WorkerConfig
 fields: tp, dp, moe_ep, moe_tp, moe_dispatch, ...}, "idle_replica": bool}``. Output: every prompt's
 float32 prefill logits (all positions, full vocabulary), its greedy tokens alone, then all prompts
-batched, and the free/total blocks at the end. The fidelity tests compare these with transformers.
+batched (with their prompt logprobs), and the free/total blocks at the end. The fidelity tests compare these with transformers.
 """
 
 from __future__ import annotations
@@ -35,14 +35,25 @@ def prefill_logits(engine, ids: list[int]) -> list[list[float]]:
         engine.free_kv(blocks)
 
 
-def generate(engine, prompts: list[list[int]], new_tokens: int, prefix: str) -> list[list[int]]:
-    sampling = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+def generate(
+    engine, prompts: list[list[int]], new_tokens: int, prefix: str, prompt_lps: dict | None = None
+) -> list[list[int]]:
+    """Greedy tokens of each prompt; with ``prompt_lps`` (a dict to fill) also every prompt's prompt
+    logprobs (the prompt tokens' own, the first None)."""
+    sampling = SamplingParams(
+        temperature=0,
+        max_tokens=new_tokens,
+        ignore_eos=True,
+        prompt_logprobs=None if prompt_lps is None else 1,
+    )
     for i, ids in enumerate(prompts):
         engine.add_request(EngineRequest(f"{prefix}{i}", ids, sampling))
     out: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for o in engine.step():
             out.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.prompt_logprobs is not None and prompt_lps is not None:
+                prompt_lps[o.request_id] = [None if e is None else e[0] for e in o.prompt_logprobs]
     return [out[f"{prefix}{i}"] for i in range(len(prompts))]
 
 
@@ -60,7 +71,9 @@ def main(spec: dict) -> dict:
         prompts, n = spec["prompts"], spec["new_tokens"]
         report = {"logits": [prefill_logits(engine, ids) for ids in prompts]}
         report["alone"] = [generate(engine, [ids], n, "a")[0] for ids in prompts]
-        report["batched"] = generate(engine, prompts, n, "b")
+        prompt_lps: dict = {}  # prompt logprobs: computed on every rank's vocabulary slice, batched
+        report["batched"] = generate(engine, prompts, n, "b", prompt_lps)
+        report["prompt_logprobs"] = [prompt_lps.get(f"b{i}") for i in range(len(prompts))]
         stats = engine.stats()
         report["blocks"] = [stats.free_blocks, stats.total_blocks]
         state = leader.state

@@ -26,7 +26,7 @@ def lp(token: int) -> tuple[float, dict[int, float]]:
 class LogprobBackend(EchoBackend):
     """EchoBackend whose chunks carry logprobs when the request asks for them."""
 
-    async def generate(self, request_id, prompt_ids, sampling):
+    async def generate(self, request_id, prompt_ids, sampling, affinity=None):
         async for chunk in super().generate(request_id, prompt_ids, sampling):
             if sampling.logprobs > 0:
                 chunk.logprobs = [lp(t) for t in chunk.token_ids]

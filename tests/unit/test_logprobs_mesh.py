@@ -89,7 +89,7 @@ class _Router:
     def can_disaggregate(self) -> bool:
         return True
 
-    def pick(self, role: Role, exclude=(), prompt_ids=None):
+    def pick(self, role: Role, exclude=(), prompt_ids=None, prefer=None):
         return next((i for i in self.instances if i.role == role and i.instance_id not in exclude), None)
 
 

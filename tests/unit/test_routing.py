@@ -87,6 +87,22 @@ def test_router_skips_unhealthy_and_tried_instances():
     assert router.pick(Role.MIXED) is None
 
 
+def test_a_preferred_instance_wins_while_it_can_serve():
+    """A shared prompt's group (n > 1) goes where the prompt's KV is, whatever the policy says."""
+    view = ClusterViewData(
+        1,
+        (
+            instance("m0", Role.MIXED),
+            instance("m1", Role.MIXED),
+            instance("m2", Role.MIXED, state=InstanceState.SUSPECT),
+        ),
+    )
+    snapshot = Router(lambda: view, decode_policy="round_robin").snapshot()
+    assert {snapshot.pick(Role.MIXED, prefer="m1").instance_id for _ in range(4)} == {"m1"}
+    assert snapshot.pick(Role.MIXED, exclude={"m1"}, prefer="m1").instance_id == "m0"  # tried: not again
+    assert snapshot.pick(Role.MIXED, prefer="m2").instance_id in {"m0", "m1"}  # unhealthy: the policy picks
+
+
 async def until(condition, timeout_s: float = 5.0) -> None:
     """Yields to the event loop until ``condition()`` holds (the gate's tasks run meanwhile)."""
     async with asyncio.timeout(timeout_s):
