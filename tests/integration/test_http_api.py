@@ -108,7 +108,11 @@ def test_chat_completion(app, backend, tok) -> None:
     assert backend.calls[0][1] == prompt_ids
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": tok.decode(prompt_ids), "tool_calls": []}  # as vLLM
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": tok.decode(prompt_ids),
+        "tool_calls": [],
+    }  # as vLLM
     assert choice["finish_reason"] == "stop" and choice["index"] == 0
     n = len(prompt_ids)
     assert body["usage"] == {"prompt_tokens": n, "completion_tokens": n + 1, "total_tokens": 2 * n + 1}
