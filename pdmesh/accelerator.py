@@ -82,3 +82,63 @@ def set_current_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
     elif device.type == "npu":
         torch.npu.set_device(device)  # type: ignore[attr-defined]
+
+
+# torch._int_mm on CUDA (cuBLASLt) needs more than 16 rows and K, N multiples of 8
+_CUDA_INT_MM_MIN_ROWS = 17
+_CUDA_INT_MM_ALIGN = 8
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if t.shape[dim] >= size:
+        return t
+    pad = [0, 0] * (t.dim() - dim - 1) + [0, size - t.shape[dim]]
+    return torch.nn.functional.pad(t, pad)
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] int8 @ b [K, N] int8`` -> int32 ``[M, N]``, accumulated exactly (``torch._int_mm``).
+
+    On CUDA the operands are zero-padded to the shapes cuBLASLt accepts (zero rows and columns add
+    nothing to the sums) and the result cut back.
+    """
+    if a.device.type != "cuda":
+        return torch._int_mm(a, b)
+    return padded_int_mm(a, b)
+
+
+def padded_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``int_mm`` over operands padded to CUDA's shape rules (rows > 16, K and N multiples of 8)."""
+    m, k = a.shape
+    n = b.shape[1]
+    align = _CUDA_INT_MM_ALIGN
+    k_pad, n_pad = -(-k // align) * align, -(-n // align) * align
+    a_p = _pad_to(_pad_to(a, 0, _CUDA_INT_MM_MIN_ROWS), 1, k_pad)
+    b_p = b if (k_pad, n_pad) == (k, n) else _pad_to(_pad_to(b, 0, k_pad), 1, n_pad)
+    out = torch._int_mm(a_p.contiguous(), b_p)
+    return out[:m, :n] if out.shape != (m, n) else out
+
+
+def npu_w8a8(x: torch.Tensor, weight: torch.Tensor, p: dict, scheme: str) -> torch.Tensor:
+    """A W8A8 product on Ascend: torch_npu quantizes ``x`` and runs ``npu_quant_matmul``.
+
+    ``weight`` is ``[N, K]`` int8; ``p`` holds the scales as in ``pdmesh.models.int8``. Dynamic:
+    ``npu_dynamic_quant`` gives per-token scales, passed as ``pertoken_scale`` with the per-channel
+    ``weight_scale``. Static: ``npu_quantize`` with ``1 / input_scale`` and ``input_offset``, then the
+    int32 ``quant_bias`` and ``deq_scale`` in the product.
+    """
+    _import_torch_npu()
+    import torch_npu
+
+    bias = p.get("bias")
+    if scheme == "dynamic":
+        x_q, token_scale = torch_npu.npu_dynamic_quant(x)
+        y = torch_npu.npu_quant_matmul(
+            x_q, weight.t(), p["weight_scale"], pertoken_scale=token_scale, output_dtype=x.dtype
+        )
+    else:
+        x_q = torch_npu.npu_quantize(x, 1.0 / p["input_scale"], p["input_offset"], torch.qint8, -1, False)
+        y = torch_npu.npu_quant_matmul(
+            x_q, weight.t(), p["deq_scale"], bias=p["quant_bias"], output_dtype=x.dtype
+        )
+    return y if bias is None else y + bias

@@ -36,10 +36,12 @@ TOOLS = {
     ("bench", "engine"): ("pdmesh.bench.engine", "main"),
     ("bench", "compare"): ("pdmesh.bench.compare", "main"),
     ("bench", "soak"): ("pdmesh.bench.soak", "main"),
+    ("bench", "eplb"): ("pdmesh.bench.eplb", "main"),
     ("profile",): ("pdmesh.planner.profile", "main_profile"),
     ("plan",): ("pdmesh.planner.plan", "main_plan"),
     ("deploy",): ("pdmesh.deploy.cli", "main"),
     ("certs",): ("pdmesh.security.cli", "main"),
+    ("quantize",): ("pdmesh.quantize", "main"),
 }
 
 
@@ -146,12 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     _up_parser(sub)
     _make_model_parser(sub)
     sub.add_parser(
-        "ctl", help="administer the controller: list, top, set-ratio, drain, undrain, flip", add_help=False
+        "ctl",
+        help="administer the controller: list, top, set-ratio, drain, undrain, flip; a worker's experts",
+        add_help=False,
     )
     for name in [*SERVICES, *WORKER_ROLES]:
         sub.add_parser(name, help=f"run the {name} service (see `pdmesh {name} --help`)", add_help=False)
     bench = sub.add_parser(
-        "bench", help="benchmarks: serve, transfer, engine, compare, soak (see `pdmesh bench X --help`)"
+        "bench", help="benchmarks: serve, transfer, engine, compare, soak, eplb (see `pdmesh bench X --help`)"
     )
     bench.add_argument("what", choices=sorted(k[1] for k in TOOLS if k[0] == "bench"))
     sub.add_parser(

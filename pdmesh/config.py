@@ -302,6 +302,18 @@ class WorkerConfig(_TlsChecked):
     moe_tp: int = Field(
         1, ge=1, le=1024, description="tensor parallel ranks within each expert (MoE layers); default tp"
     )
+    num_redundant_experts: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="EPLB: spare routed-expert slots over the instance, filled with replicas of the hot experts",
+    )
+    eplb_window_steps: int = Field(
+        128, ge=1, le=100000, description="EPLB: steps of per-expert token counts the balancer looks back on"
+    )
+    eplb_interval_steps: int = Field(
+        0, ge=0, le=10**9, description="EPLB: rebalance the routed experts every N steps (0: never)"
+    )
     moe_dispatch: Literal["auto", "all_reduce", "all_gather", "all_to_all"] = Field(
         "auto",
         description=(
@@ -356,6 +368,10 @@ class WorkerConfig(_TlsChecked):
         if self.moe_dispatch == "all_reduce" and self.dp > 1:
             raise ValueError(
                 f"moe_dispatch all_reduce needs every rank to see every token (dp 1), not dp={self.dp}"
+            )
+        if self.num_redundant_experts and (self.moe_ep if moe != 1 else self.dp) < 2:
+            raise ValueError(
+                f"num_redundant_experts {self.num_redundant_experts} needs expert parallelism (moe_ep >= 2)"
             )
         nnodes = self.nnodes or 1
         if world % nnodes:

@@ -1,4 +1,4 @@
-"""Declarative weight loading from safetensors (single file or sharded with an index, FP8 or not)."""
+"""Declarative weight loading from safetensors (single file or sharded with an index; FP8, W8A8 INT8 or float)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pdmesh.models import fp8
+from pdmesh.models import fp8, int8_formats
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _target(name: str, mapping: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+def checkpoint_target(name: str, mapping: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    """The model parameter a checkpoint tensor fills, and its shard id in a packed one (or None)."""
     for fragment, (replacement, shard_id) in mapping.items():
         if f".{fragment}." in name:
             return name.replace(f".{fragment}.", f".{replacement}."), shard_id
@@ -70,7 +71,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     mapping = getattr(model, "packed_modules_mapping", {})
     raw = getattr(model.config, "raw", {})
-    block = fp8.quantization_block(raw)
+    block = None if int8_formats.is_compressed_tensors(raw) else fp8.quantization_block(raw)
     files = safetensors_files(model_dir)
     where = _tensor_files(files)
     loaded: set[str] = set()
@@ -83,7 +84,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                 if fp8.is_mtp_tensor(name, raw, model.config.num_layers):
                     skipped += 1
                     continue
-                target, shard_id = _target(name, mapping)
+                target, shard_id = checkpoint_target(name, mapping)
                 param = params.get(target)
                 if param is None:
                     raise ValueError(
@@ -118,7 +119,11 @@ def build_and_load(
         model = cls(cfg)
     model = model.to_empty(device="cpu").to(dtype)
     model.tie_weights()
+    names = set(_tensor_files(safetensors_files(model_dir)))
+    if int8_formats.prepare(model, model_dir, names) is not None:
+        log.info("int8 checkpoint: %s", model_dir)
     load_weights(model, model_dir)
+    int8_formats.finalize(model)
     model.tie_weights()
     model = model.to(device).eval()
     model.setup(device, dtype)

@@ -39,7 +39,8 @@ class StackedExpertWeight(nn.Module):
 
     ``shard_rows`` maps a projection name to its first row (gate at 0, up at I for gate/up).
     A shard id is ``"{expert}:{projection}"``. Under expert parallelism ``slot_of`` maps a global
-    expert to its local slot (None: another rank holds it, the tensor is skipped); under moe_tp each
+    expert to its local slots (a list: EPLB may keep replicas; empty or None: another rank holds
+    it, the tensor is skipped); under moe_tp each
     expert keeps its ``moe_tp_rank``-th slice of the intermediate size: rows of gate/up, columns of
     the projections named in ``split_cols`` (down).
     """
@@ -50,7 +51,7 @@ class StackedExpertWeight(nn.Module):
         rows: int,
         cols: int,
         shard_rows: dict[str, int],
-        slot_of: Callable[[int], int | None] | None = None,
+        slot_of: Callable[[int], int | list[int] | None] | None = None,
         inter_slice: tuple[int, int] | None = None,
         split_cols: tuple[str, ...] = (),
     ) -> None:
@@ -69,8 +70,8 @@ class StackedExpertWeight(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
         expert, name = shard_id.split(":")
-        slot = self.slot_of(int(expert))
-        if slot is None:
+        slots = self.slot_of(int(expert))
+        if slots is None or slots == []:
             return  # an expert another ep rank holds
         start = self.shard_rows[name]
         loaded = self._slice(loaded, name)
@@ -78,7 +79,12 @@ class StackedExpertWeight(nn.Module):
             raise ValueError(
                 f"expert shard {shard_id}: shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}"
             )
-        param.data[slot, start : start + loaded.shape[0]].copy_(loaded)
+        for slot in slots if isinstance(slots, list) else [slots]:  # a replicated expert: each copy
+            param.data[slot, start : start + loaded.shape[0]].copy_(loaded)
+
+    def product(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """``x [M, cols]`` through local expert ``slot``'s weight (``int8.Int8StackedExperts`` has its twin)."""
+        return F.linear(x, self.weight[slot])
 
 
 class RoutedExperts(nn.Module):
@@ -111,9 +117,8 @@ class RoutedExperts(nn.Module):
             local, hidden, self.inter, {"down": 0}, slot_of, inter_slice, split_cols=("down",)
         )
 
-    def _slot_here(self, expert: int) -> int | None:
-        p = self.placement
-        return p.slot_of[expert] if p.ep_rank_of[expert] == current().place.ep_rank else None
+    def _slot_here(self, expert: int) -> list[int]:
+        return self.placement.slots_here(expert, current().place.ep_rank)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``x [T, H]``, routing ``weights``/``ids [T, k]`` -> weighted sum of expert outputs ``[T, H]``."""
@@ -128,8 +133,8 @@ class RoutedExperts(nn.Module):
             for expert, seg in enumerate(x[token_idx].split(counts)):
                 if seg.shape[0] == 0:
                     continue
-                gate, up = F.linear(seg, self.gate_up.weight[expert]).split(self.inter, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, self.down.weight[expert]))
+                gate, up = self.gate_up.product(seg, expert).split(self.inter, dim=-1)
+                outs.append(self.down.product(F.silu(gate) * up, expert))
         y = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_idx, y)
 
@@ -144,8 +149,8 @@ class RoutedExperts(nn.Module):
         with all_threads():
             for slot, seg in enumerate(rows[order].split(counts)):
                 if seg.shape[0]:
-                    gate, up = F.linear(seg, self.gate_up.weight[slot]).split(self.inter, dim=-1)
-                    outs.append(F.linear(F.silu(gate) * up, self.down.weight[slot]))
+                    gate, up = self.gate_up.product(seg, slot).split(self.inter, dim=-1)
+                    outs.append(self.down.product(F.silu(gate) * up, slot))
         out[order] = torch.cat(outs)
         return out
 

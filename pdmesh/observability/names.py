@@ -39,6 +39,11 @@ WORKER_METRICS = [
     "pdmesh_worker_kv_transfer_failures_total",
     "pdmesh_worker_kv_handles_total",
     "pdmesh_worker_collective_duration_seconds",
+    "pdmesh_worker_expert_tokens_total",
+    "pdmesh_worker_expert_window_tokens",
+    "pdmesh_worker_expert_replicas",
+    "pdmesh_worker_ep_rank_load",
+    "pdmesh_worker_ep_rank_imbalance",
 ]
 CONTROLLER_METRICS = [
     "pdmesh_controller_instances",

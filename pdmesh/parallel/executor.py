@@ -23,7 +23,7 @@ import torch
 
 from pdmesh.engine.model_runner import ModelRunner
 from pdmesh.engine.step import StepInputs
-from pdmesh.parallel import comm
+from pdmesh.parallel import comm, eplb_runtime
 from pdmesh.parallel.control import ControlError, ControlHub
 from pdmesh.parallel.state import ParallelState, step_context
 
@@ -44,6 +44,7 @@ def run_rank_step(
             local = None
         else:
             local = runner.execute(plan)
+    eplb_runtime.end_step(runner.model, state)
     if not any(rows):
         return None
     vocab = runner.model.config.vocab_size
@@ -65,6 +66,8 @@ class GroupExecutor:
         self.on_broken: Callable[[str], None] | None = None
         # hears the seconds this rank spent in collectives during each step (the worker's metrics)
         self.on_collectives: Callable[[float], None] | None = None
+        self.eplb_interval = 0  # steps between two EPLB rebalances (0: only on demand)
+        self._steps = 0
         self._lock = threading.Lock()
         hub.on_lost = lambda rank, why: self.mark_broken(why)
 
@@ -93,7 +96,24 @@ class GroupExecutor:
             raise GroupBroken(self.broken) from exc
         if self.on_collectives is not None:
             self.on_collectives(self.state.comm_s - comm_before)
-        return self._assemble(parts, rows)
+        out = self._assemble(parts, rows)
+        self._steps += 1
+        if self.eplb_interval and self._steps % self.eplb_interval == 0:
+            self.rebalance()  # between two steps: the requests in flight continue after it
+        return out
+
+    def rebalance(self) -> dict:
+        """Rebalances the routed experts on every rank between two steps (call it where steps are
+        run: the engine thread); the imbalance before and after."""
+        if self.broken is not None:
+            raise GroupBroken(self.broken)
+        try:
+            for rank in range(1, self.state.layout.world):
+                self.hub.send(rank, {"op": "rebalance"})
+            return eplb_runtime.rebalance(self.runner.model, self.state)
+        except (ControlError, RuntimeError, ValueError) as exc:
+            self.mark_broken(f"rebalance failed: {type(exc).__name__}: {exc}")
+            raise GroupBroken(self.broken) from exc
 
     def _send(self, plans: list[StepInputs | None], tokens: list[int], rows: list[int]) -> None:
         encoded = [

@@ -27,6 +27,7 @@ from pdmesh.kv.transfer.base import make_transfer_server
 from pdmesh.kv.transfer.errors import TransferError
 from pdmesh.kv.transfer.sharded import RankHeads, ShardedPuller, plan_pull
 from pdmesh.kv.types import KVHandle
+from pdmesh.parallel import eplb_runtime
 from pdmesh.parallel.control import ControlError, ControlLink
 from pdmesh.parallel.executor import run_rank_step
 from pdmesh.parallel.instance import CONTROL_KEY, InstancePlan, Joined, join
@@ -78,7 +79,7 @@ class Follower:
             while True:
                 message = self.link.recv()
                 op = message.get("op")
-                if op in ("step", "stop"):
+                if op in ("step", "stop", "rebalance"):
                     self.steps.put(message)
                     if op == "stop":
                         return
@@ -117,6 +118,9 @@ class Follower:
                 return 1
             if message["op"] == "stop":
                 return 0
+            if message["op"] == "rebalance":
+                eplb_runtime.rebalance(self.engine.runner.model, self.state)
+                continue
             plan = StepInputs.from_dict(message["plan"]) if message["plan"] is not None else None
             run_rank_step(self.engine.runner, self.state, plan, message["tokens"], message["rows"])
 

@@ -88,6 +88,8 @@ def join(
         if before_groups is not None:
             before_groups(store)
         state = init_groups(spec, store, plan.layout, plan.device, plan.dispatch, config.dist_timeout_s)
+        state.redundant_experts = config.num_redundant_experts
+        state.eplb_window = config.eplb_window_steps
     except BaseException:
         if local is not None:
             local.stop()
@@ -106,6 +108,7 @@ class Leader:
         )
         self.joined = join(config, plan, self._publish)
         self.executor = GroupExecutor(self.hub, self.joined.state)
+        self.executor.eplb_interval = config.eplb_interval_steps
         if self.joined.local_ranks is not None:
             self.joined.local_ranks.on_exit = lambda rank, code: self.executor.mark_broken(
                 f"rank {rank} exited with code {code}"

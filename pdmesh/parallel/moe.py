@@ -17,8 +17,11 @@ its moe_tp slices' outputs. The paths differ in what travels:
   experts and the outputs back; the sender weights and sums them and an all-reduce over the tp
   group assembles the replica's tokens.
 
-Each equals the single-rank result up to the order of float additions. A replica with no tokens
-this step calls ``dispatch`` with an empty batch, so it joins every collective (``join_idle``).
+Routing ids are logical experts; ``dispatch`` turns each (token, expert) pair into one of that
+expert's physical replicas (``pdmesh.parallel.eplb``) before any path runs, and counts the pairs
+per expert for the balancer. Each equals the single-rank result up to the order of float
+additions. A replica with no tokens this step calls ``dispatch`` with an empty batch, so it joins
+every collective (``join_idle``).
 """
 
 from __future__ import annotations
@@ -28,23 +31,33 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdmesh.parallel import comm
+from pdmesh.parallel.eplb import pick
 from pdmesh.parallel.state import ParallelState, current
 
 if TYPE_CHECKING:
     from pdmesh.models.moe import RoutedExperts
 
 
-def _tables(experts: RoutedExperts, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The placement as tensors on ``device`` (built on first use: the model is built on meta)."""
+def _tables(experts: RoutedExperts, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The placement as tensors on ``device`` (built on first use: the model is built on meta):
+    ep rank and slot of every physical expert, then each logical expert's replicas and their count."""
     cached = getattr(experts, "_placement_tensors", None)
     if cached is None or cached[0].device != device:
         p = experts.placement
-        cached = (
-            torch.tensor(p.ep_rank_of, dtype=torch.long, device=device),
-            torch.tensor(p.slot_of, dtype=torch.long, device=device),
-        )
+        physical = torch.arange(p.num_physical, dtype=torch.long, device=device)
+        cached = (physical // p.slots, physical % p.slots, *p.replica_table(device))
         experts._placement_tensors = cached
     return cached
+
+
+def count_load(experts: RoutedExperts, ids: torch.Tensor) -> None:
+    """Adds this replica's (token, expert) pairs to the layer's counts; one rank per replica
+    counts (tp rank 0), so the counts summed over the ranks are the instance's."""
+    if current().tp_rank != 0 or ids.numel() == 0:
+        return
+    step = torch.bincount(ids.reshape(-1), minlength=experts.num_experts)  # stays on the device: no sync
+    load = getattr(experts, "load_counts", None)
+    experts.load_counts = step if load is None else load + step
 
 
 def local_partial(
@@ -56,7 +69,7 @@ def local_partial(
 ) -> torch.Tensor:
     """``[T, H]``: the weighted outputs of this rank's experts (its slices) for the tokens routed to
     them; zeros where none of a token's experts is here. ``valid [T]`` leaves padding rows out."""
-    ep_of, slot_of = _tables(experts, x.device)
+    ep_of, slot_of = _tables(experts, x.device)[:2]
     k = ids.shape[1]
     flat = ids.reshape(-1)
     mine = ep_of[flat] == current().place.ep_rank
@@ -96,7 +109,7 @@ def _all_to_all(experts: RoutedExperts, x, weights, ids, state: ParallelState) -
     layout = state.layout
     lo, hi = _share(x.shape[0], state.tp, state.tp_rank)
     k, hidden = ids.shape[1], x.shape[1]
-    ep_of, slot_of = _tables(experts, x.device)
+    ep_of, slot_of = _tables(experts, x.device)[:2]
     flat = ids[lo:hi].reshape(-1)
     copies = layout.moe_tp  # a pair goes to every slice of its expert
     tokens = torch.arange(hi - lo, device=x.device).repeat_interleave(k * copies)
@@ -122,8 +135,13 @@ def _all_to_all(experts: RoutedExperts, x, weights, ids, state: ParallelState) -
 def dispatch(
     experts: RoutedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """The routed experts' output ``[T, H]`` for this rank's tokens, by the instance's path."""
+    """The routed experts' output ``[T, H]`` for this rank's tokens, by the instance's path.
+
+    ``ids`` are logical experts; each pair goes to one replica of its expert (``eplb.pick``)."""
     state = current()
+    count_load(experts, ids)
+    table, replicas = _tables(experts, x.device)[2:]
+    ids = pick(ids, table, replicas)
     if state.moe_dispatch == "all_reduce":
         return comm.all_reduce_world(local_partial(experts, x, weights, ids))
     if state.moe_dispatch == "all_gather":

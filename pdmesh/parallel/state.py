@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pdmesh.parallel.layout import ExpertPlacement, ModelDims, ParallelLayout, RankPlace, build_layout
+from pdmesh.parallel.eplb import ReplicaPlacement
+from pdmesh.parallel.layout import ModelDims, ParallelLayout, RankPlace, build_layout
 
 MoeDispatch = Literal["all_reduce", "all_gather", "all_to_all"]
 
@@ -31,7 +32,8 @@ class ParallelState:
     world_group: Any = None
     tp_group: Any = None  # this rank's replica
     dp_group: Any = None  # the ranks with this rank's tp rank
-    placement: ExpertPlacement | None = None
+    redundant_experts: int = 0  # spare expert slots over the instance (EPLB replicas)
+    eplb_window: int = 128  # steps of expert load the balancer looks back on
     step_tokens: list[int] | None = None  # tokens of every dp replica in the running step
     comm_s: float = 0.0  # seconds spent in collectives since the last reset
     comm_calls: int = 0
@@ -64,11 +66,10 @@ class ParallelState:
     def is_leader(self) -> bool:
         return self.rank == 0
 
-    def expert_placement(self, num_experts: int) -> ExpertPlacement:
-        """The routed experts' placement (contiguous unless one was installed)."""
-        if self.placement is None or self.placement.num_experts != num_experts:
-            self.placement = ExpertPlacement.contiguous(num_experts, self.layout.moe_ep)
-        return self.placement
+    def expert_placement(self, num_experts: int) -> ReplicaPlacement:
+        """A MoE layer's first placement (contiguous, or with spares balanced for even loads);
+        each layer keeps its own from then on, as the balancer moves its experts."""
+        return ReplicaPlacement.initial(num_experts, self.layout.moe_ep, self.redundant_experts)
 
 
 def single_rank_state() -> ParallelState:

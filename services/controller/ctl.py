@@ -28,6 +28,7 @@ from pdmesh.rpc.controller_endpoints import ControllerEndpoints
 from pdmesh.rpc.convert_cluster import instance_from_proto, role_to_proto
 from pdmesh.security import tls
 from pdmesh.v1 import controller_pb2, controller_pb2_grpc
+from services.controller import ctl_experts
 from services.controller.ratio import parse_ratio
 
 PROG = "pdmesh ctl"
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     flip = sub.add_parser("flip", help="drain an instance, switch its role, put it back online")
     flip.add_argument("instance_id")
     flip.add_argument("role", help="prefill, decode or mixed")
+    sub.add_parser("experts", help="a parallel MoE worker's expert loads (EPLB)").add_argument(
+        "metrics", help="the worker's metrics address (host:port or URL; --metrics-port)"
+    )
     top = sub.add_parser("top", help="live view: instances, loads, ratio; latency with --coordinator")
     top.add_argument(
         "--coordinator",
@@ -186,6 +190,13 @@ def top(args: argparse.Namespace, endpoints: ControllerEndpoints) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "experts":  # read from the worker itself, no controller involved
+        try:
+            print(ctl_experts.experts(args.metrics))
+        except ctl_experts.ExpertsError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         if not args.controller:
             raise CtlError("--controller is required (or set PDMESH_CONTROLLER)", 2)

@@ -37,6 +37,7 @@ from pdmesh.logs import setup_logging
 from pdmesh.membership import InstanceInfoData, LoadData, Role
 from pdmesh.observability import tracing
 from pdmesh.observability.metrics_server import MetricsServer, start_metrics_server
+from pdmesh.parallel import eplb_runtime
 from pdmesh.parallel.instance import InstancePlan, Leader, plan_instance
 from pdmesh.parallel.rank_engine import open_engine, run_follower
 from pdmesh.rpc.channels import ChannelCache
@@ -48,6 +49,7 @@ from pdmesh.settings_cli import add_config_flags, config_from_flags
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.bridge import EngineBridge
 from services.worker.decode import DecodeHandler
+from services.worker.expert_metrics import EXPERTS
 from services.worker.kv_plane import KVPlane
 from services.worker.metrics import LOAD, WorkerMetrics
 from services.worker.prefill import PrefillHandler
@@ -132,6 +134,9 @@ class Worker:
         LOAD.add(self.metrics, self.engine_loop.stats)
         if self.leader is not None:
             self.leader.executor.on_collectives = self.metrics.collective
+            model = self.leader.executor.runner.model
+            if eplb_runtime.moe_layers(model):
+                EXPERTS.add(self.metrics, lambda: eplb_runtime.expert_stats(model))
         self.metrics_server = start_metrics_server(self.config.host, self.config.metrics_port)
 
     def _leave(self, why: str) -> None:
@@ -273,6 +278,7 @@ class Worker:
             await asyncio.to_thread(self.leader.stop)
         if self.metrics is not None:
             LOAD.remove(self.metrics)
+            EXPERTS.remove(self.metrics)
         if self.metrics_server is not None:
             self.metrics_server.stop()
 

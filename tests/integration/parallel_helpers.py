@@ -30,9 +30,10 @@ class Reference:
         self.tokens = [hf_greedy(hf, ids, NEW_TOKENS) for ids in self.prompts]
 
 
-def run_probe(model_dir: Path, prompts: list[list[int]], **worker) -> dict:
+def run_probe(model_dir: Path, prompts: list[list[int]], rebalance: bool = False, **worker) -> dict:
     """The probe's report for ``prompts`` on an instance with these ``WorkerConfig`` settings."""
     spec = {"model": str(model_dir), "prompts": prompts, "new_tokens": NEW_TOKENS, "worker": worker}
+    spec["rebalance"] = rebalance
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -49,11 +50,11 @@ def run_probe(model_dir: Path, prompts: list[list[int]], **worker) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def assert_matches(reference: Reference, **worker) -> dict:
+def assert_matches(reference: Reference, rebalance: bool = False, **worker) -> dict:
     """The instance's prefill logits within 1e-4 of transformers', its greedy tokens equal (each
     prompt alone, then all batched), its prompt logprobs within 1e-4 of transformers' log_softmax,
     and every block free afterwards."""
-    report = run_probe(reference.model_dir, reference.prompts, **worker)
+    report = run_probe(reference.model_dir, reference.prompts, rebalance, **worker)
     for i, ref in enumerate(reference.logits):
         got = torch.tensor(report["logits"][i])
         assert got.shape == ref.shape

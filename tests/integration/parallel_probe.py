@@ -3,9 +3,10 @@
 ``python -m tests.integration.parallel_probe SPEC_JSON``: this process is rank 0 (the leader, exactly
 as a worker builds it with ``open_engine``) and starts the other ranks as real processes that join
 over gloo. SPEC: ``{"model": dir, "prompts": [[ids]], "new_tokens": n, "worker": {WorkerConfig
-fields: tp, dp, moe_ep, moe_tp, moe_dispatch, ...}, "idle_replica": bool}``. Output: every prompt's
+fields: tp, dp, moe_ep, moe_tp, moe_dispatch, ...}, "idle_replica": bool, "rebalance": bool}``. Output: every prompt's
 float32 prefill logits (all positions, full vocabulary), its greedy tokens alone, then all prompts
-batched (with their prompt logprobs), and the free/total blocks at the end. The fidelity tests compare these with transformers.
+batched (with their prompt logprobs), and the free/total blocks at the end. With ``rebalance``
+the leader rebalances the experts online (EPLB) and runs the prompts again. The fidelity tests compare these with transformers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pdmesh.config import WorkerConfig
 from pdmesh.engine.step import StepInputs
 from pdmesh.engine.types import EngineRequest
 from pdmesh.generation import SamplingParams
+from pdmesh.parallel.eplb_runtime import expert_stats, moe_layers
 from pdmesh.parallel.instance import plan_instance
 from pdmesh.parallel.rank_engine import open_engine
 
@@ -57,6 +59,10 @@ def generate(
     return [out[f"{prefix}{i}"] for i in range(len(prompts))]
 
 
+def _placements(engine) -> list[list[list[int]]]:
+    return [layer.placement.to_lists() for layer in moe_layers(engine.executor.runner.model)]
+
+
 def main(spec: dict) -> dict:
     config = WorkerConfig(
         controller="127.0.0.1:1",  # never dialled: no worker service runs here
@@ -74,6 +80,13 @@ def main(spec: dict) -> dict:
         prompt_lps: dict = {}  # prompt logprobs: computed on every rank's vocabulary slice, batched
         report["batched"] = generate(engine, prompts, n, "b", prompt_lps)
         report["prompt_logprobs"] = [prompt_lps.get(f"b{i}") for i in range(len(prompts))]
+        if spec.get("rebalance"):  # EPLB: move the experts online, then the same prompts again
+            report["placement_before"] = _placements(engine)
+            report["eplb"] = engine.executor.rebalance()
+            report["placement_after"] = _placements(engine)
+            report["after_logits"] = [prefill_logits(engine, ids) for ids in prompts]
+            report["after_batched"] = generate(engine, prompts, n, "c")
+            report["expert_stats"] = expert_stats(engine.executor.runner.model)
         stats = engine.stats()
         report["blocks"] = [stats.free_blocks, stats.total_blocks]
         state = leader.state
