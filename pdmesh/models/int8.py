@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pdmesh import accelerator
+from pdmesh.models.layers import shard_offsets
 
 QMIN, QMAX = -128, 127
 # the parameters of each (format family, scheme): per output row ("rows") or one value ("tensor")
@@ -162,11 +163,7 @@ class Int8Linear(_Int8Params):
         bias: nn.Parameter | None,
     ) -> None:
         super().__init__()
-        self.shard_offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, size in shard_sizes.items():
-            self.shard_offsets[name] = (offset, size)
-            offset += size
+        self.shard_offsets, offset = shard_offsets(shard_sizes)
         self.in_features, self.out_features = in_features, offset
         self._make((), offset, in_features, family, scheme, bias)
 

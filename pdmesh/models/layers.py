@@ -114,6 +114,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def shard_offsets(shard_sizes: dict[str, int]) -> tuple[dict[str, tuple[int, int]], int]:
+    """``({shard: (first row, rows)}, total rows)`` of projections stored one after another."""
+    offsets, offset = {}, 0
+    for name, size in shard_sizes.items():
+        offsets[name] = (offset, size)
+        offset += size
+    return offsets, offset
+
+
 class MergedLinear(nn.Module):
     """Several projections of the same input stored as one weight (e.g. q/k/v, gate/up), biased or not.
 
@@ -122,11 +131,7 @@ class MergedLinear(nn.Module):
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
         super().__init__()
-        self.shard_offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, size in shard_sizes.items():
-            self.shard_offsets[name] = (offset, size)
-            offset += size
+        self.shard_offsets, offset = shard_offsets(shard_sizes)
         self.weight = nn.Parameter(torch.empty(offset, in_features))
         self.bias = nn.Parameter(torch.empty(offset)) if bias else None
 
