@@ -17,15 +17,23 @@ and CUDA; on Ascend, ``accelerator.npu_w8a8`` runs torch_npu's fused quantize an
 ``Int8StackedExperts`` replaces the MoE experts' stacked weights. Their parameters carry the
 checkpoint's tensor names, so the loader fills them like any other; ``finalize`` then derives the
 run-time tensors (``int8_formats`` picks which parameters each format has).
+
+On several ranks the int8 weights and their scales are sharded as the float ones are:
+``Int8Linear`` keeps its column-parallel rows (``ColumnShard``) of the weight, of every per-row
+scale and of the bias; ``Int8RowLinear`` (``int8_parallel``) the row-parallel columns;
+``Int8StackedExperts`` the experts its ep rank holds, in their slots (replicas included).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pdmesh import accelerator
 from pdmesh.models.layers import shard_offsets
+from pdmesh.models.parallel_layers import ColumnShard
 
 QMIN, QMAX = -128, 127
 # the parameters of each (format family, scheme): per output row ("rows") or one value ("tensor")
@@ -46,10 +54,17 @@ PARAMS: dict[tuple[str, str], dict[str, str]] = {
 _INT_PARAMS = {"quant_bias": torch.int32}
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: ``(x_q [M, K] int8, scale [M, 1] float32)`` with ``x ~ x_q * scale``."""
+def quantize_rows(
+    x: torch.Tensor, amax: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(x_q [M, K] int8, scale [M, 1] float32)`` with ``x ~ x_q * scale``.
+
+    ``amax`` may replace each row's max ``|x|`` (a row-parallel shard: the max over all ranks)."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / QMAX
+    row_max = xf.abs().amax(dim=-1, keepdim=True)
+    if amax is not None:
+        row_max = amax(row_max)
+    scale = row_max.clamp(min=1e-10) / QMAX
     return torch.round(xf / scale).clamp(QMIN, QMAX).to(torch.int8), scale
 
 
@@ -84,8 +99,11 @@ class _Int8Params(nn.Module):
         self.bias = bias
         self._tensor_seen: set[tuple[str, int]] = set()
 
+    def _name_of(self, param: nn.Parameter) -> str:
+        return next(n for n, p in self._parameters.items() if p is param)
+
     def _put(self, param: nn.Parameter, loaded: torch.Tensor, lead: tuple[int, ...], start: int) -> None:
-        name = next(n for n, p in self._parameters.items() if p is param)
+        name = self._name_of(param)
         target = param.data[lead] if lead else param.data
         if name == "weight":
             if loaded.dtype != torch.int8:
@@ -152,18 +170,25 @@ def int8_product(x: torch.Tensor, p: dict[str, torch.Tensor | None], scheme: str
 
 
 class Int8Linear(_Int8Params):
-    """A dense projection (or several fused, by ``shard_offsets``) with an int8 weight ``[N, K]``."""
+    """A dense projection (or several fused, by ``shard_offsets``) with an int8 weight ``[N, K]``.
+
+    ``shards`` gives each projection's rows: a count (all of them), or the ``ColumnShard`` of the
+    checkpoint's rows a column-parallel rank keeps (the same rows of its per-row scales and bias).
+    """
 
     def __init__(
         self,
         in_features: int,
-        shard_sizes: dict[str, int],
+        shards: dict[str, int | ColumnShard],
         family: str,
         scheme: str,
         bias: nn.Parameter | None,
     ) -> None:
         super().__init__()
-        self.shard_offsets, offset = shard_offsets(shard_sizes)
+        self.shards = {
+            name: s if isinstance(s, ColumnShard) else ColumnShard(s, 0, s) for name, s in shards.items()
+        }
+        self.shard_offsets, offset = shard_offsets({n: s.rows for n, s in self.shards.items()})
         self.in_features, self.out_features = in_features, offset
         self._make((), offset, in_features, family, scheme, bias)
 
@@ -171,8 +196,18 @@ class Int8Linear(_Int8Params):
         return next(size for first, size in self.shard_offsets.values() if first == start)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
-        start = self.shard_offsets[shard_id][0] if shard_id is not None else 0
-        self._put(param, loaded, (), start)
+        name = shard_id if shard_id is not None else next(iter(self.shards))
+        self._put(param, self._kept_rows(param, loaded, name), (), self.shard_offsets[name][0])
+
+    def _kept_rows(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+        """This rank's rows of a checkpoint tensor of projection ``name`` (per-tensor values whole)."""
+        shard = self.shards[name]
+        kind = self.param_kinds.get(self._name_of(param), ROW)
+        if kind == TENSOR or loaded.numel() == 1 or shard.rows == shard.full:
+            return loaded
+        if loaded.shape[0] != shard.full:
+            raise ValueError(f"shard {name} has {loaded.shape[0]} rows, expected {shard.full}")
+        return loaded[shard.first : shard.first + shard.rows]
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {n: getattr(self, n, None) for n in ("weight", "bias", *PARAMS[("msmodelslim", "static")])}
@@ -183,13 +218,24 @@ class Int8Linear(_Int8Params):
 
 
 class Int8StackedExperts(_Int8Params):
-    """The MoE experts' stacked weights ``[E, rows, cols]`` in int8, each expert with its own scales."""
+    """The MoE experts' stacked weights ``[E, rows, cols]`` in int8, each expert with its own scales.
+
+    Under expert parallelism ``slot_of`` (as ``StackedExpertWeight``'s) maps a global expert to
+    this rank's slots: the weight and every scale go to each replica's slot, or nowhere."""
 
     def __init__(
-        self, num_experts: int, rows: int, cols: int, shard_rows: dict[str, int], family: str, scheme: str
+        self,
+        num_experts: int,
+        rows: int,
+        cols: int,
+        shard_rows: dict[str, int],
+        family: str,
+        scheme: str,
+        slot_of: Callable[[int], int | list[int] | None] | None = None,
     ) -> None:
         super().__init__()
         self.shard_rows = shard_rows
+        self.slot_of = slot_of or (lambda expert: expert)
         self._make((num_experts,), rows, cols, family, scheme, None)
 
     def shard_rows_after(self, start: int) -> int:
@@ -198,7 +244,11 @@ class Int8StackedExperts(_Int8Params):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
         expert, name = shard_id.split(":")
-        self._put(param, loaded, (int(expert),), self.shard_rows[name])
+        slots = self.slot_of(int(expert))
+        if slots is None or slots == []:
+            return  # an expert another ep rank holds
+        for slot in slots if isinstance(slots, list) else [slots]:
+            self._put(param, loaded, (slot,), self.shard_rows[name])
 
     def product(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """``x [M, cols]`` through expert ``slot``'s weight."""

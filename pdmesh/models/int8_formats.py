@@ -12,8 +12,10 @@ Two formats:
   ones are quantized per token. Only symmetric 8-bit integer groups are accepted.
 
 ``prepare`` swaps each quantized module for its int8 twin (``pdmesh.models.int8``) before the
-loader fills it; ``finalize`` derives the run-time tensors afterwards. Instances run unsharded
-(tp, moe_ep and moe_tp 1) for now.
+loader fills it; ``finalize`` derives the run-time tensors afterwards. The twin is sharded as the
+float module was: a column-parallel linear's rows, a row-parallel one's columns
+(``int8_parallel``), the experts of this ep rank. Quantized experts run whole on each rank
+(moe_tp 1): a down projection split over moe_tp ranks would quantize each slice on its own.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 from torch import nn
 
 from pdmesh.models.int8 import Int8Linear, Int8StackedExperts, _Int8Params
+from pdmesh.models.int8_parallel import Int8RowLinear
 from pdmesh.models.layers import MergedLinear
 from pdmesh.models.moe import StackedExpertWeight
+from pdmesh.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
 from pdmesh.parallel.state import current
 
 DESCRIPTION_FILE = "quant_model_description.json"
@@ -135,8 +139,16 @@ def _int8_twin(path: str, module: nn.Module, family: str, kind: str) -> nn.Modul
     # msModelSlim's static scheme folds the float bias into quant_bias
     bias = None if (family, kind) == ("msmodelslim", "static") else getattr(module, "bias", None)
     if isinstance(module, StackedExpertWeight):
+        if current().layout.moe_tp > 1:
+            raise ValueError(
+                f"{path}: int8 experts run whole on each rank; use moe_tp=1 (moe_ep = the world size)"
+            )
         experts, rows, cols = module.weight.shape
-        return Int8StackedExperts(experts, rows, cols, module.shard_rows, family, kind)
+        return Int8StackedExperts(experts, rows, cols, module.shard_rows, family, kind, module.slot_of)
+    if type(module) is ColumnParallelLinear:
+        return Int8Linear(module.weight.shape[1], module.shards, family, kind, bias)
+    if type(module) is RowParallelLinear:
+        return Int8RowLinear(module.in_features, module.out_features, family, kind, bias)
     if type(module) is MergedLinear:
         sizes = {name: size for name, (_, size) in module.shard_offsets.items()}
         return Int8Linear(module.weight.shape[1], sizes, family, kind, bias)
@@ -150,8 +162,6 @@ def prepare(model: nn.Module, model_dir: Path, names: set[str]) -> Int8Scheme | 
     scheme = checkpoint_scheme(model_dir, getattr(model.config, "raw", {}))
     if scheme is None:
         return None
-    if current().world > 1:
-        raise ValueError("int8 checkpoints run unsharded for now (tp, moe_ep and moe_tp 1)")
     for path, kind in _module_kinds(model, scheme, names).items():
         parent_path, _, attr = path.rpartition(".")
         twin = _int8_twin(path, model.get_submodule(path), scheme.family, kind)

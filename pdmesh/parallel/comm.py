@@ -39,6 +39,18 @@ def all_reduce_tp(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def max_over_tp(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of ``x`` over this rank's tp group (a row-parallel int8 product's
+    per-token scale: the max over the whole row, not just this rank's columns)."""
+    state = current()
+    if state.tp == 1:
+        return x
+    x = x.contiguous()
+    with _timed(state):
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=state.tp_group)
+    return x
+
+
 def all_reduce_world(x: torch.Tensor) -> torch.Tensor:
     """Sums ``x`` over every rank of the instance."""
     state = current()

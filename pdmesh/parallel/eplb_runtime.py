@@ -97,23 +97,25 @@ def rebalance(model: nn.Module, state: ParallelState) -> dict:
     Returns the mean over layers of the ep ranks' imbalance (max/mean) before and after."""
     layers = moe_layers(model)
     if not layers:
-        return {"layers": 0, "imbalance_before": 1.0, "imbalance_after": 1.0}
+        return {"layers": 0, "changed_layers": 0, "imbalance_before": 1.0, "imbalance_after": 1.0}
     device = layers[0].gate_up.weight.device  # nccl/hccl reduce device tensors only
     loads = torch.tensor(window_loads(model), dtype=torch.float64, device=device)
     loads = comm.all_reduce_world(loads).tolist()
-    before, after = [], []
+    before, after, changed = [], [], 0
     for layer, layer_loads in zip(layers, loads, strict=True):
         old = layer.placement
         new = balance(layer_loads, state.layout.moe_ep, old.num_physical - old.num_experts, previous=old)
         before.append(imbalance(old, layer_loads))
         after.append(imbalance(new, layer_loads))
         if new.table != old.table:
+            changed += 1
             for tensor in _per_slot(layer, old.slots):
                 tensor.data = _moved(tensor.data, old, new, state)
             layer.placement = new
             layer._placement_tensors = None
     report = {
         "layers": len(layers),
+        "changed_layers": changed,
         "imbalance_before": sum(before) / len(before),
         "imbalance_after": sum(after) / len(after),
     }

@@ -69,6 +69,8 @@ class GroupExecutor:
         self.eplb_interval = 0  # steps between two EPLB rebalances (0: only on demand)
         self._steps = 0
         self._lock = threading.Lock()
+        # a step and a rebalance never overlap: both send to the followers in the order they run
+        self._step_lock = threading.Lock()
         hub.on_lost = lambda rank, why: self.mark_broken(why)
 
     def mark_broken(self, why: str) -> None:
@@ -83,6 +85,14 @@ class GroupExecutor:
 
     def run_step(self, plans: list[StepInputs | None]) -> list[torch.Tensor | None]:
         """Runs every replica's inputs on its ranks; each replica's logits (None where none asked)."""
+        with self._step_lock:
+            out = self._run_step(plans)
+            self._steps += 1
+            if self.eplb_interval and self._steps % self.eplb_interval == 0:
+                self._rebalance()  # between two steps: the requests in flight continue after it
+        return out
+
+    def _run_step(self, plans: list[StepInputs | None]) -> list[torch.Tensor | None]:
         if self.broken is not None:
             raise GroupBroken(self.broken)
         tokens = [p.num_tokens if p is not None else 0 for p in plans]
@@ -96,15 +106,16 @@ class GroupExecutor:
             raise GroupBroken(self.broken) from exc
         if self.on_collectives is not None:
             self.on_collectives(self.state.comm_s - comm_before)
-        out = self._assemble(parts, rows)
-        self._steps += 1
-        if self.eplb_interval and self._steps % self.eplb_interval == 0:
-            self.rebalance()  # between two steps: the requests in flight continue after it
-        return out
+        return self._assemble(parts, rows)
 
     def rebalance(self) -> dict:
-        """Rebalances the routed experts on every rank between two steps (call it where steps are
-        run: the engine thread); the imbalance before and after."""
+        """Rebalances the routed experts on every rank between two steps; the imbalance before and
+        after. Safe from any thread: it waits for a running step to end, and the next step waits
+        for it (``pdmesh ctl experts --rebalance`` calls it from the worker's RPC thread)."""
+        with self._step_lock:
+            return self._rebalance()
+
+    def _rebalance(self) -> dict:
         if self.broken is not None:
             raise GroupBroken(self.broken)
         try:

@@ -36,6 +36,8 @@ METHOD_RULES: dict[str, frozenset[str] | None] = {
     "/pdmesh.v1.Controller/Drain": frozenset({"admin", "worker"}),
     "/pdmesh.v1.Controller/ListInstances": INTERNAL | {"admin"},
     "/pdmesh.v1.Controller/WatchCluster": INTERNAL | {"admin"},
+    # pdmesh ctl experts --rebalance: an operator's call to a worker
+    "/pdmesh.v1.Worker/RebalanceExperts": INTERNAL | {"admin"},
 }
 
 

@@ -110,3 +110,19 @@ class SetRoleResponse(_message.Message):
     previous_role: _common_pb2.Role
     transfer_endpoint: str
     def __init__(self, previous_role: _Optional[_Union[_common_pb2.Role, str]] = ..., transfer_endpoint: _Optional[str] = ...) -> None: ...
+
+class RebalanceExpertsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RebalanceExpertsResponse(_message.Message):
+    __slots__ = ("layers", "changed_layers", "imbalance_before", "imbalance_after")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    layers: int
+    changed_layers: int
+    imbalance_before: float
+    imbalance_after: float
+    def __init__(self, layers: _Optional[int] = ..., changed_layers: _Optional[int] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ...) -> None: ...

@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.SetRoleResponse.FromString,
                 _registered_method=True)
+        self.RebalanceExperts = channel.unary_unary(
+                '/pdmesh.v1.Worker/RebalanceExperts',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.RebalanceExpertsRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.RebalanceExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -101,6 +106,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RebalanceExperts(self, request, context):
+        """Rebalances the routed experts of a parallel MoE instance now (EPLB, as --eplb-interval-steps
+        does periodically): between two engine steps, on every rank, requests in flight continue.
+        FAILED_PRECONDITION when the model has no MoE layers or its experts are not split (moe_ep 1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.SetRole,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.SetRoleRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.SetRoleResponse.SerializeToString,
+            ),
+            'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebalanceExperts,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.RebalanceExpertsRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.RebalanceExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +284,33 @@ class Worker:
             '/pdmesh.v1.Worker/SetRole',
             pdmesh_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
             pdmesh_dot_v1_dot_worker__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebalanceExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Worker/RebalanceExperts',
+            pdmesh_dot_v1_dot_worker__pb2.RebalanceExpertsRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.RebalanceExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

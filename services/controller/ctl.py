@@ -5,6 +5,7 @@
     pdmesh ctl --controller ... drain ID | undrain ID
     pdmesh ctl --controller ... flip ID prefill|decode|mixed
     pdmesh ctl --controller ... top [--coordinator URL] [--interval-s 2] [--once]
+    pdmesh ctl experts [METRICS] [--rebalance WORKER]   (the worker itself, no controller)
 
 With mutual TLS on the controller: --tls-ca CA --tls-cert admin.pem --tls-key admin.key (or
 PDMESH_CTL_TLS_CA/_CERT/_KEY); the admin methods need the ``admin`` identity.
@@ -70,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     flip = sub.add_parser("flip", help="drain an instance, switch its role, put it back online")
     flip.add_argument("instance_id")
     flip.add_argument("role", help="prefill, decode or mixed")
-    sub.add_parser("experts", help="a parallel MoE worker's expert loads (EPLB)").add_argument(
-        "metrics", help="the worker's metrics address (host:port or URL; --metrics-port)"
-    )
+    ctl_experts.add_parser(sub)
     top = sub.add_parser("top", help="live view: instances, loads, ratio; latency with --coordinator")
     top.add_argument(
         "--coordinator",
@@ -190,12 +189,12 @@ def top(args: argparse.Namespace, endpoints: ControllerEndpoints) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "experts":  # read from the worker itself, no controller involved
+    if args.command == "experts":  # the worker itself, no controller involved
         try:
-            print(ctl_experts.experts(args.metrics))
-        except ctl_experts.ExpertsError as exc:
+            print(ctl_experts.run(args, tls_files(args), args.timeout_s))
+        except (ctl_experts.ExpertsError, CtlError) as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
-            return 1
+            return exc.code
         return 0
     try:
         if not args.controller:

@@ -9,7 +9,8 @@ at dp > 1 the tokens of the leader's replica), labelled ``{pdmesh_instance, role
 - ``pdmesh_worker_ep_rank_load{layer, ep_rank}``: each ep rank's share of the window;
 - ``pdmesh_worker_ep_rank_imbalance{layer}``: max / mean of those shares (1: even).
 
-``pdmesh ctl experts`` reads them back from a worker's ``/metrics``.
+``pdmesh ctl experts`` reads them back from a worker's ``/metrics``; ``rebalance`` is what its
+``--rebalance`` asks for (the ``RebalanceExperts`` RPC).
 """
 
 from __future__ import annotations
@@ -22,7 +23,27 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pdmesh.models.moe import RoutedExperts
 from services.worker.metrics import LABELS, WorkerMetrics
+
+
+class RebalanceRefused(Exception):
+    """This worker has no experts to rebalance; the message says why."""
+
+
+def rebalance(engine) -> dict:
+    """Rebalances the leader's instance now (blocking: waits for the running step, and the next
+    waits for it); the report of ``eplb_runtime.rebalance``. ``RebalanceRefused`` when the model
+    has no MoE layers or its experts are not split over ep ranks; ``GroupBroken`` if a rank fails."""
+    if not any(isinstance(m, RoutedExperts) for m in engine.runner.model.modules()):
+        raise RebalanceRefused("the model has no MoE layers: there are no experts to rebalance")
+    executor = engine.executor
+    if executor is None or executor.state.layout.moe_ep == 1:
+        raise RebalanceRefused(
+            "the experts are not split over ranks (moe_ep 1): every rank holds every expert; "
+            "start the worker with --moe-ep > 1 to balance them"
+        )
+    return executor.rebalance()
 
 
 class ExpertLoadCollector(Collector):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -9,6 +10,7 @@ import grpc
 
 from pdmesh.errors import ErrorKind, WorkerError
 from pdmesh.generation import TokenOutput
+from pdmesh.parallel.executor import GroupBroken
 from pdmesh.rpc.convert import (
     handle_from_proto,
     handle_to_proto,
@@ -19,6 +21,7 @@ from pdmesh.rpc.convert import (
 from pdmesh.rpc.convert_cluster import role_from_proto, role_to_proto
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.decode import DecodeHandler
+from services.worker.expert_metrics import RebalanceRefused, rebalance
 from services.worker.prefill import PrefillHandler
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ class WorkerBusy(RuntimeError):
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Prefill, Decode, Release, Abort and SetRole for whichever phases this worker's role allows."""
+    """Prefill, Decode, Release, Abort and SetRole for whichever phases this worker's role allows;
+    RebalanceExperts for a parallel MoE worker."""
 
     def __init__(
         self,
@@ -132,6 +136,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except WorkerError as exc:
             log.warning("[%s] decode failed: %s", request.request_id, exc)
             yield worker_pb2.DecodeChunk(finished=True, finish_reason="error", error=_error(exc))
+
+    async def RebalanceExperts(self, request, context):  # noqa: N802
+        engine = self.bridge.engine_loop.engine
+        try:  # on a thread of its own: it waits for the running step, the event loop must not
+            report = await asyncio.to_thread(rebalance, engine)
+        except RebalanceRefused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except GroupBroken as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the instance broke: {exc}")
+        log.info("experts rebalanced on request: %s", report)
+        return worker_pb2.RebalanceExpertsResponse(**report)
 
     async def Release(self, request, context):  # noqa: N802
         if not request.handle_id:
