@@ -82,6 +82,13 @@ def _up_parser(sub) -> None:
         help="how KV moves (default tcp)",
     )
     p.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="leave the workers unpinned (default: each gets cores of its own and one thread per core, "
+        "prefill workers the spare ones; see docs/deploy.md)",
+    )
+    p.add_argument(
         "--no-restart",
         dest="restart",
         action="store_false",
@@ -205,6 +212,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     for role, flags in parallel.items():
         spec.role_args[role] = {**spec.role_args.get(role, {}), **flags}
+    spec.pin_workers = args.pin
+    _one_host_defaults(spec)
     from pdmesh.launcher_tls import apply_up_flags
 
     problem = apply_up_flags(spec, args.tls, args.tls_dir, args.api_key_file)
@@ -212,6 +221,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"pdmesh up: {problem}", file=sys.stderr)
         return 2
     return _run_stack(LocalStack(spec))
+
+
+# what a PD stack on one host runs unless told otherwise (docs/benchmarks.md measured them):
+# a decode worker prefills a prompt itself while the prefill workers are busy, in small chunks
+# between its decode steps, instead of the prompt queueing behind the busy prefill worker
+ONE_HOST_COORDINATOR = {"overflow-prefill-tokens": "1024"}
+ONE_HOST_DECODE = {"max-prefill-tokens": "64"}
+
+
+def _one_host_defaults(spec) -> None:
+    """``pdmesh up``'s serving defaults under any flag or cluster-file key that sets them."""
+    spec.coordinator_args = {**ONE_HOST_COORDINATOR, **spec.coordinator_args}
+    spec.role_args["decode"] = {**ONE_HOST_DECODE, **spec.role_args.get("decode", {})}
 
 
 def _spec_from_cluster_file(args: argparse.Namespace):

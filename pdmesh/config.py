@@ -194,6 +194,14 @@ class CoordinatorConfig(_TlsChecked):
         ge=0,
         description="prompts shorter than this are prefilled by the decode instance itself (0: never)",
     )
+    overflow_prefill_tokens: int = Field(
+        0,
+        ge=0,
+        description=(
+            "while every prefill instance is busy, a decode instance prefills a prompt of up to this many "
+            "tokens itself instead of queueing it (one at a time per instance; 0: never)"
+        ),
+    )
     ready_prefill_instances: int = Field(
         0, ge=0, description="readiness: healthy prefill instances before /ready answers 200"
     )
@@ -293,6 +301,13 @@ class WorkerConfig(_TlsChecked):
     )
     kv_lease_s: float = Field(
         30.0, gt=0, description="how long a prefilled KV handle waits for its decode worker"
+    )
+    linear_kernel: Literal["auto", "pdmesh", "onednn", "torch"] = Field(
+        "auto",
+        description=(
+            "CPU float32 linear product: pdmesh's kernel, oneDNN or torch; auto: measured on this host "
+            "for the role (docs/benchmarks.md)"
+        ),
     )
     tp: int = Field(1, ge=1, le=1024, description="tensor parallel ranks (attention and dense layers)")
     dp: int = Field(1, ge=1, le=1024, description="data parallel ranks (attention and dense layers)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from pdmesh import launcher_tls
+from pdmesh import cores, launcher_tls
 from pdmesh.launcher_metrics import metrics_args, wait_metrics_address
 from pdmesh.launcher_supervise import Restart, Supervision, kill_group, signal_group
 from pdmesh.ports import free_port
@@ -78,6 +78,9 @@ class StackSpec:
     # one CPU list per worker in start order ("0", "0-1", "2,4"): pinned with taskset (or
     # sched_setaffinity), with OMP_NUM_THREADS/MKL_NUM_THREADS set to its core count. None: no pinning.
     worker_cpus: list[str] | None = None
+    # without worker_cpus: share this host's cores out between the workers (``pdmesh.cores``), as
+    # ``pdmesh up`` does by default; off for the library (tests run many stacks on a few cores)
+    pin_workers: bool = False
     # Restart a worker process that dies (``pdmesh up``); off for the library, whose fault tests
     # kill workers and expect them to stay dead.
     restart_workers: bool = False
@@ -158,7 +161,7 @@ class LocalStack(Supervision):
                 launcher_tls.ensure_certs(self.spec.tls_dir, [self.spec.host])
             self._start_redis()
             self._start_controller()
-            cpus = self.spec.worker_cpus or [None] * len(self._worker_plan())
+            cpus = self._worker_cpus() or [None] * len(self._worker_plan())
             for (name, role), worker_cpus in zip(self._worker_plan(), cpus, strict=True):
                 self._start_worker(name, role, worker_cpus)
             self._start_coordinator()
@@ -177,6 +180,21 @@ class LocalStack(Supervision):
         return [(f"prefill-{i}", "prefill") for i in range(s.prefill)] + [
             (f"decode-{i}", "decode") for i in range(s.decode)
         ]
+
+    def _worker_cpus(self) -> list[str] | None:
+        """The CPU list of each worker: the spec's, else (``pin_workers``) this host's cores shared out."""
+        if self.spec.worker_cpus is not None or not self.spec.pin_workers:
+            return self.spec.worker_cpus
+        plan = self._worker_plan()
+        ranks = [self._ranks(role) for _, role in plan]
+        cpus = cores.split_cores([role for _, role in plan], ranks, cores.host_cpus())
+        log.info("worker CPUs: %s", dict(zip([n for n, _ in plan], cpus or [], strict=False)) or "unpinned")
+        return cpus
+
+    def _ranks(self, role: str) -> int:
+        """Processes one worker of ``role`` runs (its tp x dp ranks)."""
+        flags = {**self.spec.role_args.get(role, {}), **self.spec.worker_args}
+        return int(flags.get("tp", 1)) * int(flags.get("dp", 1))
 
     def _start_redis(self) -> None:
         if self.redis_url is None:

@@ -1,17 +1,23 @@
-"""``pdmesh bench compare``: one workload against a PD deployment and a colocated one on the same cores.
+"""``pdmesh bench compare``: one workload against a PD deployment and a colocated one on the same cores,
+and against any OpenAI-compatible server (``--peer-url``, e.g. vLLM) on the same host.
 
 The PD deployment runs ``--prefill`` prefill and ``--decode`` decode workers; the colocated one runs
-``prefill + decode`` mixed workers. Each worker is pinned to ``--cores-per-worker`` cores of its own
-(the same cores, in the same order, for both deployments) and runs that many intra-op threads. The
-same ``bench serve`` workload (always ``--ignore-eos``, so that both generate the same tokens) runs
-against each in turn; both results and the PD/colocated ratios of goodput, throughput and p99
-latencies go to a terminal table, ``--json`` and ``--plot``. ``--predict PROFILE.json`` adds what the
-planner's simulator predicts for both deployments next to what was measured.
+``prefill + decode`` mixed workers (``--deployments pd,mixed`` picks them; both by default). Each
+worker is pinned to ``--cores-per-worker`` cores of its own (the same cores, in the same order, for
+both deployments) and runs that many intra-op threads. The same ``bench serve`` workload (always
+``--ignore-eos``, so that every side generates the same tokens) runs against each in turn, then
+against the peer (started by the user, under ``--model-name`` or the first model it lists); the
+results and the ratios of goodput, throughput and latencies go to a terminal table, ``--json`` and
+``--plot``. ``--predict PROFILE.json`` adds what the planner's simulator predicts for both
+deployments next to what was measured.
 
-JSON: ``{"workload", "pd": {...bench serve JSON..., "deployment"}, "colocated": {...}, "ratios":
-{"goodput", "request_throughput", "output_throughput", "p99_ttft", "p99_tpot", "mean_ttft",
-"mean_tpot"}, "prediction": {...} (with --predict)}``. A ratio is PD / colocated (None when the
-colocated value is 0): above 1 is better for PD on goodput and throughput, below 1 on latencies.
+JSON: ``{"workload", "cpu" (host.py), "pd": {...bench serve JSON..., "deployment"}, "colocated":
+{...}, "ratios": {"goodput", "request_throughput", "output_throughput", "p99_ttft", "p99_tpot",
+"mean_ttft", "mean_tpot"}, "peers": {name: {...bench serve JSON..., "deployment": {"mode": "peer",
+"url"}}}, "peer_ratios": {name: {"pd": {...}, "colocated": {...}}}, "prediction": {...} (with
+--predict)}``; a side not run is absent, and so are the ratios needing it. A ratio is ours / theirs
+(PD / colocated, pdmesh / peer; None when theirs is 0): above 1 is better for ours on goodput and
+throughput, below 1 on latencies.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from typing import Any
 import httpx
 
 from pdmesh.bench.args import key_value
+from pdmesh.bench.compare_peer import Peer, check_peer, run_peer
+from pdmesh.bench.compare_table import RATIOS, compute_ratios, format_comparison, ratio  # noqa: F401
+from pdmesh.bench.host import host_info
 from pdmesh.bench.metrics import parse_goodput
 from pdmesh.bench.serve import BenchConfig, BenchResult, run_benchmark
 from pdmesh.extras import MissingExtra
@@ -37,16 +46,7 @@ from pdmesh.extras import MissingExtra
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(".pdmesh/models/qwen3-small")
-# (ratio name, metric key in the bench JSON, table label, higher is better)
-RATIOS = (
-    ("goodput", "request_goodput", "Goodput at the SLO (req/s)", True),
-    ("request_throughput", "request_throughput", "Request throughput (req/s)", True),
-    ("output_throughput", "output_throughput", "Output throughput (tok/s)", True),
-    ("p99_ttft", "p99_ttft_ms", "P99 TTFT (ms)", False),
-    ("p99_tpot", "p99_tpot_ms", "P99 TPOT (ms)", False),
-    ("mean_ttft", "mean_ttft_ms", "Mean TTFT (ms)", False),
-    ("mean_tpot", "mean_tpot_ms", "Mean TPOT (ms)", False),
-)
+MODES = {"pd": "pd", "mixed": "colocated"}  # --deployments names -> the report's keys
 
 
 @dataclass(frozen=True)
@@ -96,62 +96,13 @@ def deployments(prefill: int, decode: int, cores_per_worker: int, available: lis
     ]
 
 
-def ratio(pd: float | None, colocated: float | None) -> float | None:
-    """``pd / colocated``, or None when either is missing or the colocated value is 0."""
-    if pd is None or colocated is None or colocated == 0 or math.isnan(pd) or math.isnan(colocated):
-        return None
-    return pd / colocated
-
-
-def compute_ratios(pd: dict[str, Any], colocated: dict[str, Any]) -> dict[str, float | None]:
-    """PD / colocated of every compared metric (keys of ``RATIOS``) from two bench serve JSON dicts."""
-    return {name: ratio(pd.get(key), colocated.get(key)) for name, key, _, _ in RATIOS}
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_comparison(report: dict[str, Any]) -> str:
-    """The terminal table: each metric for PD and colocated, and their ratio (with who wins)."""
-    pd, col, ratios = report["pd"], report["colocated"], report["ratios"]
-    head = f"{'Metric':<30}{pd['deployment']['label']:>18}{col['deployment']['label']:>22}{'PD/coloc':>10}"
-    workload = report["workload"]
-    lines = [
-        " PD vs colocated (same cores) ".center(len(head), "="),
-        f"workload: {workload['dataset']} in={workload['input_len']} out={workload['output_len']} "
-        f"n={workload['num_prompts']} rate={workload['request_rate']} "
-        f"SLO: {' '.join(f'{k}<={v:g}ms' for k, v in workload['goodput'].items()) or 'none'}",
-        head,
-        "-" * len(head),
-    ]
-    for name, key, label, higher_better in RATIOS:
-        r = ratios[name]
-        better = "" if r is None or r == 1 else (" PD" if (r > 1) == higher_better else " col")
-        lines.append(f"{label:<30}{_fmt(pd.get(key)):>18}{_fmt(col.get(key)):>22}{_fmt(r):>10}{better}")
-    for side in (pd, col):
-        lines.append(
-            f"{side['deployment']['label']}: {side['completed']} ok, {side['failed']} failed, "
-            f"{side['good_completed'] if side['good_completed'] is not None else '-'} met the SLO, "
-            f"{side['duration_s']:.1f} s, workers on CPUs {side['deployment']['worker_cpus'] or 'unpinned'}"
-        )
-    lines += _prediction_lines(report.get("prediction"))
-    lines.append("=" * len(head))
-    return "\n".join(lines)
-
-
-def _prediction_lines(prediction: dict[str, Any] | None) -> list[str]:
-    if not prediction:
-        return []
-    lines = ["planner check (simulated from the profile vs measured):"]
-    for name in ("pd", "colocated"):
-        p = prediction[name]
-        lines.append(
-            f"  {name:<9} goodput predicted {p['predicted_goodput']:.3f} measured {p['measured_goodput']:.3f} "
-            f"req/s (rel. error {_fmt(p['goodput_rel_error'] and p['goodput_rel_error'] * 100, 1)}%); "
-            f"attainment {p['predicted_attainment']:.1%} vs {p['measured_attainment']:.1%}"
-        )
-    return lines
+def parse_deployments(text: str) -> list[str]:
+    """``--deployments``: a comma-separated subset of ``pd`` and ``mixed``; the report keys, in order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in MODES]
+    if bad or not names:
+        raise ValueError(f"--deployments takes pd and/or mixed (comma-separated), not {text!r}")
+    return [key for name, key in MODES.items() if name in names]
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -197,9 +148,10 @@ def run_deployment(dep: Deployment, args: argparse.Namespace, model_dir: Path) -
         return asyncio.run(run_benchmark(bench_config(args, stack.base_url, model_dir)))
 
 
-def side_report(dep: Deployment, result: BenchResult) -> dict[str, Any]:
+def side_report(dep: Deployment | Peer, result: BenchResult) -> dict[str, Any]:
     """The bench serve JSON of one side, with its deployment."""
-    return {**result.to_dict(), "deployment": dep.to_dict()}
+    deployment = dep.deployment() if isinstance(dep, Peer) else dep.to_dict()
+    return {**result.to_dict(), "deployment": deployment}
 
 
 def workload_dict(args: argparse.Namespace) -> dict[str, Any]:
@@ -216,6 +168,8 @@ def workload_dict(args: argparse.Namespace) -> dict[str, Any]:
         "decode": args.decode,
         "cores_per_worker": args.cores_per_worker,
         "worker_args": dict(args.worker_arg),
+        "deployments": parse_deployments(args.deployments),
+        "peer_url": args.peer_url,
     }
 
 
@@ -244,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=1, help="PD decode workers (default 1)")
     p.add_argument("--cores-per-worker", type=int, default=1, help="CPUs pinned per worker (0: no pinning)")
     p.add_argument("--worker-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--deployments", default="pd,mixed", help="which pdmesh deployments: pd,mixed (both)")
+    p.add_argument("--peer-url", default=None, metavar="URL", help="an OpenAI-compatible server to add")
+    p.add_argument("--peer-name", default=None, metavar="NAME", help="its name in the reports (peer)")
+    p.add_argument("--model-name", default=None, metavar="NAME", help="the peer's model name (its first)")
+    p.add_argument("--peer-api-key", default=None, metavar="KEY", help="bearer token for the peer")
     p.add_argument("--dataset", default="random", choices=("random", "sharegpt", "gsm8k"))
     p.add_argument("--dataset-path", default=None, metavar="FILE")
     p.add_argument("--input-len", type=int, default=512, help="random prompts' tokens (512)")
@@ -270,16 +229,32 @@ def _check(args: argparse.Namespace) -> None:
     if args.predict is not None and math.isinf(args.request_rate):
         raise ValueError("--predict needs a finite --request-rate (the simulator models Poisson arrivals)")
     parse_goodput(args.goodput)
+    chosen = parse_deployments(args.deployments)
+    if args.predict is not None and len(chosen) < 2:
+        raise ValueError("--predict needs both deployments (--deployments pd,mixed)")
+    if args.peer_url is None and (args.peer_name or args.model_name or args.peer_api_key):
+        raise ValueError("--peer-name, --model-name and --peer-api-key need --peer-url")
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs both deployments and returns the report (see the module docstring)."""
+    """Runs the deployments, then the peer, and returns the report (see the module docstring)."""
+    peer = None
+    if args.peer_url is not None:  # checked before anything starts: a bad URL fails at once
+        peer = check_peer(args.peer_url, args.peer_name, args.model_name, args.peer_api_key)
     model_dir = resolve_model(args.model)
-    report: dict[str, Any] = {"workload": {**workload_dict(args), "model": str(model_dir)}}
+    report: dict[str, Any] = {"workload": {**workload_dict(args), "model": str(model_dir)}, **host_info()}
     available = sorted(os.sched_getaffinity(0))
+    chosen = parse_deployments(args.deployments)
     for dep in deployments(args.prefill, args.decode, args.cores_per_worker, available):
-        report[dep.name] = side_report(dep, run_deployment(dep, args, model_dir))
-    report["ratios"] = compute_ratios(report["pd"], report["colocated"])
+        if dep.name in chosen:
+            report[dep.name] = side_report(dep, run_deployment(dep, args, model_dir))
+    if "pd" in report and "colocated" in report:
+        report["ratios"] = compute_ratios(report["pd"], report["colocated"])
+    if peer is not None:
+        print(f"running {peer.name} at {peer.url} (model {peer.model}) ...", file=sys.stderr)
+        side = side_report(peer, run_peer(peer, bench_config(args, peer.url, model_dir)))
+        report["peers"] = {peer.name: side}
+        report["peer_ratios"] = {peer.name: {key: compute_ratios(report[key], side) for key in chosen}}
     if args.predict is not None:
         from pdmesh.bench.compare_predict import predict
 
@@ -288,7 +263,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; 0 when both deployments completed requests, 1 when one did not, 2 on bad usage."""
+    """Entry point; 0 when every side completed requests, 1 when one did not, 2 on bad usage."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -309,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, MissingExtra) as exc:
         print(f"{parser.prog}: cannot write the report: {exc}", file=sys.stderr)
         return 2
-    return 0 if report["pd"]["completed"] and report["colocated"]["completed"] else 1
+    measured = [report[key] for key in ("pd", "colocated") if key in report]
+    measured += list(report.get("peers", {}).values())
+    return 0 if all(side["completed"] for side in measured) else 1
 
 
 if __name__ == "__main__":

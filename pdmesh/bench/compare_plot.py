@@ -1,5 +1,6 @@
 """The side-by-side PNG of ``pdmesh bench compare --plot``: goodput and throughput bars, and the CDFs
-of TTFT and TPOT of both deployments (matplotlib's Agg canvas, no display; small files)."""
+of TTFT and TPOT of every side (pdmesh's deployments, then the peers; matplotlib's Agg canvas, no
+display; small files)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,24 @@ from typing import Any
 
 import numpy as np
 
+from pdmesh.bench.compare_table import sides
 from pdmesh.extras import require
 
-SIDES = (("pd", "tab:blue"), ("colocated", "tab:orange"))
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+
+
+def _colored(report: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    return [(side, COLORS[i % len(COLORS)]) for i, (_, side) in enumerate(sides(report))]
 
 
 def _bars(ax, report: dict[str, Any]) -> None:
     names = ("request_goodput", "request_throughput")
-    x = np.arange(len(names))
-    for offset, (side, color) in zip((-0.2, 0.2), SIDES, strict=True):
-        values = [report[side].get(n) or 0.0 for n in names]
-        ax.bar(x + offset, values, width=0.4, color=color, label=report[side]["deployment"]["label"])
+    x, colored = np.arange(len(names)), _colored(report)
+    width = 0.8 / max(1, len(colored))
+    for i, (side, color) in enumerate(colored):
+        values = [side.get(n) or 0.0 for n in names]
+        offset = (i - (len(colored) - 1) / 2) * width
+        ax.bar(x + offset, values, width=width, color=color, label=side["deployment"]["label"])
     ax.set_xticks(x, ["goodput", "throughput"])
     ax.set_ylabel("req/s")
     ax.set_title("Goodput at the SLO and throughput")
@@ -26,10 +34,10 @@ def _bars(ax, report: dict[str, Any]) -> None:
 
 
 def _cdf(ax, report: dict[str, Any], key: str, slo_key: str, title: str) -> None:
-    for side, color in SIDES:
-        values = np.sort([v for v in report[side]["per_request"][key] if v is not None])
+    for side, color in _colored(report):
+        values = np.sort([v for v in side["per_request"][key] if v is not None])
         if len(values):
-            label = report[side]["deployment"]["label"]
+            label = side["deployment"]["label"]
             ax.step(
                 values, np.arange(1, len(values) + 1) / len(values), where="post", color=color, label=label
             )
@@ -57,8 +65,9 @@ def write_plot(report: dict[str, Any], path: str | Path) -> Path:
     _cdf(ttft, report, "ttft_ms", "ttft", "TTFT CDF")
     _cdf(tpot, report, "tpot_ms", "tpot", "TPOT CDF")
     w = report["workload"]
+    names = " vs ".join(side["deployment"]["label"] for side, _ in _colored(report))
     figure.suptitle(
-        f"PD vs colocated: {w['dataset']} in={w['input_len']} out={w['output_len']} "
+        f"{names}: {w['dataset']} in={w['input_len']} out={w['output_len']} "
         f"rate={w['request_rate']} n={w['num_prompts']}",
         fontsize=10,
     )

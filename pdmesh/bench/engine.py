@@ -9,7 +9,11 @@ run with the same torch intra-op thread count (``--threads``, else torch's defau
 ``threads``. With ``--repeats N`` each side runs N times, alternating which goes first, and the
 report gives medians: ``ratio`` is the median of the N paired ratios (all in ``ratio_runs``), so a
 shared host whose speed drifts between the two sides weighs on both alike. ``cpu_kernels`` says
-whether the engine ran pdmesh's native CPU kernels (``pdmesh.kernels``).
+whether the engine ran pdmesh's native CPU kernels (``pdmesh.kernels``). ``--workload`` runs the
+engine as that kind of worker does, which picks the CPU linear product (``linear_kernel`` in the
+report; ``--linear-kernel`` forces one, see ``pdmesh.engine.linear_choice``). ``engine_prefill_ms``
+is the time until every prompt has its first token: with ``--batch-size 1 --output-len 2
+--workload prefill``, what a prefill worker takes for one prompt.
 
 Parallel instances: ``--tp/--dp/--moe-ep/--moe-tp/--moe-dispatch`` run the engine as a worker's
 leader does (this process is rank 0 and starts the other ranks), and ``comm_fraction`` is the share
@@ -41,6 +45,7 @@ from typing import Any, NoReturn
 import torch
 
 from pdmesh.accelerator import resolve_device, synchronize
+from pdmesh.bench.host import host_info
 from pdmesh.extras import MissingExtra, require
 
 MEMCPY_BYTES = 256 * 2**20
@@ -91,6 +96,18 @@ def build_parser(prog: str = "pdmesh bench engine") -> argparse.ArgumentParser:
         default="auto",
         help="how MoE ranks combine expert outputs",
     )
+    p.add_argument(
+        "--workload",
+        choices=["prefill", "decode", "mixed"],
+        default="mixed",
+        help="run the engine as this kind of worker does (picks the CPU linear product)",
+    )
+    p.add_argument(
+        "--linear-kernel",
+        choices=["auto", "pdmesh", "onednn", "torch"],
+        default="auto",
+        help="the CPU float32 linear product (auto: measured here for --workload)",
+    )
     return p
 
 
@@ -130,6 +147,7 @@ def run_engine(engine: Any, prompts: list[list[int]], output_len: int) -> dict[s
     for i, p in enumerate(prompts):
         engine.add_request(EngineRequest(f"bench-{i}", p, sampling))
     steps: list[tuple[int, float]] = []  # (sequences advanced, seconds) once all have a first token
+    first_token_s = None
     while engine.has_unfinished():
         s0 = time.perf_counter()
         outs = engine.step()
@@ -138,11 +156,14 @@ def run_engine(engine: Any, prompts: list[list[int]], output_len: int) -> dict[s
             steps.append((len(outs), time.perf_counter() - s0))
         for out in outs:
             outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        if first_token_s is None and len(outputs) == len(prompts):
+            first_token_s = time.perf_counter() - t0
     total = time.perf_counter() - t0
     full = [t for n, t in steps if n == len(prompts)] or [t for _, t in steps] or [total]
     return {
         "total_s": total,
         "decode_step_s": statistics.mean(full),
+        "first_token_s": first_token_s if first_token_s is not None else total,
         "comm_s": state.comm_s,
         "tokens": [outputs[f"bench-{i}"] for i in range(len(prompts))],
     }
@@ -220,6 +241,8 @@ def make_engine(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[Any
             max_model_len=total_len,
             enable_prefix_caching=False,
             threads=args.threads,
+            workload=args.workload,
+            linear_kernel=args.linear_kernel,
         )
         engine = LLMEngine(config)
     if args.warmup:
@@ -260,6 +283,8 @@ def _worker_config(worker_config: type, args: argparse.Namespace, b: int) -> Any
         moe_ep=args.moe_ep,
         moe_tp=args.moe_tp,
         moe_dispatch=args.moe_dispatch,
+        role=args.workload,
+        linear_kernel=args.linear_kernel,
     )
 
 
@@ -305,6 +330,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     b, o = args.batch_size, args.output_len
     engine, leader = make_engine(args, prompts)
     threads = torch.get_num_threads()  # a parallel instance's ranks share the cores (per rank)
+    linear_kernel = engine.runner.linear_kernel
     try:
         hf_model = load_hf(args, prompts, device) if args.reference == "hf" else None
         eng_runs, hf_runs = alternate(args, prompts, engine, hf_model, device)
@@ -329,6 +355,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "engine_total_s": eng_total,
         "engine_output_tokens_per_s": b * o / eng_total,
         "engine_decode_step_ms": step_s * 1e3,
+        "engine_prefill_ms": statistics.median(r["first_token_s"] for r in eng_runs) * 1e3,
+        "workload": args.workload,
+        "linear_kernel": linear_kernel,
         **layout,
         "comm_fraction": statistics.median(r["comm_s"] / r["total_s"] for r in eng_runs),
     }
@@ -388,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {args.model} has no config.json", file=sys.stderr)
         return 2
     try:
-        report = benchmark(args)
+        report = {**benchmark(args), **host_info()}
     except (ValueError, MissingExtra) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from pdmesh.bench.engine import _Parser, _positive, make_prompts, run_engine
+from pdmesh.bench.host import host_info
 
 ROUTER_SUFFIX = ".mlp.gate.weight"
 LEAN = 1.0  # the common direction in every embedding row, relative to the rows' mean norm
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="pdmesh-eplb-") as tmp:
             hot = write_skewed(args.model, Path(tmp), args.moe_ep, args.num_redundant_experts, args.skew)
-            report = {"hot_experts": hot, **benchmark(args, Path(tmp))}
+            report = {"hot_experts": hot, **benchmark(args, Path(tmp)), **host_info()}
     except ValueError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

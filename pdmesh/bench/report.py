@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pdmesh.bench.host import host_info
 from pdmesh.bench.metrics import throughput_timeline
 from pdmesh.extras import require
 
@@ -114,6 +115,7 @@ def result_to_dict(result: BenchResult) -> dict:
     data.update(result.metrics.to_dict())
     data["timeline_output_throughput"] = throughput_timeline(result.outputs)
     data["per_request"] = _per_request(result)
+    data.update(host_info())
     return data
 
 

@@ -1,8 +1,11 @@
 """One streaming request to an OpenAI-compatible server, and what it measured.
 
-``send_request`` posts a ``stream: true`` body and reads the server-sent events: the first event with
-generated text sets TTFT, each later one adds an inter-token gap, the final ``usage`` event gives the
-token counts (else the tokenizer, else the number of content events). It never raises for a failed
+``send_request`` posts a ``stream: true`` body and reads the server-sent events: the first event of a
+generated token sets TTFT, each later one adds an inter-token gap (servers such as vLLM and pdmesh
+send one event per token, with empty text while a multi-byte character or a possible stop string
+waits, so empty events count; a chat's role-only event and a closing event with only a finish
+reason do not), the final ``usage`` event gives the token counts (else the tokenizer, else the
+number of token events). It never raises for a failed
 request: an HTTP error status, an ``{"error": ...}`` event, a stream that ends before ``[DONE]`` (or a
 finish reason), a timeout or a broken connection become a failed ``RequestOutput`` with its
 status (None when there is no HTTP status) and message.
@@ -64,6 +67,12 @@ def _content(event: dict, chat: bool) -> str:
     return delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
 
 
+def _role_only(choice: dict, chat: bool) -> bool:
+    """A chat's opening event: the role, no token."""
+    delta = choice.get("delta") or {}
+    return chat and "role" in delta and not delta.get("tool_calls")
+
+
 class _Stream:
     """Timing and content of one streamed response, fed one SSE event at a time."""
 
@@ -86,10 +95,14 @@ class _Stream:
         if event.get("usage"):
             self.usage = event["usage"]
         choices = event.get("choices") or []
-        if choices and choices[0].get("finish_reason"):
-            self.finished = True
+        if not choices:
+            return
         text = _content(event, self.ctx.chat)
-        if not text:
+        if choices[0].get("finish_reason"):
+            self.finished = True
+            if not text:  # OpenAI closes with an empty delta; pdmesh's last token may render as ""
+                return
+        elif not text and _role_only(choices[0], self.ctx.chat):
             return
         if self.ttft is None:
             self.ttft = now - self.start

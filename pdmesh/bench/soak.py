@@ -38,11 +38,11 @@ from typing import Any, NoReturn
 import httpx
 
 from pdmesh.bench.args import key_value
+from pdmesh.bench.host import host_info
 from pdmesh.bench.soak_load import LoadSpec, load, summarize
 from pdmesh.bench.soak_monitor import (
     HealthMonitor,
     RssMonitor,
-    cpu_info,
     kv_index_entries,
     kv_leftovers,
     redis_pid,
@@ -291,7 +291,7 @@ def run(cfg: SoakConfig) -> dict[str, Any]:
     return {
         "started_at": started_at,
         "model": str(model_dir),
-        "cpu": cpu_info(),
+        **host_info(),
         "params": cfg.params(),
         **report,
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,23 +27,6 @@ from pdmesh.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 log = logging.getLogger(__name__)
 
 ROLES = {common_pb2.ROLE_PREFILL: "prefill", common_pb2.ROLE_DECODE: "decode"}
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_info() -> dict[str, Any]:
-    """The CPU model and which vector/matrix extensions it has (``/proc/cpuinfo`` flags)."""
-    flags: set[str] = set()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags" and not flags:
-                flags = set(value.split())
-            elif key.strip() == "model name":
-                model = value.strip()
-    except OSError:
-        pass
-    return {"model": model, "flags": {name: name in flags for name in CPU_FEATURES}}
 
 
 @dataclass

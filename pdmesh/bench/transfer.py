@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from pdmesh.bench.soak_monitor import cpu_info
+from pdmesh.bench.host import host_info
 from pdmesh.kv.transfer import hostmem, secure
 from pdmesh.kv.transfer.base import BACKENDS, allocate_pool, make_transfer_client, make_transfer_server
 from pdmesh.kv.types import KVHandle, KVLayout
@@ -276,7 +276,7 @@ def _result(backend: str, nbytes: int, reps: int, gbps: dict[str, float], latenc
             "dtype": QWEN3_58M.dtype,
             "blocks": TOKENS_2K_BLOCKS,
         },
-        "cpu": cpu_info(),
+        **host_info(),
     }
     if "pull_tls" in gbps:
         result["tls"] = {

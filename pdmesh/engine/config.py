@@ -37,3 +37,9 @@ class EngineConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (process-wide); None: leave torch's setting"
     )
+    workload: Literal["prefill", "decode", "mixed"] = Field(
+        "mixed", description="what this engine mostly runs (picks the CPU linear product, linear_choice)"
+    )
+    linear_kernel: Literal["auto", "pdmesh", "onednn", "torch"] = Field(
+        "auto", description="CPU float32 linear product; auto: measured per host for the workload"
+    )

@@ -32,15 +32,14 @@ import logging
 import torch
 from torch import nn
 
+from pdmesh.engine import linear_choice
+from pdmesh.engine.linear_choice import PACK_BATCH_HINT
 from pdmesh.kernels import cpu as cpu_kernels
 from pdmesh.models.layers import MergedLinear
 from pdmesh.models.parallel_layers import ShardedLinear
 from pdmesh.models.threads import all_threads, configured_threads
 
 logger = logging.getLogger(__name__)
-
-# rows the packed layout is tuned for; any row count works (a decode batch is typical)
-PACK_BATCH_HINT = 32
 
 
 def packing_available(dtype: torch.dtype) -> bool:
@@ -105,18 +104,29 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {ptr for ptr, count in seen.items() if count > 1}
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Switches the model's plain linears to oneDNN's packed product; returns how many.
+def usable_kernels(model: nn.Module) -> list[str]:
+    """The products that can run this model's linears here, pdmesh's kernel first (``linear_choice``);
+    empty when the model is not on the CPU."""
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu":
+        return []
+    return linear_choice.available_kernels(
+        first.dtype, first, lambda: packing_available(first.dtype) and onednn_works()
+    )
+
+
+def pack_linears(model: nn.Module, kernel: str | None = None) -> int:
+    """Switches the model's plain linears to the packed product ``kernel`` (``pdmesh`` or ``onednn``;
+    None: the first usable, see ``usable_kernels``); returns how many. ``torch`` leaves them as they are.
 
     Subclasses of ``nn.Linear`` (which may compute something else) are left alone, as is every
     module when packing is not available for the model's dtype.
     """
-    first = next(model.parameters(), None)
-    if first is None or first.device.type != "cpu":
+    if kernel is None:
+        kernel = (usable_kernels(model) or ["torch"])[0]
+    if kernel == "torch":
         return 0
-    native = cpu_kernels.enabled(first)
-    if not native and not (packing_available(first.dtype) and onednn_works()):
-        return 0
+    native = kernel == "pdmesh"
     shared = _shared_weights(model)
     count = 0
     for module in model.modules():

@@ -28,6 +28,7 @@ from pdmesh.accelerator import dtype_name, resolve_device, resolve_dtype
 from pdmesh.engine import prompt_logprobs
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.grammar import GrammarCompiler
+from pdmesh.engine.linear_choice import LinearChoice
 from pdmesh.engine.model_runner import ModelRunner
 from pdmesh.engine.replicas import ReplicaSet
 from pdmesh.engine.sampling import sample
@@ -102,6 +103,7 @@ class LLMEngine:
             config.block_size,
             self.device,
             workspace_bytes=config.decode_workspace_mib << 20,
+            linear=LinearChoice(config.workload, config.linear_kernel, config.max_prefill_tokens),
         )
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[TokenOutput] = []

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from pdmesh.engine import prompt_logprobs
-from pdmesh.engine.cpu_linear import pack_linears
+from pdmesh.engine.cpu_linear import pack_linears, usable_kernels
 from pdmesh.engine.fused_decode import FusedDecoder
+from pdmesh.engine.linear_choice import LinearChoice
 from pdmesh.engine.sequence import Sequence
 from pdmesh.engine.step import StepInputs
 from pdmesh.models import AttentionMetadata
@@ -36,6 +37,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         workspace_bytes: int = 0,
+        linear: LinearChoice | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -43,8 +45,13 @@ class ModelRunner:
         self.device = device
         model.bind_kv_cache(pool)
         self.fused: FusedDecoder | None = None
+        self.linear_kernel = "torch"  # the CPU linear product in use (linear_choice)
         if device.type == "cpu":
-            pack_linears(model)
+            choice = linear or LinearChoice()
+            self.linear_kernel = choice.resolve(
+                model, usable_kernels(model) or ["torch"], torch.get_num_threads()
+            )
+            pack_linears(model, self.linear_kernel)
             self.fused = FusedDecoder.build(model, pool)
         self.workspace = self._make_workspace(workspace_bytes)
 

@@ -3,8 +3,9 @@
 Prefill first: waiting prompts are admitted in arrival order while the prefill batch, the prefill
 token budget, the running-sequence cap and the free blocks allow. A prompt longer than the budget
 runs alone and in chunks of ``max_prefill_tokens``: each step computes the next chunk over the KV the
-earlier chunks wrote, and only the last chunk samples a token. Otherwise one decode step for the
-running sequences; when a sequence needs a block and none is free, the newest running sequence is
+earlier chunks wrote, and only the last chunk samples a token; while sequences are running, a decode
+step for them follows every chunk (chunked prefill), so that a long prompt stalls their tokens by one
+chunk at a time, not by its whole prefill. Otherwise one decode step for the running sequences; when a sequence needs a block and none is free, the newest running sequence is
 preempted (its blocks freed; it is recomputed from its tokens later).
 """
 
@@ -40,6 +41,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.chunking: Sequence | None = None  # a long prompt between its prefill chunks
+        self._decode_turn = False  # a chunk just ran: the running sequences step before the next one
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -51,10 +53,16 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         if self.chunking is not None:
+            if self._decode_turn and self.running:
+                self._decode_turn = False
+                decode = self._schedule_decode()
+                if decode:
+                    return ScheduledBatch(decode, False)
             return self._next_chunk(self.chunking)
         prefill = self._schedule_prefill()
         if prefill:
             if prefill[0].chunk_end is not None:
+                self._decode_turn = True
                 return ScheduledBatch(prefill, True, partial=True)
             return ScheduledBatch(prefill, True)
         decode = self._schedule_decode()
@@ -94,6 +102,7 @@ class Scheduler:
         """The next chunk of the prompt being prefilled in chunks; the last one joins ``running``."""
         seq.chunk_end = min(seq.num_computed + self.config.max_prefill_tokens, seq.num_tokens)
         if seq.chunk_end < seq.num_tokens:
+            self._decode_turn = True
             return ScheduledBatch([seq], True, partial=True)
         seq.chunk_end = None
         self.chunking = None

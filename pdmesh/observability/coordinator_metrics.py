@@ -51,6 +51,11 @@ QUEUED = Gauge(_P + "requests_queued", "Requests waiting in the admission queue"
 ROUTE_CHOICES = Counter(
     _P + "route_choices_total", "Instances picked by the router, by role", ["role", "pdmesh_instance"]
 )
+OVERFLOW_PREFILLS = Counter(
+    _P + "overflow_prefills_total",
+    "Prompts a decode instance prefilled itself while every prefill instance was busy",
+    ["pdmesh_instance"],
+)
 SCRAPE_FAILURES = Counter(_P + "scrape_failures_total", "Targets /metrics/mesh could not scrape", ["target"])
 
 WINDOW_S = 60.0  # the live page's latency percentiles cover this long

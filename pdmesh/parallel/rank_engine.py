@@ -32,6 +32,8 @@ def make_engine(
         max_num_seqs=config.max_batch_size,
         max_prefill_batch_size=config.max_prefill_batch_size,
         max_prefill_tokens=config.max_prefill_tokens,
+        workload=config.role,
+        linear_kernel=config.linear_kernel,
     )
     rank = plan.spec.rank if plan is not None else 0
     pool_name = (config.instance_id or f"pdmesh-{os.getpid()}") + (f"-r{rank}" if rank else "")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pdmesh.bench.host import host_info
 from pdmesh.planner.measure import EngineBench, decode_statistic, default_engine, kv_mib_needed, model_summary
 from pdmesh.planner.profile_file import SCHEMA, save_profile
 
@@ -137,6 +138,7 @@ def run_profile(
         },
         "prefill": prefill,
         "decode": decode,
+        **host_info(),  # the CPU's model, cores and vector flags (pdmesh.bench.host)
     }
     _attach_fit(profile)
     return profile

@@ -10,12 +10,20 @@ outright, its gRPC status read as a kind:
 - any other status: UPSTREAM_FAILED.
 
 The error's ``cause`` is the in-band code or the gRPC status, in lower case.
+
+Prefill's first token comes ahead of its KV handle: a prefill worker whose request goes on to a
+decode instance sends the token in the call's initial metadata (``FIRST_TOKEN_METADATA``) as soon
+as the engine sampled it, then registers the handle and answers. ``PrefillCall.first_token`` hands
+it over at once, so the coordinator streams token 1 while the handle is still being registered
+(a worker that does not send it early costs nothing: ``first_token`` is then None). The call is made
+as a response stream so that the initial metadata can be read before the reply: a unary call reads
+both in one batch. The wire is the same, so either side may be of an older version.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 import grpc
@@ -33,6 +41,9 @@ from pdmesh.rpc.convert import (
     sampling_to_proto,
 )
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+FIRST_TOKEN_METADATA = "pdmesh-first-token"  # Prefill's initial metadata: the first token, ahead of the reply
+PREFILL_METHOD = "/pdmesh.v1.Worker/Prefill"
 
 _STATUS_KINDS = {
     grpc.StatusCode.INVALID_ARGUMENT: ErrorKind.INVALID_ARGUMENT,
@@ -110,36 +121,36 @@ class DecodeStream:
         self._call.cancel()
 
 
-class WorkerClient:
-    """Prefill, Decode and Abort on one worker. ``time_left_s`` bounds the request on the worker
-    (its deadline) and, unless ``timeout_s`` says less, the call."""
+class PrefillCall:
+    """One Prefill in flight: ``first_token`` as soon as the worker sends it ahead of the reply (else
+    None), then ``result``. ``cancel()`` ends the call; the worker then frees what it pinned."""
 
-    def __init__(self, stub) -> None:
-        self._stub = stub
+    def __init__(self, call=None, reply: Awaitable | None = None) -> None:
+        self._call = call  # a response-streaming call (initial metadata readable before the reply)
+        self._reply = reply  # or a plain unary call's reply (no early token)
 
-    @classmethod
-    def over(cls, channel: grpc.aio.Channel) -> WorkerClient:
-        return cls(worker_pb2_grpc.WorkerStub(channel))
-
-    async def prefill(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        sampling: SamplingParams,
-        time_left_s: float,
-        timeout_s: float | None = None,
-    ) -> PrefillResult:
-        """Prefills the prompt and samples its first token; raises ``WorkerError``."""
-        request = worker_pb2.PrefillRequest(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            sampling=sampling_to_proto(sampling),
-            deadline=time.time() + time_left_s,
-        )
+    async def first_token(self) -> int | None:
+        """The first token when the worker sent it early; None when it did not (or the call failed:
+        ``result`` raises then)."""
+        if self._call is None:
+            return None
         try:
-            reply = await self._stub.Prefill(request, timeout=timeout_s or time_left_s)
+            metadata = await self._call.initial_metadata()
+        except grpc.aio.AioRpcError:
+            return None
+        for key, value in metadata or ():
+            if key == FIRST_TOKEN_METADATA:
+                return int(value)
+        return None
+
+    async def result(self) -> PrefillResult:
+        """The whole answer (first token, KV handle); raises ``WorkerError``."""
+        try:
+            reply = await (self._reply if self._call is None else self._call.read())
         except grpc.aio.AioRpcError as exc:
             raise _status_error(exc) from exc
+        if reply is grpc.aio.EOF:
+            raise WorkerError(ErrorKind.UNAVAILABLE, "Prefill ended without a reply", cause="no_reply")
         if reply.HasField("error") and reply.error.code:
             raise _in_band_error(reply.error)
         return PrefillResult(
@@ -150,6 +161,65 @@ class WorkerClient:
             handle_from_proto(reply.handle) if reply.HasField("handle") else None,
             prompt_logprobs_from_proto(reply),
         )
+
+    def cancel(self) -> None:
+        """Ends the call unless it is over (a call whose reply was read needs no cancelling)."""
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+
+
+class WorkerClient:
+    """Prefill, Decode and Abort on one worker. ``time_left_s`` bounds the request on the worker
+    (its deadline) and, unless ``timeout_s`` says less, the call."""
+
+    def __init__(self, stub, prefill_stream=None) -> None:
+        self._stub = stub
+        self._prefill_stream = prefill_stream  # Prefill read as a stream (None: as a unary call)
+
+    @classmethod
+    def over(cls, channel: grpc.aio.Channel) -> WorkerClient:
+        prefill_stream = channel.unary_stream(
+            PREFILL_METHOD,
+            request_serializer=worker_pb2.PrefillRequest.SerializeToString,
+            response_deserializer=worker_pb2.PrefillResponse.FromString,
+        )
+        return cls(worker_pb2_grpc.WorkerStub(channel), prefill_stream)
+
+    def start_prefill(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        time_left_s: float,
+        timeout_s: float | None = None,
+    ) -> PrefillCall:
+        """Starts prefilling the prompt and sampling its first token (``PrefillCall``)."""
+        request = worker_pb2.PrefillRequest(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            sampling=sampling_to_proto(sampling),
+            deadline=time.time() + time_left_s,
+        )
+        timeout = timeout_s or time_left_s
+        if self._prefill_stream is None:
+            return PrefillCall(reply=self._stub.Prefill(request, timeout=timeout))
+        return PrefillCall(call=self._prefill_stream(request, timeout=timeout))
+
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        time_left_s: float,
+        timeout_s: float | None = None,
+    ) -> PrefillResult:
+        """Prefills the prompt and samples its first token; raises ``WorkerError``."""
+        call = self.start_prefill(request_id, prompt_ids, sampling, time_left_s, timeout_s)
+        try:
+            return await call.result()
+        except BaseException:
+            call.cancel()
+            raise
 
     def decode(
         self,

@@ -15,8 +15,10 @@
   logprobs: echo.py.
   Lists of prompts, ``n`` > 1 and ``best_of``: http_fanout.py.
 - Logprobs (``logprobs``/``top_logprobs`` in chat, ``logprobs`` in completions, 0..20 top tokens)
-  come in OpenAI's shapes (logprobs.py), in each stream chunk for the tokens of its text; tokens
-  past a stop string's cut have none. Not asked: ``"logprobs": null``.
+  come in OpenAI's shapes (logprobs.py); tokens past a stop string's cut have none (streamed, a token
+  sent while its text was held back already had them).
+- A stream sends one chunk per generated token (``_token_events``), with empty text while the token's
+  text cannot be shown yet (a split multi-byte character, a possible stop string), as vLLM does. Not asked: ``"logprobs": null``.
 - Errors are OpenAI error objects with a 4xx/5xx status (http_errors.py): FastAPI's 422 validation
   answers become 400s (415 for a body that is not JSON). A backend error after a stream has
   started becomes an ``error`` event, then ``[DONE]``. The OpenAPI schema (``/openapi.json``)
@@ -31,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -59,7 +61,7 @@ from services.coordinator.http_util import (
 )
 from services.coordinator.limits import LengthError, completion_budget
 from services.coordinator.native_routes import router as native_router
-from services.coordinator.text_stream import TextStream, TokenEntry
+from services.coordinator.text_stream import TextStream, TokenEntry, per_token
 from services.coordinator.tokenize_api import router as tokenize_router
 from services.coordinator.tools import ToolPlan, attach_tools, plan_tools
 from services.coordinator.validation import check_token_ids
@@ -260,10 +262,8 @@ class OpenAIServer:
             if job.chat:
                 yield sse(self._chunk(job, api.Delta(role="assistant", content=""), None))
             async for chunk in chain(first, generator):
-                text = stream.feed(chunk)
-                if text or stream.done:
-                    lps = self._logprobs(job, stream.take_logprobs())
-                    yield sse(self._chunk(job, text, stream.finish_reason if stream.done else None, lps))
+                for event in self._token_events(job, stream, chunk):
+                    yield event
                 if stream.done:
                     break
             if not stream.done:
@@ -287,12 +287,27 @@ class OpenAIServer:
             await aclose(generator, job.request_id)
         yield sse("[DONE]")
 
+    def _token_events(self, job: Job, stream: TextStream, chunk: GenerationChunk) -> Iterator[str]:
+        """One event per token, as OpenAI and vLLM send them, so that clients timing each chunk see
+        each token: text not yet shown (a split character, a possible stop string) makes an empty
+        one. With tools, a token that adds nothing to send makes none (vLLM's rule)."""
+        for piece in per_token(chunk):
+            text = stream.feed(piece)
+            if text or stream.done or (piece.token_ids and not job.tools):
+                lps = self._logprobs(job, stream.take_fed_logprobs())
+                yield sse(self._chunk(job, text, stream.finish_reason if stream.done else None, lps))
+            if stream.done:
+                return
+
     def _chunk(
         self, job: Job, content: str | api.Delta, finish_reason: str | None, lps: dict | None = None
     ) -> dict:
         common = {"id": job.response_id, "created": job.created, "model": self.model_name}
         if job.chat:
-            delta = content if isinstance(content, api.Delta) else api.Delta(content=content or None)
+            if isinstance(content, api.Delta):
+                delta = content
+            else:  # a token's chunk says "" while its text waits; the closing chunk's delta is {}
+                delta = api.Delta(content=content if content or finish_reason is None else None)
             choice = api.ChatChunkChoice(delta=delta, logprobs=lps, finish_reason=finish_reason)
             chunk = api.ChatCompletionChunk(choices=[choice], **common)
         else:

@@ -1,7 +1,8 @@
 """The coordinator's backend: drives one request through a prefill and a decode instance.
 
-Flow (decode pulls): Prefill on a prefill instance -> first token and KV handle -> stream the first
-token -> Decode on a decode instance with the handle -> stream the rest.
+Flow (decode pulls): Prefill on a prefill instance -> first token (streamed at once: the worker sends
+it ahead of registering the KV handle, ``PrefillCall.first_token``) -> KV handle -> Decode on a
+decode instance with the handle -> stream the rest.
 
 Failures: KV_UNAVAILABLE, or a prefill or decode instance that fails or dies, starts a new attempt
 on other instances, at most ``max_retry`` times. An attempt continues from what the client already
@@ -100,18 +101,21 @@ class MeshBackend:
         self.config = config
         self.gate = AdmissionGate(config.max_inflight, config.max_queue, config.queue_timeout_s)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._clients: dict[str, WorkerClient] = {}  # one per channel: its stubs are made once
         self._calls: Counter = Counter()  # address -> calls in progress on its channel
         self._listed: set[str] | None = None  # the addresses in the latest view seen (None: none yet)
         self._closing: set[asyncio.Task] = set()
+        self._overflowing: Counter = Counter()  # decode instance id -> overflow prompts before token 1
 
     def ready(self) -> bool:
         return self.router.ready()
 
     def _client(self, instance: InstanceInfoData) -> WorkerClient:
-        channel = self._channels.get(instance.address)
-        if channel is None:
+        client = self._clients.get(instance.address)
+        if client is None:
             channel = self._channels[instance.address] = open_channel(instance.address)
-        return WorkerClient.over(channel)
+            client = self._clients[instance.address] = WorkerClient.over(channel)
+        return client
 
     @contextlib.contextmanager
     def _calling(self, instance: InstanceInfoData) -> Iterator[None]:
@@ -144,6 +148,7 @@ class MeshBackend:
 
     def _close_channel(self, address: str) -> None:
         channel = self._channels.pop(address, None)
+        self._clients.pop(address, None)
         if channel is not None:
             log.debug("closing the channel to %s: no longer in the cluster view", address)
             task = asyncio.ensure_future(channel.close())
@@ -152,6 +157,7 @@ class MeshBackend:
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
+        self._clients = {}
         for channel in channels:
             await channel.close()
         if self._closing:
@@ -206,32 +212,55 @@ class MeshBackend:
             return
         local = len(prompt_ids) < self.config.local_prefill_threshold
         decode = _pick(snapshot, Role.DECODE, request, computes_prompt=local)
+        if not local and self._overflows(snapshot, request, prompt_ids, decode):
+            async for chunk in self._overflow(decode, request, prompt_ids, sampling):
+                yield chunk
+            return
         if local:
             async for chunk in self._stream(decode, request, prompt_ids, sampling):
                 yield chunk
             return
         prefill = _pick(snapshot, Role.PREFILL, request, prompt_ids, computes_prompt=True)
-        prefilled = await self._prefill(prefill, request, prompt_ids, sampling)
-        yield GenerationChunk(
-            [prefilled.first_token],
-            prefilled.finished,
-            prefilled.finish_reason,
-            prefilled.logprobs,
-            prefilled.prompt_logprobs,
-        )
+        prefilled, early = None, False
+        # closed with this attempt: a client gone after token 1 ends the call at once (the worker frees)
+        async with contextlib.aclosing(self._prefill(prefill, request, prompt_ids, sampling)) as items:
+            async for item in items:
+                if isinstance(item, PrefillResult):
+                    prefilled = item
+                else:
+                    early = True
+                    yield item  # the first token, streamed while its KV handle is being registered
+        if not early:
+            yield GenerationChunk(
+                [prefilled.first_token],
+                prefilled.finished,
+                prefilled.finish_reason,
+                prefilled.logprobs,
+                prefilled.prompt_logprobs,
+            )
         if prefilled.finished:
             return
         async for chunk in self._stream(decode, request, prompt_ids, sampling, prefilled):
             yield chunk
 
-    async def _prefill(self, instance, request: _Request, prompt_ids, sampling) -> PrefillResult:
+    async def _prefill(
+        self, instance, request: _Request, prompt_ids, sampling
+    ) -> AsyncIterator[GenerationChunk | PrefillResult]:
+        """The first token's chunk as soon as the worker sends it ahead of its reply (when it does),
+        then the ``PrefillResult`` with the KV handle."""
         time_left = _remaining(request.deadline)
         timeout = min(self.config.first_token_timeout_s, time_left)
         self.router.inflight[instance.instance_id] += 1
+        call = None
         try:
             with self._calling(instance):
-                client = self._client(instance)
-                return await client.prefill(request.attempt_id, prompt_ids, sampling, time_left, timeout)
+                call = self._client(instance).start_prefill(
+                    request.attempt_id, prompt_ids, sampling, time_left, timeout
+                )
+                early = await call.first_token()
+                if early is not None:
+                    yield GenerationChunk([early])
+                yield await call.result()
         except asyncio.CancelledError:
             await self._abort(instance, request.attempt_id)
             raise
@@ -239,7 +268,37 @@ class MeshBackend:
             request.tried.add(instance.instance_id)
             raise _settle(exc, instance, "prefill") from exc
         finally:
+            if call is not None:
+                call.cancel()  # left before the reply (the client went away): the worker frees the KV
             self.router.inflight[instance.instance_id] -= 1
+
+    def _overflows(
+        self, snapshot: RoutingSnapshot, request: _Request, prompt_ids: list[int], decode: InstanceInfoData
+    ) -> bool:
+        """Whether ``decode`` prefills this prompt itself because every prefill instance is busy: the
+        prompt is within ``overflow_prefill_tokens`` and ``decode`` is not prefilling another one."""
+        limit = self.config.overflow_prefill_tokens
+        if not limit or len(prompt_ids) > limit or request.affinity is not None:
+            return False
+        return not self._overflowing[decode.instance_id] and snapshot.prefill_busy(request.tried)
+
+    async def _overflow(
+        self, decode: InstanceInfoData, request: _Request, prompt_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        """The request whole on ``decode`` (it prefills the prompt), counted as overflowing there until
+        its first token."""
+        _overflow_note(request, decode, len(prompt_ids))
+        self._overflowing[decode.instance_id] += 1
+        prefilling = True
+        try:
+            async for chunk in self._stream(decode, request, prompt_ids, sampling):
+                if prefilling:
+                    prefilling = False
+                    self._overflowing[decode.instance_id] -= 1
+                yield chunk
+        finally:
+            if prefilling:
+                self._overflowing[decode.instance_id] -= 1
 
     async def _stream(
         self, instance, request: _Request, prompt_ids, sampling, prefilled: PrefillResult | None = None
@@ -283,6 +342,16 @@ class MeshBackend:
 
 def _unservable() -> GenerationError:
     return GenerationError("no healthy prefill and decode instances", ErrorKind.UNAVAILABLE, retry_after_s=1)
+
+
+def _overflow_note(request: _Request, decode: InstanceInfoData, prompt_len: int) -> None:
+    log.info(
+        "[%s] every prefill instance is busy: %s prefills the %d-token prompt itself",
+        request.request_id,
+        decode.instance_id,
+        prompt_len,
+    )
+    metrics.OVERFLOW_PREFILLS.labels(decode.instance_id).inc()
 
 
 def _pick(

@@ -182,6 +182,14 @@ class RoutingSnapshot:
         """True when this view can serve a request: one prefill and one decode instance, or a mixed one."""
         return self.can_disaggregate() or bool(self._healthy[Role.MIXED])
 
+    def prefill_busy(self, exclude: Collection[str] = ()) -> bool:
+        """True when every healthy prefill instance (avoiding ``exclude`` while others exist) has a
+        prompt of this coordinator's in flight or reports prompts waiting: a new one would queue."""
+        healthy = self._healthy[Role.PREFILL]
+        candidates = [c for c in healthy if c.instance_id not in exclude] or healthy
+        inflight = self.router.inflight
+        return bool(candidates) and all(inflight[c.instance_id] + c.load.waiting > 0 for c in candidates)
+
     def pick(
         self,
         role: Role,

@@ -4,7 +4,7 @@ and which tokens' logprobs the released text covers."""
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pdmesh.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -20,6 +20,23 @@ class TokenEntry:
     logprobs: TokenLogprobs
 
 
+def per_token(chunk: GenerationChunk) -> Iterator[GenerationChunk]:
+    """``chunk`` as one chunk per token (the last one carrying the end); a chunk without tokens as is.
+
+    The engine may hand over several tokens at once (the first output of a decode, multi-step or
+    speculative decoding); a stream still sends one event per token, as OpenAI's and vLLM's do."""
+    ids, lps = chunk.token_ids, chunk.logprobs
+    if len(ids) <= 1:
+        yield chunk
+        return
+    last = len(ids) - 1
+    for i, token in enumerate(ids):
+        end = chunk.finished and i == last
+        lp = [lps[i]] if lps is not None and i < len(lps) else None
+        prompt = chunk.prompt_logprobs if i == 0 else None
+        yield GenerationChunk([token], end, chunk.finish_reason if end else None, lp, prompt)
+
+
 class TextStream:
     """Feeds backend chunks, returns the text safe to show.
 
@@ -30,7 +47,9 @@ class TextStream:
 
     Each token's text starts where the decoded text stood before it; ``take_logprobs`` hands out the
     logprobs of the tokens whose text has been released (all of them once the request ends, the
-    dropped final token included), except tokens starting at or past a stop string's cut.
+    dropped final token included), except tokens starting at or past a stop string's cut;
+    ``take_fed_logprobs`` those of every token fed since (a stream's per-token chunks), with the same
+    exception once a stop string has been found.
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: Iterable[str] = (), drop_ids: Iterable[int] = ()) -> None:
@@ -79,6 +98,9 @@ class TextStream:
             end = len(self._starts)
         else:
             end = bisect_left(self._starts, self._released)
+        return self._take(end)
+
+    def _take(self, end: int) -> list[TokenEntry]:
         taken = [
             TokenEntry(self._ids[i], self._starts[i], lp)
             for i in range(self._taken, end)
@@ -86,6 +108,14 @@ class TextStream:
         ]
         self._taken = max(self._taken, end)
         return taken
+
+    def take_fed_logprobs(self) -> list[TokenEntry]:
+        """The logprobs of the tokens fed since the last call, whether or not their text is released
+        (vLLM's streams send each token's logprobs in its own chunk)."""
+        end = len(self._starts)
+        if self.stopped_at_string:
+            end = bisect_left(self._starts, self._released)
+        return self._take(end)
 
     def cumulative_logprob(self) -> float:
         """The sum of the generated tokens' own logprobs (best_of ranks samples by it); 0 without any."""

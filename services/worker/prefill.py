@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pdmesh.aio import raise_lost_cancellation
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Without Redis the reaper cannot ask the registry; it then frees a handle this long after its lease.
 OFFLINE_GRACE_S = 5.0
+
+# Sends a prefilled request's first token on ahead of its KV handle (the servicer: initial metadata).
+EarlyToken = Callable[[int], Awaitable[None]]
 
 
 @dataclass
@@ -77,8 +81,15 @@ class PrefillHandler:
         return len(self._pinned)
 
     async def prefill(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        early_token: EarlyToken | None = None,
     ) -> PrefillResult:
+        """Runs the prompt; a request that goes on to a decode instance has its KV pinned and a handle
+        registered. ``early_token`` gets its first token before that (when no logprobs travel with
+        it), so that the caller can stream the token while the handle is being registered."""
         request = EngineRequest(request_id, prompt_ids, sampling, mode=RequestMode.PREFILL)
         phases = tracing.EnginePhases("prefill.queue", "prefill.compute")
         output = await self.bridge.run_to_end(request)
@@ -93,6 +104,9 @@ class PrefillHandler:
             return PrefillResult(
                 first_token, True, reason, len(prompt_ids), None, output.logprobs, output.prompt_logprobs
             )
+        if early_token is not None and not output.logprobs and not output.prompt_logprobs:
+            await early_token(first_token)
+            tracing.current_span().add_event("pdmesh.first_token_sent")  # traces: before kv.register
         with tracing.tracer().start_as_current_span("kv.register") as span:
             handle = await self._publish(request_id, len(prompt_ids), output.kv_block_ids)
             span.set_attribute("pdmesh.kv.handle_id", handle.handle_id)

@@ -19,6 +19,7 @@ from pdmesh.rpc.convert import (
     sampling_from_proto,
 )
 from pdmesh.rpc.convert_cluster import role_from_proto, role_to_proto
+from pdmesh.rpc.worker_client import FIRST_TOKEN_METADATA
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.decode import DecodeHandler
 from services.worker.expert_metrics import RebalanceRefused, rebalance
@@ -91,8 +92,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
         prompt_ids, sampling = await _validated(request, context)
         self.prompt_tokens_total += len(prompt_ids)
+
+        async def early_token(token: int) -> None:  # the coordinator streams it before the reply
+            await context.send_initial_metadata(((FIRST_TOKEN_METADATA, str(token)),))
+
         try:
-            result = await self.prefill_handler.prefill(request.request_id, prompt_ids, sampling)
+            result = await self.prefill_handler.prefill(request.request_id, prompt_ids, sampling, early_token)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except WorkerError as exc:

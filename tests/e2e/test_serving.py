@@ -70,6 +70,21 @@ def test_chat_streamed_ends_with_usage_and_done(pd_stack):
     assert text == greedy_chat(pd_stack, max_tokens=12)["choices"][0]["message"]["content"]
 
 
+@pytest.mark.parametrize("stack_name", ["pd_stack", "mixed_stack"])
+def test_stream_sends_one_chunk_per_token(stack_name, request):
+    """What a client timing each chunk (inter-token latency) relies on: N tokens, N chunks."""
+    stack, n = request.getfixturevalue(stack_name), 9
+    body = {"model": model_id(stack), "max_tokens": n, "ignore_eos": True, "temperature": 0}
+    text, chunks, _ = stream_chat(stack.base_url, {**body, "messages": MESSAGES})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len(chunks[1:]) == n and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert text == greedy_chat(stack, max_tokens=n)["choices"][0]["message"]["content"]
+    completion = {**body, "prompt": "The sea is", "stream": True}
+    response = httpx.post(f"{stack.base_url}/v1/completions", json=completion, timeout=60)
+    events = [e for e in response.text.split("\n\n") if e.strip()]
+    assert events[-1] == "data: [DONE]" and len(events[:-1]) == n
+
+
 def test_pd_equals_mixed_equals_transformers(pd_stack, mixed_stack, tiny_qwen3):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

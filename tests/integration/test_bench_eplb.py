@@ -35,6 +35,7 @@ def test_bench_eplb(model_factory) -> None:
     assert report["imbalance_before"] >= 1.5
     assert report["imbalance_after"] <= 1.15
     assert report["tokens_match"] is True
+    assert set(report["cpu"]["flags"]) >= {"avx2", "avx512f", "amx_tile"}
     assert report["decode_step_ms_before"] > 0 and report["decode_step_ms_after"] > 0
 
 

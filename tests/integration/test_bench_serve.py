@@ -109,6 +109,7 @@ def test_cli_against_a_local_stack(stack, tiny_qwen3: Path, tmp_path: Path, caps
     assert 0 < data["mean_ttft_ms"] <= data["mean_e2el_ms"]
     assert data["mean_tpot_ms"] > 0 and data["mean_itl_ms"] > 0
     assert data["output_throughput"] > 0
+    assert data["cpu"]["torch"] and set(data["cpu"]["flags"]) >= {"avx2", "avx512f", "amx_tile"}
     assert_png(out_png)
 
 

@@ -84,3 +84,22 @@ def test_tokenizer_and_chat_template(tokenizer) -> None:
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
+
+
+@pytest.mark.parametrize("kernel", ["pdmesh", "onednn", "torch"])
+@pytest.mark.parametrize("workload", ["prefill", "mixed"])
+def test_greedy_tokens_match_transformers_with_every_linear_product(
+    tiny_qwen3, hf_model, prompt_ids, kernel: str, workload: str
+) -> None:
+    # a prefill worker may pick oneDNN on one host and pdmesh's kernel on another (linear_choice)
+    engine = LLMEngine(EngineConfig(model_dir=tiny_qwen3, workload=workload, linear_kernel=kernel))
+    assert engine.runner.linear_kernel == kernel
+    expected = [hf_greedy(hf_model, ids) for ids in prompt_ids]
+    assert_greedy_alone_and_batched(engine, prompt_ids, expected)
+
+
+def test_an_automatic_prefill_engine_picks_a_usable_product(tiny_qwen3, hf_model, prompt_ids) -> None:
+    engine = LLMEngine(EngineConfig(model_dir=tiny_qwen3, workload="prefill"))
+    assert engine.runner.linear_kernel in ("pdmesh", "onednn", "torch")
+    expected = [hf_greedy(hf_model, ids) for ids in prompt_ids]
+    assert_greedy_alone_and_batched(engine, prompt_ids, expected)

@@ -170,6 +170,49 @@ def test_completion_stream_multibyte(app, backend) -> None:
     assert all(e["object"] == "text_completion" for e in events[:-1])
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_one_chunk_per_token(app, backend, path) -> None:
+    backend.chunk_size = 3  # the backend hands over 3 tokens at a time: the stream still sends 3 chunks
+    body = {"max_tokens": 7, "ignore_eos": True, "stream": True}
+    body.update({"messages": MESSAGES} if "chat" in path else {"prompt": "Hello world! The quick brown fox"})
+    events = sse_events(call(app, "POST", path, json=body))
+    assert events[-1] == "[DONE]"
+    chunks = events[1:-1] if "chat" in path else events[:-1]  # chat: after the role chunk
+    assert len(chunks) == 7 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_stream_split_character_is_an_empty_chunk_then_the_character(app, backend, tok) -> None:
+    ids = tok.encode("🎉")
+    assert len(ids) > 1  # byte-level pieces: the character is whole only at its last token
+    backend.chunk_size = len(ids)
+    events = sse_events(call(app, "POST", "/v1/completions", json={"prompt": ids, "stream": True}))
+    texts = [e["choices"][0]["text"] for e in events[:-1]]
+    assert texts == [""] * (len(ids) - 1) + ["🎉", ""]  # then the end-of-sequence token's chunk
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    chat = {"messages": MESSAGES, "max_tokens": len(ids), "stream": True}
+    backend.output_ids = ids
+    deltas = [
+        e["choices"][0]["delta"]
+        for e in sse_events(call(app, "POST", "/v1/chat/completions", json=chat))[1:-1]
+    ]
+    assert deltas == [{"content": ""}] * (len(ids) - 1) + [{"content": "🎉"}]
+
+
+def test_stream_holds_possible_stop_strings_in_empty_chunks(app, backend, tok) -> None:
+    prompt = "Hello world! The quick brown fox"
+    backend.chunk_size = 4
+    body = {"prompt": prompt, "stop": ["Hello world!!", "brown"], "stream": True}
+    events = sse_events(call(app, "POST", "/v1/completions", json=body))[:-1]
+    texts = [e["choices"][0]["text"] for e in events]
+    ids = tok.encode(prompt)
+    assert "".join(texts) == "Hello world! The quick " and events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len(texts) == len(tok.encode("Hello world! The quick brown"))  # a chunk per token up to the stop
+    held = len(tok.encode("Hello world!"))  # these tokens' text may begin "Hello world!!": it waits
+    assert texts[:held] == [""] * held and texts[held].startswith("Hello world! ")
+    assert len(ids) > len(texts)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings(app, backend, stream) -> None:
     backend.chunk_size = 1

@@ -81,14 +81,20 @@ def test_chat_stream_logprobs_follow_the_text(app, backend, tok) -> None:
     whole = chat(app, logprobs=True, top_logprobs=3).json()["choices"][0]["logprobs"]["content"]
     events = sse_events(chat(app, logprobs=True, top_logprobs=3, stream=True))
     assert events[-1] == "[DONE]" and events[0]["choices"][0]["logprobs"] is None  # the role chunk
-    streamed = []
+    streamed, raw, text = [], b"", ""
     for event in events[1:-1]:
         choice = event["choices"][0]
         entries = choice["logprobs"]["content"]
-        if choice["finish_reason"] is None:  # a chunk's entries are the bytes of its text
-            assert bytes(b for e in entries for b in e["bytes"]).decode() == choice["delta"]["content"]
+        if choice["finish_reason"] is None:  # one token per chunk; its text once its bytes are whole
+            assert len(entries) == 1
+            raw, text = raw + bytes(entries[0]["bytes"]), text + choice["delta"]["content"]
+            try:
+                assert raw.decode() == text
+            except UnicodeDecodeError:  # a character's first bytes: the token waits for the rest
+                assert choice["delta"]["content"] == ""
         streamed += entries
-    assert streamed == whole
+    assert streamed == whole and raw.decode() == text == REPLY
+    assert any(e["choices"][0]["delta"] == {"content": ""} for e in events[1:-1])  # a split character
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -40,6 +40,7 @@ def test_quick_profile_writes_valid_monotone_json(tiny_qwen3, tmp_path, capsys):
     assert json.loads(out.read_text()) == profile
     meta = profile["metadata"]
     assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["torch_threads"] == 1
+    assert profile["cpu"]["cores"] and set(profile["cpu"]["flags"]) >= {"avx2", "avx512f", "amx_tile"}
     assert meta["model_dir"] and meta["date"]
     assert len(profile["prefill"]) == 6 and len(profile["decode"]) == 4
     assert all(p["latency_s"] > 0 for p in profile["prefill"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from pdmesh.bench.compare import (
     deployments,
     format_comparison,
     main,
+    parse_deployments,
     ratio,
 )
 from pdmesh.bench.compare_predict import compare_side, measured_lengths, rel_error, worker_limits
@@ -164,3 +166,46 @@ def test_launcher_cpu_lists():
 def test_deployment_dict():
     dep = Deployment("pd", "pd", 1, 2, None)
     assert dep.to_dict() == {"mode": "pd", "label": "PD 1P+2D", "worker_cpus": None}
+
+
+def test_deployments_flag():
+    assert parse_deployments("pd,mixed") == ["pd", "colocated"] == parse_deployments("mixed, pd")
+    assert parse_deployments("pd") == ["pd"] and parse_deployments("mixed") == ["colocated"]
+    for bad in ("", "pd,vllm", ","):
+        with pytest.raises(ValueError, match="--deployments takes pd and/or mixed"):
+            parse_deployments(bad)
+
+
+def test_bad_peer_flags_are_one_line_errors(capsys):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    cases = [
+        (["--peer-url", url], f"--peer-url {url}: cannot reach it (ConnectError"),
+        (["--peer-url", "localhost:8000"], "--peer-url must be an http:// or https:// URL"),
+        (["--model-name", "m"], "--peer-name, --model-name and --peer-api-key need --peer-url"),
+        (["--deployments", "pd", "--predict", "p.json"], "--predict needs both deployments"),
+        (["--deployments", "vllm"], "--deployments takes pd and/or mixed"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--model", str(Path(__file__).parent), "--log-dir", "/nonexistent/x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_table_and_plot_with_a_peer(tmp_path: Path):
+    from pdmesh.bench.compare_plot import write_plot
+
+    pd, peer = side("PD 1P+1D", 2.0, 2.0, 100.0, 20.0), side("vllm", 1.0, 2.0, 50.0, 40.0)
+    peer["deployment"] = {"mode": "peer", "label": "vllm", "url": "http://h:8000", "worker_cpus": None}
+    rep = report(pd, side("colocated 2x mixed", 1.0, 1.0, 1.0, 1.0))
+    rep.update(peers={"vllm": peer}, peer_ratios={"vllm": {"pd": compute_ratios(pd, peer)}})
+    table = format_comparison(rep)
+    assert "PD vs colocated vs vllm (same host)" in table and "PD/vllm" in table
+    goodput_row = next(line for line in table.splitlines() if line.startswith("Goodput"))
+    assert goodput_row.endswith("2.00 PD")  # PD/colocated, then PD/vllm
+    tpot_row = next(line for line in table.splitlines() if line.startswith("P99 TPOT"))
+    assert tpot_row.endswith("0.50 PD")
+    assert "vllm: 6 ok, 0 failed, 5 met the SLO, 3.0 s, at http://h:8000" in table
+    data = write_plot(rep, tmp_path / "cmp.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"

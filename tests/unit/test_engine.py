@@ -243,3 +243,24 @@ def test_two_prefills_pinning_shared_blocks(tiny_qwen3) -> None:
     assert eng.stats().free_blocks < 32
     eng.free_kv(outs[1].kv_block_ids)
     assert eng.stats().free_blocks == 32
+
+
+def test_running_sequences_step_between_the_chunks_of_a_long_prompt(tiny_qwen3) -> None:
+    # no prefix cache: the reference runs must not leave the long prompt's blocks computed
+    engine = make_engine(tiny_qwen3, max_num_seqs=4, max_prefill_tokens=16, enable_prefix_caching=False)
+    short, long = prompt(5, 1), prompt(70, 2)  # 70 tokens: five chunks of at most 16
+    expected = {"short": reference(engine, short, greedy(30)), "long": reference(engine, long, greedy(4))}
+    engine.add_request(EngineRequest("short", short, greedy(30)))
+    outs: dict[str, list[TokenOutput]] = {}
+    for out in engine.step():  # the short prompt's prefill: it is running now
+        outs.setdefault(out.request_id, []).append(out)
+    engine.add_request(EngineRequest("long", long, greedy(4)))
+    kinds = []
+    while engine.has_unfinished():
+        produced = engine.step()
+        kinds.append(engine.last_batches[0][0])
+        for out in produced:
+            outs.setdefault(out.request_id, []).append(out)
+    # prefill chunks and decode steps alternate until the long prompt's last chunk
+    assert kinds[:9] == [True, False, True, False, True, False, True, False, True]
+    assert {rid: tokens_of(o) for rid, o in outs.items()} == expected

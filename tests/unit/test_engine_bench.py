@@ -46,6 +46,7 @@ def test_bench_json_fields(tiny_qwen3, capsys) -> None:
     assert report["greedy_sequences_equal_to_hf"] == "2/2"
     assert report["repeats"] == 1 and len(report["ratio_runs"]) == 1
     assert report["cpu_kernels"] == (build.load() is not None)
+    assert set(report["cpu"]["flags"]) >= {"avx2", "avx512f", "amx_tile"}  # the host it ran on
 
 
 def test_bench_repeats_report_medians_and_every_pair(tiny_qwen3, capsys) -> None:
