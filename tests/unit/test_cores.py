@@ -47,3 +47,16 @@ def test_the_launcher_pins_only_when_asked(tmp_path):
     spec.pin_workers = True
     cpus = LocalStack(spec)._worker_cpus()
     assert cpus is None or len(cpus) == 2
+
+
+def test_pdmesh_up_serving_defaults_stay_under_what_was_given(tmp_path):
+    from pdmesh.cli import _one_host_defaults
+
+    spec = StackSpec(model_dir=tmp_path, role_args={"decode": {"max-prefill-tokens": "512"}})
+    _one_host_defaults(spec)
+    assert spec.coordinator_args == {"overflow-prefill-tokens": "1024"}
+    assert spec.role_args["decode"] == {"max-prefill-tokens": "512"}  # the cluster file's key wins
+    spec = StackSpec(model_dir=tmp_path, coordinator_args={"overflow-prefill-tokens": "0"})
+    _one_host_defaults(spec)
+    assert spec.coordinator_args == {"overflow-prefill-tokens": "0"}
+    assert spec.role_args["decode"] == {"max-prefill-tokens": "64"}
