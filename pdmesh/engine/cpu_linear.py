@@ -5,10 +5,10 @@ reaches about 40 GFLOP/s for the 32000x512 LM head at 32 rows and 80 for the lay
 Two faster products, both over a weight packed once at load:
 
 - pdmesh's own AVX2 kernel (``pdmesh.kernels.cpu.linear``, a 4x24 register block over weights
-  packed in panels of 24 output columns), where the CPU kernels built. Measured against oneDNN
-  over the bench model's 33 products of one decode step (weights cold, as in a real step):
-  15-20% less time at 32 rows, about 30% less at one row, even at 4096 rows (prefill);
-- else oneDNN's inner product over a weight reordered into its blocked layout
+  packed in panels of 24 output columns), where the CPU kernels built. Measured against oneDNN on
+  the AVX2-only bench host over the bench model's 33 products of one decode step (weights cold, as
+  in a real step): 15-20% less time at 32 rows, about 30% less at one row, even at 4096 rows;
+- oneDNN's inner product over a weight reordered into its blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``, the path PyTorch's own CPU inference compiler
   uses), about 100 GFLOP/s for both, 2x MKL for the LM head of a single sequence.
 
@@ -17,8 +17,9 @@ private (``torch.ops.mkldnn``) and fail on some builds (e.g. aarch64, as on Asce
 packing for oneDNN, one small product is tried against ``F.linear``, and where it raises or differs,
 the linears keep ``F.linear`` (the reason logged) instead of failing the load.
 
-``pack_linears`` switches a loaded float32 model's plain ``nn.Linear`` and ``MergedLinear`` modules
-to the packed product, and a tensor-parallel ``ShardedLinear``'s local product (its collective
+Which of the two an engine packs for is ``linear_choice``'s decision (per host and workload: a
+prefill worker times them). ``pack_linears`` switches a loaded float32 model's plain ``nn.Linear``
+and ``MergedLinear`` modules to that packed product, and a tensor-parallel ``ShardedLinear``'s local product (its collective
 stays around it). The dense weight is then released (the packed copy replaces it, so the
 model does not take twice its memory) unless other code still reads it: a tied weight (shared with
 the embedding) or a module that sets ``keep_dense_weight``. Without either product, or for other

@@ -4,8 +4,9 @@ Three products can run a float32 linear on CPU (``cpu_linear``): pdmesh's own AV
 panel-packed weights, oneDNN's inner product over a weight reordered into its blocked layout, and
 plain ``F.linear`` (MKL). Which one is fastest depends on the host (AVX2 only, AVX-512, AMX) and on
 the rows per product: a decode step multiplies a few to a few dozen rows, a prefill hundreds to
-thousands. Measured on an AVX2-only EPYC, pdmesh's kernel won at every row count; on an AVX-512
-one it wins at decode sizes and loses to oneDNN at prefill sizes (docs/benchmarks.md). Only one
+thousands. Measured on an AVX2-only EPYC, pdmesh's kernel won at every row count; on an AVX-512 one
+(no AMX) the two are within a few percent at prefill sizes on quiet cores, and pdmesh's kernel slows
+down several times more when other processes share the cores (docs/benchmarks.md). Only one
 packed copy of each weight is kept (two would double the model's memory), so the engine picks the
 product for the rows it will mostly run:
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 PACK_BATCH_HINT = 32
 PREFILL_ROWS = 512  # rows timed for a prefill worker (fewer when its prefill budget is smaller)
 TIMED_RUNS = 3  # the best of these per product and shape (a shared host is noisy)
-KERNELS = ("pdmesh", "onednn", "torch")
 
 
 @dataclass(frozen=True)
