@@ -85,8 +85,8 @@ def _up_parser(sub) -> None:
         "--no-pin",
         dest="pin",
         action="store_false",
-        help="leave the workers unpinned (default: each gets cores of its own and one thread per core, "
-        "prefill workers the spare ones; see docs/deploy.md)",
+        help="leave the workers unpinned (default: decode workers get cores of their own, prefill "
+        "workers run on every core, one thread per core; see docs/deploy.md)",
     )
     p.add_argument(
         "--no-restart",

@@ -5,7 +5,8 @@ token budget, the running-sequence cap and the free blocks allow. A prompt longe
 runs alone and in chunks of ``max_prefill_tokens``: each step computes the next chunk over the KV the
 earlier chunks wrote, and only the last chunk samples a token; while sequences are running, a decode
 step for them follows every chunk (chunked prefill), so that a long prompt stalls their tokens by one
-chunk at a time, not by its whole prefill. Otherwise one decode step for the running sequences; when a sequence needs a block and none is free, the newest running sequence is
+chunk at a time, not by its whole prefill. Otherwise one decode step for the running sequences;
+when a sequence needs a block and none is free, the newest running sequence is
 preempted (its blocks freed; it is recomputed from its tokens later).
 """
 
