@@ -111,9 +111,7 @@ def usable_kernels(model: nn.Module) -> list[str]:
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu":
         return []
-    return linear_choice.available_kernels(
-        first.dtype, first, lambda: packing_available(first.dtype) and onednn_works()
-    )
+    return linear_choice.available_kernels(first, lambda: packing_available(first.dtype) and onednn_works())
 
 
 def pack_linears(model: nn.Module, kernel: str | None = None) -> int:

@@ -61,12 +61,13 @@ class LinearChoice:
         return choose(model, self.workload, self.prefill_tokens, usable, threads)[0]
 
 
-def available_kernels(dtype: torch.dtype, sample: torch.Tensor, onednn_ok: Callable[[], bool]) -> list[str]:
-    """The products that can run here for ``dtype`` (``sample``: one of the model's parameters)."""
+def available_kernels(sample: torch.Tensor, onednn_ok: Callable[[], bool]) -> list[str]:
+    """The products that can run here for a model like ``sample`` (one of its parameters);
+    ``onednn_ok`` says whether oneDNN's packed product runs for its dtype."""
     kernels = []
     if cpu_kernels.enabled(sample):
         kernels.append("pdmesh")
-    if dtype == torch.float32 and onednn_ok():
+    if onednn_ok():
         kernels.append("onednn")
     kernels.append("torch")
     return kernels

@@ -287,7 +287,13 @@ class MeshBackend:
     ) -> AsyncIterator[GenerationChunk]:
         """The request whole on ``decode`` (it prefills the prompt), counted as overflowing there until
         its first token."""
-        _overflow_note(request, decode, len(prompt_ids))
+        log.info(
+            "[%s] every prefill instance is busy: %s prefills the %d-token prompt itself",
+            request.request_id,
+            decode.instance_id,
+            len(prompt_ids),
+        )
+        metrics.OVERFLOW_PREFILLS.labels(decode.instance_id).inc()
         self._overflowing[decode.instance_id] += 1
         prefilling = True
         try:
@@ -342,16 +348,6 @@ class MeshBackend:
 
 def _unservable() -> GenerationError:
     return GenerationError("no healthy prefill and decode instances", ErrorKind.UNAVAILABLE, retry_after_s=1)
-
-
-def _overflow_note(request: _Request, decode: InstanceInfoData, prompt_len: int) -> None:
-    log.info(
-        "[%s] every prefill instance is busy: %s prefills the %d-token prompt itself",
-        request.request_id,
-        decode.instance_id,
-        prompt_len,
-    )
-    metrics.OVERFLOW_PREFILLS.labels(decode.instance_id).inc()
 
 
 def _pick(

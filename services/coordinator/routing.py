@@ -182,11 +182,15 @@ class RoutingSnapshot:
         """True when this view can serve a request: one prefill and one decode instance, or a mixed one."""
         return self.can_disaggregate() or bool(self._healthy[Role.MIXED])
 
+    def _candidates(self, role: Role, exclude: Collection[str]) -> list[InstanceInfoData]:
+        """The healthy instances of ``role`` not in ``exclude``, or all of them when none is left."""
+        healthy = self._healthy[role]
+        return [c for c in healthy if c.instance_id not in exclude] or healthy
+
     def prefill_busy(self, exclude: Collection[str] = ()) -> bool:
         """True when every healthy prefill instance (avoiding ``exclude`` while others exist) has a
         prompt of this coordinator's in flight or reports prompts waiting: a new one would queue."""
-        healthy = self._healthy[Role.PREFILL]
-        candidates = [c for c in healthy if c.instance_id not in exclude] or healthy
+        candidates = self._candidates(Role.PREFILL, exclude)
         inflight = self.router.inflight
         return bool(candidates) and all(inflight[c.instance_id] + c.load.waiting > 0 for c in candidates)
 
@@ -200,8 +204,7 @@ class RoutingSnapshot:
         """A healthy instance of ``role``, avoiding ``exclude`` while others exist; None if none.
         ``prefer``: an instance id taken over the policy's choice while it is a candidate (the one
         holding a shared prompt's KV, ``backend.Affinity``)."""
-        healthy = self._healthy[role]
-        candidates = [c for c in healthy if c.instance_id not in exclude] or healthy
+        candidates = self._candidates(role, exclude)
         if not candidates:
             return None
         preferred = [c for c in candidates if c.instance_id == prefer]
